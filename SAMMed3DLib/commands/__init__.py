@@ -1,0 +1,1 @@
+"""Sub-commands of the `sammed3d` command line, one module each."""
