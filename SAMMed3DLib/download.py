@@ -1,0 +1,263 @@
+"""Resumable, SHA-256-verified, atomic HTTP download of one file, with a progress callback.
+
+The file grows in `<destination>.part` and is renamed onto the destination only once it is complete and
+verified, so the destination is never a half file. Its hash is recorded in `<destination>.sha256`
+(the `sha256sum` format) so that later loads can check the file again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+from urllib.parse import urlparse
+
+from .errors import DownloadError
+
+ProgressCallback = Callable[[int, Optional[int]], Optional[bool]]
+
+_USER_AGENT = "sammed3d-downloader"
+_MANUAL_HINT = "download the file yourself and pass its path with --checkpoint PATH"
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+
+
+class DownloadCancelled(DownloadError):
+    """The progress callback asked to stop; the partial file is kept so a later call resumes."""
+
+
+class ChecksumMismatch(DownloadError):
+    """The downloaded file does not have the expected SHA-256; it has been deleted."""
+
+
+def part_path(destination: Path) -> Path:
+    """Where the file grows until it is complete."""
+    return destination.with_name(destination.name + ".part")
+
+
+def sidecar_path(destination: Path) -> Path:
+    """Where the SHA-256 of a completed download is recorded."""
+    return destination.with_name(destination.name + ".sha256")
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    return _hash_file(path, chunk_size).hexdigest()
+
+
+def read_recorded_sha256(destination: Path) -> str | None:
+    """The hash recorded next to `destination` by an earlier download, or None if absent or unreadable."""
+    try:
+        words = sidecar_path(destination).read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if words and _HEX_DIGEST.fullmatch(words[0].lower()):
+        return words[0].lower()
+    return None
+
+
+def record_sha256(destination: Path, digest: str) -> None:
+    """Write `<destination>.sha256` atomically, in the format `sha256sum -c` reads."""
+    sidecar = sidecar_path(destination)
+    temporary = sidecar.with_name(sidecar.name + ".tmp")
+    temporary.write_text(f"{digest}  {destination.name}\n", encoding="ascii")
+    os.replace(temporary, sidecar)
+
+
+def download_file(
+    url: str,
+    destination: Path,
+    *,
+    sha256: str | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = 30.0,
+    chunk_size: int = 1 << 20,
+) -> str:
+    """Download `url` to `destination` and return the hex SHA-256 of the complete file.
+
+    An existing `<destination>.part` is resumed with an HTTP Range request. `progress(done, total)` is
+    called as data arrives (total is None when the server does not say); returning False cancels.
+    If `sha256` is given, a file with another hash is deleted and `ChecksumMismatch` is raised.
+    The hash is recorded in `<destination>.sha256` before the file is moved into place.
+    """
+    destination = Path(destination)
+    if urlparse(url).scheme not in ("http", "https"):
+        raise DownloadError(
+            f"Cannot download {destination.name} from '{url}': only http and https URLs can be downloaded."
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = part_path(destination)
+    digest = _fetch(url, destination.name, part, progress, timeout, chunk_size).hexdigest()
+    expected = sha256.lower() if sha256 else None
+    if expected is not None and digest != expected:
+        part.unlink()
+        raise ChecksumMismatch(
+            f"The downloaded {destination.name} has SHA-256 {digest} but {expected} was expected, so it was "
+            f"deleted: retry the download, and if it fails again check that the URL {url} is right."
+        )
+    record_sha256(destination, digest)
+    os.replace(part, destination)
+    return digest
+
+
+def _fetch(url: str, name: str, part: Path, progress, timeout: float, chunk_size: int):
+    """Complete `part` from `url` and return the hash object of the whole file.
+
+    A partial file the server cannot continue (416 for a size that is not the full size, or a 206 for
+    another offset) is deleted and the transfer starts over, at most once.
+    """
+    for _attempt in range(2):
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            response = _open(url, name, offset, timeout)
+        except urllib.error.HTTPError as error:
+            error.close()
+            if error.code != 416 or offset == 0:
+                raise _http_error(url, name, error) from error
+            if _content_range_total(error.headers.get("Content-Range")) == offset:
+                _report(progress, name, offset, offset)
+                return _hash_file(part, chunk_size)
+            part.unlink()
+            continue
+        with response:
+            if offset and response.status == 206:
+                if _content_range_start(response.headers.get("Content-Range")) != offset:
+                    part.unlink()
+                    continue
+                return _receive(response, url, name, part, offset, progress, chunk_size)
+            return _receive(response, url, name, part, 0, progress, chunk_size)
+    raise DownloadError(
+        f"The server for {name} cannot continue the partial file {part} and did not send it whole: "
+        f"delete {part} and try again, or {_MANUAL_HINT}."
+    )
+
+
+def _open(url: str, name: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+    """Send the GET request (with a Range header when resuming); HTTPError passes through."""
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError:
+        raise
+    except (OSError, http.client.HTTPException) as error:
+        reason = error.reason if isinstance(error, urllib.error.URLError) else error
+        raise DownloadError(
+            f"Cannot reach {urlparse(url).hostname} to download {name} ({reason}): check the network "
+            f"connection, or {_MANUAL_HINT}."
+        ) from error
+
+
+def _receive(response, url: str, name: str, part: Path, offset: int, progress, chunk_size: int):
+    """Write the response body to `part` (appending after `offset` bytes) and hash the whole file."""
+    hasher = _hash_file(part, chunk_size) if offset else hashlib.sha256()
+    length = response.headers.get("Content-Length")
+    total = offset + int(length) if length is not None and length.isdigit() else None
+    done = offset
+    _report(progress, name, done, total)
+    with open(part, "ab" if offset else "wb") as out:
+        while True:
+            try:
+                chunk = response.read(chunk_size)
+            except (OSError, http.client.HTTPException) as error:
+                raise _interrupted(url, name, done, total, str(error) or type(error).__name__) from error
+            if not chunk:
+                break
+            out.write(chunk)
+            hasher.update(chunk)
+            done += len(chunk)
+            _report(progress, name, done, total)
+    if total is not None and done != total:
+        raise _interrupted(url, name, done, total, "the connection closed early")
+    return hasher
+
+
+def _report(progress, name: str, done: int, total: int | None) -> None:
+    if progress is not None and progress(done, total) is False:
+        raise DownloadCancelled(
+            f"The download of {name} was cancelled after {done} bytes: run it again to resume where it "
+            "stopped."
+        )
+
+
+def _interrupted(url: str, name: str, done: int, total: int | None, reason: str) -> DownloadError:
+    of_total = f" of {total}" if total is not None else ""
+    return DownloadError(
+        f"The download of {name} from {urlparse(url).hostname} stopped after {done}{of_total} bytes "
+        f"({reason}): run the same command again to resume it, or {_MANUAL_HINT}."
+    )
+
+
+def _http_error(url: str, name: str, error: urllib.error.HTTPError) -> DownloadError:
+    return DownloadError(
+        f"{urlparse(url).hostname} answered HTTP {error.code} ({error.reason}) to the request for {name}: "
+        f"check that the URL {url} is right, or {_MANUAL_HINT}."
+    )
+
+
+def _content_range_start(header: str | None) -> int | None:
+    match = _CONTENT_RANGE.fullmatch(header.strip()) if header else None
+    return int(match[1]) if match and match[1] is not None else None
+
+
+def _content_range_total(header: str | None) -> int | None:
+    match = _CONTENT_RANGE.fullmatch(header.strip()) if header else None
+    return int(match[2]) if match and match[2] != "*" else None
+
+
+def _hash_file(path: Path, chunk_size: int = 1 << 20):
+    hasher = hashlib.sha256()
+    with open(path, "rb") as source:
+        for chunk in iter(lambda: source.read(chunk_size), b""):
+            hasher.update(chunk)
+    return hasher
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr, usable as `download_file`'s progress callback.
+
+    Redraws at most every `interval` seconds, and once more when the total is reached.
+    """
+
+    def __init__(self, label: str, *, interval: float = 0.2, width: int = 30, stream: TextIO | None = None):
+        self.label = label
+        self.interval = interval
+        self.width = width
+        self.stream = stream
+        self._last_draw = float("-inf")
+        self._finished = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        finished = total is not None and done >= total
+        now = time.monotonic()
+        if self._finished or (not finished and now - self._last_draw < self.interval):
+            return
+        self._last_draw = now
+        self._finished = finished
+        stream = self.stream or sys.stderr
+        stream.write("\r" + self.line(done, total) + ("\n" if finished else ""))
+        stream.flush()
+
+    def finish(self) -> None:
+        """End the line, for transfers that stopped before reaching their total (or had none)."""
+        if not self._finished and self._last_draw != float("-inf"):
+            (self.stream or sys.stderr).write("\n")
+        self._finished = True
+
+    def line(self, done: int, total: int | None) -> str:
+        megabytes = f"{done / 1e6:.1f}"
+        if not total:
+            return f"{self.label} {megabytes} MB"
+        fraction = min(done / total, 1.0)
+        filled = round(fraction * self.width)
+        bar = "#" * filled + "-" * (self.width - filled)
+        return f"{self.label} [{bar}] {fraction:4.0%} {megabytes}/{total / 1e6:.1f} MB"

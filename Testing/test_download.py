@@ -1,0 +1,243 @@
+"""download_file against a real HTTP server on 127.0.0.1 that can cut transfers and ignore Range."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import pytest
+
+from SAMMed3DLib.download import (
+    ChecksumMismatch,
+    DownloadCancelled,
+    TerminalProgress,
+    download_file,
+    part_path,
+    read_recorded_sha256,
+    sidecar_path,
+)
+from SAMMed3DLib.errors import DownloadError
+
+TIMEOUT = 5.0
+CHUNK = 16 * 1024
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves `content` at /<name>; records every Range header and how many body bytes it sent."""
+
+    daemon_threads = True
+
+    def __init__(self, content: bytes):
+        super().__init__(("127.0.0.1", 0), _RangeHandler)
+        self.content = content
+        self.cut_after: Optional[int] = None
+        self.ignore_range = False
+        self.ranges_seen: List[Optional[str]] = []
+        self.bytes_sent: List[int] = []
+
+    def url(self, name: str = "model.pth") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class _RangeHandler(BaseHTTPRequestHandler):
+    server: FileServer
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/missing"):
+            self.send_error(404)
+            return
+        content = self.server.content
+        requested = self.headers.get("Range")
+        self.server.ranges_seen.append(requested)
+        start = 0
+        if requested and not self.server.ignore_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", requested)[1])
+            if start >= len(content):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(content)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                self.server.bytes_sent.append(0)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+        else:
+            self.send_response(200)
+        body = content[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.server.cut_after is not None:
+            # Promise the whole body, send part of it, then hang up: a transfer cut mid-way.
+            body = body[: self.server.cut_after]
+            self.close_connection = True
+        self.wfile.write(body)
+        self.server.bytes_sent.append(len(body))
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test output quiet."""
+
+
+def serve(content: bytes) -> Iterator[FileServer]:
+    """Run a FileServer in a thread for the duration of a fixture."""
+    server = FileServer(content)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=TIMEOUT)
+
+
+def random_bytes(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+CONTENT = random_bytes(300_000)
+CONTENT_SHA256 = hashlib.sha256(CONTENT).hexdigest()
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    yield from serve(CONTENT)
+
+
+def fetch(server: FileServer, destination: Path, **options) -> str:
+    options.setdefault("timeout", TIMEOUT)
+    options.setdefault("chunk_size", CHUNK)
+    return download_file(server.url(), destination, **options)
+
+
+def test_full_download_returns_hash_and_records_it(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "nested" / "model.pth"
+    calls = []
+    digest = fetch(server, destination, progress=lambda done, total: calls.append((done, total)))
+    assert digest == CONTENT_SHA256
+    assert destination.read_bytes() == CONTENT
+    assert not part_path(destination).exists()
+    assert read_recorded_sha256(destination) == CONTENT_SHA256
+    assert sidecar_path(destination).read_text() == f"{CONTENT_SHA256}  model.pth\n"
+    assert server.ranges_seen == [None]
+    assert calls[0] == (0, len(CONTENT)) and calls[-1] == (len(CONTENT), len(CONTENT))
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_interrupted_transfer_keeps_only_the_part_and_resume_fetches_the_rest(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    server.cut_after = 100_000
+    with pytest.raises(DownloadError, match=r"stopped after 100000 of 300000 bytes.*resume"):
+        fetch(server, destination)
+    assert not destination.exists()
+    assert part_path(destination).read_bytes() == CONTENT[:100_000]
+
+    server.cut_after = None
+    digest = fetch(server, destination, sha256=CONTENT_SHA256.upper())
+    assert server.ranges_seen[-1] == "bytes=100000-"
+    assert server.bytes_sent[-1] == 200_000
+    assert digest == CONTENT_SHA256
+    assert destination.read_bytes() == CONTENT
+    assert not part_path(destination).exists()
+
+
+def test_wrong_hash_deletes_the_part_and_names_both_hashes(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+    wrong = "0" * 64
+    with pytest.raises(ChecksumMismatch) as caught:
+        fetch(server, destination, sha256=wrong)
+    assert CONTENT_SHA256 in str(caught.value) and wrong in str(caught.value)
+    assert "retry" in str(caught.value)
+    assert isinstance(caught.value, DownloadError)
+    assert not destination.exists()
+    assert not part_path(destination).exists()
+    assert not sidecar_path(destination).exists()
+
+
+def test_progress_returning_false_cancels_and_keeps_the_part_for_resuming(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    with pytest.raises(DownloadCancelled):
+        fetch(server, destination, progress=lambda done, total: False if done >= CHUNK else None)
+    assert not destination.exists()
+    kept = part_path(destination).read_bytes()
+    assert kept == CONTENT[: len(kept)] and 0 < len(kept) < len(CONTENT)
+
+    assert fetch(server, destination) == CONTENT_SHA256
+    assert server.ranges_seen[-1] == f"bytes={len(kept)}-"
+    assert destination.read_bytes() == CONTENT
+
+
+def test_server_ignoring_range_restarts_from_the_beginning(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+    part_path(destination).write_bytes(b"stale bytes that must not survive")
+    server.ignore_range = True
+    assert fetch(server, destination) == CONTENT_SHA256
+    assert server.ranges_seen == ["bytes=33-"]
+    assert destination.read_bytes() == CONTENT
+
+
+def test_complete_part_answered_416_is_verified_without_downloading(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    part_path(destination).write_bytes(CONTENT)
+    assert fetch(server, destination, sha256=CONTENT_SHA256) == CONTENT_SHA256
+    assert server.ranges_seen == [f"bytes={len(CONTENT)}-"]
+    assert server.bytes_sent == [0]
+    assert destination.read_bytes() == CONTENT
+
+
+def test_part_longer_than_the_file_is_discarded_and_downloaded_again(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    part_path(destination).write_bytes(CONTENT + b"extra")
+    assert fetch(server, destination) == CONTENT_SHA256
+    assert server.ranges_seen == [f"bytes={len(CONTENT) + 5}-", None]
+    assert destination.read_bytes() == CONTENT
+
+
+def test_unreachable_host_gives_one_clear_sentence(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    destination = tmp_path / "model.pth"
+    with pytest.raises(DownloadError) as caught:
+        download_file(f"http://127.0.0.1:{closed_port}/model.pth", destination, timeout=TIMEOUT)
+    message = str(caught.value)
+    assert message.startswith("Cannot reach 127.0.0.1 to download model.pth (")
+    assert "check the network connection" in message and "--checkpoint PATH" in message
+    assert not destination.exists()
+
+
+def test_http_error_names_the_status(server: FileServer, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"HTTP 404 .*check that the URL"):
+        download_file(server.url("missing.pth"), tmp_path / "model.pth", timeout=TIMEOUT)
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_non_http_url_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="only http and https"):
+        download_file((tmp_path / "x").as_uri(), tmp_path / "model.pth")
+
+
+def test_terminal_progress_throttles_and_ends_the_line() -> None:
+    stream = io.StringIO()
+    bar = TerminalProgress("turbo", interval=3600, width=10, stream=stream)
+    bar(0, 1000)
+    bar(500, 1000)
+    bar(1000, 1000)
+    bar(1000, 1000)
+    assert stream.getvalue() == "\r" + bar.line(0, 1000) + "\r" + bar.line(1000, 1000) + "\n"
+    assert bar.line(500_000, 1_000_000) == "turbo [#####-----]  50% 0.5/1.0 MB"
+    assert bar.line(2_500_000, None) == "turbo 2.5 MB"
