@@ -1,0 +1,127 @@
+"""Named published checkpoints, the per-user download cache, and turning a name or path into a file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Union
+
+from .download import (
+    ChecksumMismatch,
+    ProgressCallback,
+    download_file,
+    file_sha256,
+    read_recorded_sha256,
+    record_sha256,
+    sidecar_path,
+)
+from .errors import CheckpointError, DownloadError
+
+
+@dataclass(frozen=True)
+class PublishedCheckpoint:
+    """A checkpoint file published by the SAM-Med3D authors."""
+
+    name: str
+    url: str
+    filename: str
+    sha256: str | None
+    description: str
+
+
+PUBLISHED_CHECKPOINTS: Dict[str, PublishedCheckpoint] = {
+    "turbo": PublishedCheckpoint(
+        name="turbo",
+        url="https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth",
+        filename="sam_med3d_turbo.pth",
+        # The authors publish no hash; the first download records one (see resolve_checkpoint).
+        sha256=None,
+        description="SAM-Med3D-turbo, the authors' recommended general-purpose model",
+    ),
+}
+
+DEMO_CHECKPOINT: Path = Path(__file__).parent / "weights" / "sammed3d_demo.pth"
+
+CACHE_DIR_VARIABLE = "SAMMED3D_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where published checkpoints are downloaded: $SAMMED3D_CACHE_DIR, else the per-user cache."""
+    override = os.environ.get(CACHE_DIR_VARIABLE)
+    if override:
+        return Path(override).expanduser()
+    if _on_windows():
+        local = os.environ.get("LOCALAPPDATA")
+        return (Path(local) if local else Path.home() / "AppData" / "Local") / "sammed3d"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says relative values are invalid and must be ignored.
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "sammed3d"
+    return Path.home() / ".cache" / "sammed3d"
+
+
+def resolve_checkpoint(
+    name_or_path: Union[str, os.PathLike, None], progress: ProgressCallback | None = None
+) -> Path:
+    """The checkpoint file for None (the built-in demo), an existing file, or a published name.
+
+    A published checkpoint is downloaded into `cache_dir()` when absent, and a cached copy that does not
+    match the registry hash (or the hash recorded at its first download) is downloaded again.
+    """
+    if name_or_path is None:
+        return _demo_checkpoint()
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    entry = PUBLISHED_CHECKPOINTS.get(os.fspath(name_or_path))
+    if entry is not None:
+        return _cached_published(entry, progress)
+    names = ", ".join(sorted(PUBLISHED_CHECKPOINTS))
+    if path.exists():
+        raise CheckpointError(f"The checkpoint '{path}' is not a file: pass a .pth file or one of: {names}.")
+    raise CheckpointError(
+        f"There is no checkpoint file '{path}' and no published checkpoint of that name: pass the path of "
+        f"an existing .pth file or one of the published names: {names}."
+    )
+
+
+def _demo_checkpoint() -> Path:
+    if not DEMO_CHECKPOINT.is_file():
+        raise CheckpointError(
+            f"The built-in demo checkpoint {DEMO_CHECKPOINT} is missing: reinstall SAMMed3D, or pass a "
+            f"checkpoint file or a published name ({', '.join(sorted(PUBLISHED_CHECKPOINTS))})."
+        )
+    return DEMO_CHECKPOINT
+
+
+def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | None) -> Path:
+    """The cached file of `entry`, verified, downloading it when absent or damaged."""
+    target = cache_dir() / entry.filename
+    recorded = read_recorded_sha256(target)
+    expected = entry.sha256.lower() if entry.sha256 else recorded
+    if target.is_file():
+        actual = file_sha256(target)
+        if expected is None:
+            # Neither the registry nor an earlier download knows the hash: trust this copy from now on.
+            record_sha256(target, actual)
+            return target
+        if actual == expected:
+            return target
+        target.unlink()
+    try:
+        download_file(entry.url, target, sha256=expected, progress=progress)
+    except ChecksumMismatch as error:
+        if entry.sha256:
+            raise
+        raise DownloadError(
+            f"The downloaded {entry.filename} differs from the copy first downloaded (hash recorded in "
+            f"{sidecar_path(target)}): retry, or if the published file has changed on purpose, delete "
+            f"{sidecar_path(target)} and try again."
+        ) from error
+    return target
+
+
+def _on_windows() -> bool:
+    return sys.platform == "win32"
