@@ -1,0 +1,179 @@
+"""Loading SAM-Med3D checkpoints safely and strictly.
+
+Accepted layouts: the official training-checkpoint dict (weights under `model_state_dict`), a bare
+state dict, and either with every key prefixed by `module.` (saved from a DataParallel wrapper).
+Files are read with `torch.load(weights_only=True)`; the few harmless classes that official files
+pickle beside the weights are allowed by name, and nothing else is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+
+from .config import build_model, config_from_state_dict
+from .errors import CheckpointError
+from .modeling import Sam3D
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Objects that official or common training scripts pickle next to the weights (the `args` namespace,
+# NumPy scalars such as a best Dice). They carry data only; anything else is refused.
+ALLOWED_GLOBALS = (
+    "argparse.Namespace",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+)
+ALLOWED_DTYPE_MODULE = "numpy.dtypes."
+
+# CVPR-2025 checkpoints add box-corner embeddings that the main model does not use.
+TOLERATED_EXTRA_KEYS = ("prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight")
+
+
+def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Sam3D:
+    """Build the network described by a checkpoint file, load its weights strictly, eval mode."""
+    state = read_state_dict(path)
+    model = model_from_state_dict(state, source=str(path))
+    return model.to(device)
+
+
+def model_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> Sam3D:
+    """A model whose configuration is read from `state`, with `state` loaded strictly."""
+    state = dict(state)
+    extras = [key for key in TOLERATED_EXTRA_KEYS if key in state]
+    if extras:
+        log.info("Ignoring box-prompt embeddings %s of %s (boxes are not used).", ", ".join(extras), source)
+        for key in extras:
+            del state[key]
+    config = config_from_state_dict(state)
+    model = build_model(config)
+    _check_keys(model, state, source)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint file, whichever accepted layout it has."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file {path} does not exist: check the path or pick another file.")
+    content = _safe_torch_load(path)
+    if isinstance(content, Mapping) and "model_state_dict" in content:
+        content = content["model_state_dict"]
+    if (
+        not isinstance(content, Mapping)
+        or not content
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items())
+    ):
+        raise CheckpointError(
+            f"{path} holds no model weights (expected a state dict or a dict with 'model_state_dict'): "
+            "use a SAM-Med3D checkpoint file."
+        )
+    return _strip_module_prefix(dict(content))
+
+
+def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "module."
+    if all(key.startswith(prefix) for key in state):
+        return {key[len(prefix) :]: value for key, value in state.items()}
+    return state
+
+
+def _safe_torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        return _load_with_allowed_globals(path, error)
+    except Exception as error:  # the weights-only unpickler fails in many ways on a broken file
+        raise _unreadable(path, error) from error
+
+
+def _load_with_allowed_globals(path: Path, original: Exception) -> object:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as error:  # any failure to inspect means we cannot trust the file
+        raise _unreadable(path, original) from error
+    refused = [name for name in names if not _is_allowed(name)]
+    if refused:
+        raise CheckpointError(
+            f"{path} was refused: it asks to run or build {', '.join(refused)} while loading, which a weights "
+            "file never needs; only use checkpoints from a source you trust."
+        )
+    allowed = [_resolve_global(name) for name in names]
+    if "numpy.dtype" in names:
+        allowed += _numpy_dtype_classes()
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise _unreadable(path, error) from error
+
+
+def _is_allowed(name: str) -> bool:
+    return name in ALLOWED_GLOBALS or (name.startswith(ALLOWED_DTYPE_MODULE) and name.endswith("DType"))
+
+
+def _resolve_global(name: str) -> object:
+    if name == "argparse.Namespace":
+        return argparse.Namespace
+    module_name, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _numpy_dtype_classes() -> list:
+    # A pickled NumPy dtype is rebuilt through its concrete class (e.g. numpy.dtypes.Float64DType).
+    import numpy.dtypes
+
+    return [getattr(numpy.dtypes, name) for name in dir(numpy.dtypes) if name.endswith("DType")]
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "central directory" in text or "unexpected EOF" in text or isinstance(error, EOFError):
+        return CheckpointError(f"{path} is truncated or corrupt ({text}): download or copy the file again.")
+    return CheckpointError(f"{path} is not a PyTorch checkpoint that can be read ({text}): check the file.")
+
+
+def _check_keys(model: Sam3D, state: Mapping[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key} {list(state[key].shape)} (expected {list(value.shape)})"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrong shapes: {', '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match a SAM-Med3D network ({'; '.join(problems)}): "
+            "use an official SAM-Med3D checkpoint or a complete fine-tune of one."
+        )
+
+
+def save_checkpoint(path: PathLike, model: Sam3D, **training_state: object) -> None:
+    """Write a checkpoint in the official training layout, whole or not at all."""
+    path = Path(path)
+    content = {"model_state_dict": model.state_dict(), **training_state}
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(content, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

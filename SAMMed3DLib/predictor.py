@@ -1,0 +1,136 @@
+"""Running the network on 128^3 regions: one image embedding per region, cheap decoder steps."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Callable, Hashable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .modeling import Sam3D
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RegionPredictor:
+    """Owns the model on its device and a small cache of region embeddings.
+
+    `precision` other than float32 runs the image encoder under CUDA autocast (ignored on the CPU).
+    Running out of GPU memory moves the model to the CPU once, says so in the log, and retries.
+    """
+
+    def __init__(
+        self,
+        model: Sam3D,
+        device: Union[str, torch.device] = "cpu",
+        precision: str = "float32",
+        cache_size: int = 8,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.fell_back_to_cpu = False
+        self._cache: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+        self._dense_pe: Optional[torch.Tensor] = None
+
+    @property
+    def input_size(self) -> int:
+        return self.model.image_encoder.img_size
+
+    def embedding_for(self, key: Hashable, region_input: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached embedding for `key`, computing it from `region_input()` on a miss."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        embedding = self.embed(region_input())
+        self._cache[key] = embedding
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return embedding
+
+    def embed(self, region_input: torch.Tensor) -> torch.Tensor:
+        """(1, 1, S, S, S) normalised region -> image embedding (1, C, S/16, S/16, S/16)."""
+        return self._with_cpu_fallback(lambda: self._embed(region_input))
+
+    def _embed(self, region_input: torch.Tensor) -> torch.Tensor:
+        dtype = PRECISIONS[self.precision] if self.device.type == "cuda" else None
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            return self.model.image_encoder(region_input.to(self.device)).float()
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        points: np.ndarray,
+        labels: np.ndarray,
+        previous_logits: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, float]:
+        """One decoder step.
+
+        points: (N, 3) region voxel indices in (a0, a1, a2) order (N may be 0: a mask-only step);
+        labels: (N,) 1 positive / 0 negative; previous_logits: (1, 1, 32, 32, 32) or None, which
+        means the all-zero mask the official pipeline starts with.
+        Returns low-resolution logits (1, 1, 32, 32, 32) and the predicted IoU.
+        """
+        return self._with_cpu_fallback(lambda: self._decode(embedding, points, labels, previous_logits))
+
+    def _decode(
+        self,
+        embedding: torch.Tensor,
+        points: np.ndarray,
+        labels: np.ndarray,
+        previous_logits: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, float]:
+        prompt_encoder = self.model.prompt_encoder
+        with torch.inference_mode():
+            if previous_logits is None:
+                previous_logits = torch.zeros((1, 1, *prompt_encoder.mask_input_size), device=self.device)
+            prompt_points = None
+            if len(points):
+                coords = torch.as_tensor(np.asarray(points, dtype=np.float32), device=self.device)[None]
+                point_labels = torch.as_tensor(np.asarray(labels, dtype=np.float32), device=self.device)[None]
+                prompt_points = (coords, point_labels)
+            sparse, dense = prompt_encoder(points=prompt_points, boxes=None, masks=previous_logits.to(self.device))
+            logits, iou = self.model.mask_decoder(
+                image_embeddings=embedding.to(self.device),
+                image_pe=self._image_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        return logits, float(iou[0, 0])
+
+    def _image_pe(self) -> torch.Tensor:
+        if self._dense_pe is None or self._dense_pe.device != self.device:
+            with torch.inference_mode():
+                self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        return self._dense_pe
+
+    def upsample_to_mask(self, logits: torch.Tensor) -> np.ndarray:
+        """Low-resolution logits -> uint8 region mask (S, S, S), as the official pipeline thresholds."""
+        with torch.inference_mode():
+            size = (self.input_size,) * 3
+            upsampled = F.interpolate(logits.float(), size=size, mode="trilinear", align_corners=False)
+            return (torch.sigmoid(upsampled) > 0.5)[0, 0].to(torch.uint8).cpu().numpy()
+
+    def _with_cpu_fallback(self, step: Callable):
+        try:
+            return step()
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            log.warning("Out of GPU memory: continuing on the CPU (slower).")
+            self.device = torch.device("cpu")
+            self.model.to(self.device)
+            self._dense_pe = None
+            self._cache.clear()
+            torch.cuda.empty_cache()
+            self.fell_back_to_cpu = True
+            return step()

@@ -1,0 +1,183 @@
+"""Checkpoint loading: official layouts load, unsafe or broken files are refused with one clear sentence."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import shared_path
+
+from SAMMed3DLib.checkpoint import load_model, read_state_dict, save_checkpoint
+from SAMMed3DLib.config import ModelConfig, build_model
+from SAMMed3DLib.errors import CheckpointError
+
+TINY = ModelConfig(
+    encoder_embed_dim=48,
+    encoder_depth=2,
+    encoder_num_heads=1,
+    encoder_global_attn_indexes=(1,),
+    prompt_embed_dim=48,
+    decoder_mlp_dim=64,
+)
+
+
+@pytest.fixture(scope="module")
+def reference_state():
+    return torch.load(shared_path("fixtures/parity/model_small/state_dict.pt"), weights_only=True)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(build_model(TINY).state_dict(), path)
+    return path
+
+
+def _assert_weights_equal(model, state):
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize("name", ["official_format_small.pth", "official_format_small_module_prefix.pth"])
+def test_official_training_checkpoints_load(name, reference_state):
+    path = shared_path(f"fixtures/checkpoints/{name}")
+    with pytest.raises(Exception, match="Namespace"):
+        torch.load(path, weights_only=True)  # what a naive loader runs into
+    model = load_model(path)
+    assert not model.training
+    _assert_weights_equal(model, reference_state)
+
+
+def test_bare_state_dict_loads(reference_state):
+    model = load_model(shared_path("fixtures/parity/model_small/state_dict.pt"))
+    _assert_weights_equal(model, reference_state)
+
+
+def test_round_trip_through_official_layout(tmp_path, tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    path = tmp_path / "saved.pth"
+    save_checkpoint(path, model, epoch=3, args=argparse.Namespace(lr=1e-4))
+    content = torch.load(path, weights_only=False)
+    assert set(content) == {"model_state_dict", "epoch", "args"}
+    _assert_weights_equal(load_model(path), model.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.pth", "tiny.pth"]  # no temporary left behind
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_executed(tmp_path, tiny_checkpoint):
+    marker = tmp_path / "pwned"
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state_dict": state, "payload": _RunsACommand(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused.*system"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_numpy_scalars_beside_weights_are_accepted(tmp_path, tiny_checkpoint):
+    import numpy as np
+
+    path = tmp_path / "with_numpy.pth"
+    torch.save({"model_state_dict": torch.load(tiny_checkpoint), "best_dice": np.float64(0.9)}, path)
+    assert load_model(path) is not None
+
+
+def test_truncated_file(tmp_path):
+    source = shared_path("fixtures/checkpoints/official_format_small.pth")
+    path = tmp_path / "truncated.pth"
+    path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "absent.pth")
+
+
+def test_dict_without_weights(tmp_path):
+    path = tmp_path / "empty.pth"
+    torch.save({"epoch": 1}, path)
+    with pytest.raises(CheckpointError, match="holds no model weights"):
+        load_model(path)
+
+
+def test_two_dimensional_sam_checkpoint(tmp_path):
+    path = tmp_path / "sam_vit_b.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1, 64, 64, 768)}, path)
+    with pytest.raises(CheckpointError, match="2D SAM"):
+        load_model(path)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny_checkpoint):
+    state = torch.load(tiny_checkpoint)
+    del state["mask_decoder.iou_token.weight"]
+    state["mask_decoder.extra_head.weight"] = torch.zeros(1)
+    path = tmp_path / "incomplete.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_model(path)
+    assert "missing keys: mask_decoder.iou_token.weight" in str(error.value)
+    assert "unexpected keys: mask_decoder.extra_head.weight" in str(error.value)
+
+
+def test_cvpr_box_embeddings_are_tolerated_and_logged(tmp_path, tiny_checkpoint, caplog):
+    state = torch.load(tiny_checkpoint)
+    state["prompt_encoder.point_embeddings.2.weight"] = torch.zeros(1, 48)
+    state["prompt_encoder.point_embeddings.3.weight"] = torch.zeros(1, 48)
+    path = tmp_path / "cvpr.pth"
+    torch.save({"model_state_dict": state}, path)
+    with caplog.at_level(logging.INFO):
+        model = load_model(path)
+    assert "point_embeddings.2.weight" in caplog.text
+    assert len(model.prompt_encoder.point_embeddings) == 2
+
+
+def test_partial_module_prefix_is_not_stripped(tmp_path, tiny_checkpoint):
+    state = torch.load(tiny_checkpoint)
+    key = next(iter(state))
+    state[f"module.{key}"] = state.pop(key)
+    path = tmp_path / "mixed.pth"
+    torch.save(state, path)
+    assert f"module.{key}" in read_state_dict(path)
+    with pytest.raises(CheckpointError, match="not a SAM-Med3D model"):
+        load_model(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_load_onto_cuda(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, device="cuda")
+    assert all(p.is_cuda for p in model.parameters())
+
+
+def test_load_onto_cpu(tiny_checkpoint):
+    assert all(p.device.type == "cpu" for p in load_model(tiny_checkpoint, device="cpu").parameters())
+
+
+def test_checkpoint_copy_is_byte_identical_after_load(tmp_path):
+    """Loading never modifies the user's file."""
+    source = shared_path("fixtures/checkpoints/official_format_small.pth")
+    path = tmp_path / "copy.pth"
+    shutil.copy(source, path)
+    load_model(path)
+    assert path.read_bytes() == source.read_bytes()
