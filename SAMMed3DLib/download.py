@@ -108,47 +108,58 @@ def download_file(
 
 
 def _fetch(url: str, name: str, part: Path, progress, timeout: float, chunk_size: int):
-    """Complete `part` from `url` and return the hash object of the whole file.
+    """Complete `part` from `url` and return the hash object of the whole file."""
+    if part.exists():
+        hasher = _resume(url, name, part, progress, timeout, chunk_size)
+        if hasher is not None:
+            return hasher
+    with _open(url, name, 0, timeout) as response:
+        return _receive(response, url, name, part, 0, progress, chunk_size)
 
-    A partial file the server cannot continue (416 for a size that is not the full size, or a 206 for
-    another offset) is deleted and the transfer starts over, at most once.
+
+def _resume(url: str, name: str, part: Path, progress, timeout: float, chunk_size: int):
+    """Continue `part` with a Range request and return the whole file's hash object.
+
+    Returns None, having deleted `part`, when the server cannot continue it: a 416 for a size that is not
+    the full size (a longer or foreign file), or a 206 for another offset.
     """
-    for _attempt in range(2):
-        offset = part.stat().st_size if part.exists() else 0
-        try:
-            response = _open(url, name, offset, timeout)
-        except urllib.error.HTTPError as error:
-            error.close()
-            if error.code != 416 or offset == 0:
-                raise _http_error(url, name, error) from error
-            if _content_range_total(error.headers.get("Content-Range")) == offset:
-                _report(progress, name, offset, offset)
-                return _hash_file(part, chunk_size)
-            part.unlink()
-            continue
-        with response:
-            if offset and response.status == 206:
-                if _content_range_start(response.headers.get("Content-Range")) != offset:
-                    part.unlink()
-                    continue
-                return _receive(response, url, name, part, offset, progress, chunk_size)
+    offset = part.stat().st_size
+    try:
+        response = _open(url, name, offset, timeout)
+    except urllib.error.HTTPError as error:
+        error.close()
+        if _content_range_total(error.headers.get("Content-Range")) == offset:
+            _report(progress, name, offset, offset)
+            return _hash_file(part, chunk_size)
+        part.unlink()
+        return None
+    with response:
+        if response.status != 206:
+            # The server ignored the Range header and sends the whole file: start over.
             return _receive(response, url, name, part, 0, progress, chunk_size)
-    raise DownloadError(
-        f"The server for {name} cannot continue the partial file {part} and did not send it whole: "
-        f"delete {part} and try again, or {_MANUAL_HINT}."
-    )
+        if _content_range_start(response.headers.get("Content-Range")) == offset:
+            return _receive(response, url, name, part, offset, progress, chunk_size)
+    part.unlink()
+    return None
 
 
 def _open(url: str, name: str, offset: int, timeout: float) -> http.client.HTTPResponse:
-    """Send the GET request (with a Range header when resuming); HTTPError passes through."""
+    """Send the GET request, with a Range header when resuming after `offset` bytes.
+
+    A 416 answer to a Range request is raised as urllib's HTTPError for `_resume` to judge; every other
+    failure becomes a DownloadError.
+    """
     headers = {"User-Agent": _USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError:
-        raise
+    except urllib.error.HTTPError as error:
+        if offset and error.code == 416:
+            raise
+        error.close()
+        raise _http_error(url, name, error) from error
     except (OSError, http.client.HTTPException) as error:
         reason = error.reason if isinstance(error, urllib.error.URLError) else error
         raise DownloadError(

@@ -8,6 +8,7 @@ import random
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -39,6 +40,7 @@ class FileServer(ThreadingHTTPServer):
         self.content = content
         self.cut_after: Optional[int] = None
         self.ignore_range = False
+        self.stall_seconds = 0.0
         self.ranges_seen: List[Optional[str]] = []
         self.bytes_sent: List[int] = []
 
@@ -79,6 +81,9 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.wfile.write(body)
         self.server.bytes_sent.append(len(body))
+        if self.server.stall_seconds:
+            self.wfile.flush()
+            time.sleep(self.server.stall_seconds)
 
     def log_message(self, format: str, *args: object) -> None:
         """Keep the test output quiet."""
@@ -147,6 +152,18 @@ def test_interrupted_transfer_keeps_only_the_part_and_resume_fetches_the_rest(
     assert digest == CONTENT_SHA256
     assert destination.read_bytes() == CONTENT
     assert not part_path(destination).exists()
+
+
+def test_stalled_transfer_times_out_and_keeps_the_part(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+    server.cut_after = 50_000
+    server.stall_seconds = 1.0
+    with pytest.raises(DownloadError, match=r"stopped after \d+ of 300000 bytes \(timed out\)"):
+        fetch(server, destination, timeout=0.2)
+    assert not destination.exists()
+    # A chunk read when the timeout struck is lost; everything written before it is kept.
+    kept = part_path(destination).read_bytes()
+    assert kept == CONTENT[: len(kept)] and len(kept) > 0
 
 
 def test_wrong_hash_deletes_the_part_and_names_both_hashes(server: FileServer, tmp_path: Path) -> None:
