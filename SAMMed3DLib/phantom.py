@@ -208,6 +208,8 @@ def _fit_grid(plan: _GridPlan, max_voxels: int) -> _Grid:
 
 @dataclass(frozen=True)
 class _Body:
+    """An elliptical cylinder whose girth varies slowly with z: fat layer, muscle wall, soft-tissue cavity."""
+
     half_width: float  # mm, left-right
     half_depth: float  # mm, anterior-posterior
     offset: tuple[float, float]  # in-plane shift from the grid centre
