@@ -1,0 +1,86 @@
+"""Reading images with clear errors, and writing them whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import SimpleITK as sitk
+
+from .errors import InputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Formats whose header names a second data file: a temporary name would end up inside the header.
+_TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".nhdr")
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """Read an image file (NIfTI, NRRD, MHA, ...) or a folder holding one DICOM series."""
+    location = Path(path)
+    if not location.exists():
+        raise InputError(f"Image {location} does not exist; check the path.")
+    try:
+        if location.is_dir():
+            return _read_dicom_series(location)
+        return sitk.ReadImage(str(location))
+    except RuntimeError as error:
+        reason = _first_line(error)
+        raise InputError(
+            f"Could not read image {location} ({reason}); use a NIfTI, NRRD or MHA file or a DICOM folder."
+        ) from error
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"Folder {folder} holds no DICOM series; give an image file or a DICOM folder.")
+    if len(series) > 1:
+        raise InputError(f"Folder {folder} holds {len(series)} DICOM series; put one series per folder.")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    meaningful = [line for line in lines if "Exception" not in line and not line.startswith("/")]
+    return (meaningful or lines or ["unknown error"])[-1]
+
+
+def image_suffix(path: PathLike) -> str:
+    """The file-type suffix SimpleITK dispatches on, e.g. '.nii.gz', '.seg.nrrd', '.mha'."""
+    suffixes = Path(path).suffixes
+    if not suffixes:
+        return ""
+    if suffixes[-1].lower() == ".gz" and len(suffixes) > 1:
+        return "".join(suffixes[-2:])
+    if len(suffixes) > 1 and suffixes[-2].lower() == ".seg":
+        return "".join(suffixes[-2:])
+    return suffixes[-1]
+
+
+def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
+    """Write `image` to `path` through a temporary file in the same folder, then rename it into place,
+    so readers never see a half-written file; the temporary file is removed if writing fails."""
+    target = Path(path)
+    suffix = image_suffix(target)
+    if not suffix:
+        raise InputError(f"Output path {target} has no file extension; use e.g. .nii.gz, .nrrd or .mha.")
+    if suffix.lower() in _TWO_FILE_SUFFIXES:
+        raise InputError(f"Output format {suffix} stores two files and cannot be written atomically; use .nii.gz.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=target.parent)
+    os.close(handle)
+    try:
+        sitk.WriteImage(image, temporary, True)
+        os.replace(temporary, target)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, RuntimeError):
+            reason = _first_line(error)
+            raise InputError(f"Could not write {target} ({reason}); check the folder and the format.") from error
+        raise
+    return target

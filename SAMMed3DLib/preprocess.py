@@ -1,0 +1,242 @@
+"""`PreparedVolume`: the whole volume resampled to 1.5 mm and reoriented once; 128^3 regions of it.
+
+This is the official SAM-Med3D preprocessing (spec 5.2-5.5, torchio 0.20.8 semantics) done with SimpleITK
+and numpy. The whole volume is resampled once by SimpleITK onto exactly the official grid (resampling only a
+block is not bit-exact, spec 5.8), so every region is a slice of one cached array.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import geometry
+from .errors import InputError
+from .volume import Volume
+
+ROI_SIZE = 128
+TARGET_SPACING = 1.5
+# Label and image must share their grid; this much disagreement (mm, or matrix units) is float noise.
+_GRID_TOLERANCE = 1e-3
+
+
+def official_sitk_image(image: sitk.Image) -> sitk.Image:
+    """The image as torchio hands it to SimpleITK: geometry rebuilt from the RAS affine (float64)."""
+    spacing, origin, direction = geometry.sitk_geometry_from_ijk_to_ras(geometry.ijk_to_ras_from_sitk(image))
+    if (image.GetSpacing(), image.GetOrigin(), image.GetDirection()) == (spacing, origin, direction):
+        return image
+    rebuilt = sitk.Image(image)
+    rebuilt.SetSpacing(spacing)
+    rebuilt.SetOrigin(origin)
+    rebuilt.SetDirection(direction)
+    return rebuilt
+
+
+def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Image:
+    """Resample to 1.5 mm on torchio 0.20.8's grid: size ceil(n*s/1.5) (float64, singleton axes stay 1),
+    same direction, first voxel's outer corner on the input's; default 0, pixel type kept."""
+    old_spacing = np.array(image.GetSpacing())
+    new_spacing = np.array((TARGET_SPACING,) * 3)
+    old_size = np.array(image.GetSize())
+    new_size = np.ceil(old_size * old_spacing / new_spacing).astype(np.uint16)
+    new_size[old_size == 1] = 1
+    origin_index = 0.5 * (new_spacing / old_spacing - 1)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetInterpolator(interpolator)
+    resampler.SetSize([int(n) for n in new_size])
+    resampler.SetOutputSpacing(new_spacing.tolist())
+    resampler.SetOutputOrigin(image.TransformContinuousIndexToPhysicalPoint(origin_index.tolist()))
+    resampler.SetOutputDirection(image.GetDirection())
+    resampler.SetDefaultPixelValue(0)
+    return resampler.Execute(image)
+
+
+def canonical_from_resampled(resampled: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The resampled image's voxels on the canonical grid, (a0, a1, a2) order, and that grid's affine."""
+    affine = geometry.ijk_to_ras_from_sitk(resampled)
+    array_ijk = sitk.GetArrayFromImage(resampled).transpose()
+    orientation = geometry.canonical_orientation(affine)
+    if geometry.is_identity_orientation(orientation):
+        return array_ijk, affine
+    canonical = geometry.reorient_array(array_ijk, orientation)
+    return canonical, geometry.reoriented_affine(affine, orientation, array_ijk.shape)
+
+
+def crop_with_zero_padding(array: np.ndarray, begin: Sequence[int], size: int = ROI_SIZE) -> np.ndarray:
+    """The size^3 block of `array` starting at `begin` (may be negative or run past the end), zeros outside."""
+    block = np.zeros((size,) * 3, dtype=array.dtype)
+    source, target = [], []
+    for start, length in zip(begin, array.shape):
+        low, high = max(0, start), min(length, start + size)
+        if high <= low:
+            return block
+        source.append(slice(low, high))
+        target.append(slice(low - start, high - start))
+    block[tuple(target)] = array[tuple(source)]
+    return block
+
+
+def normalise_intensities(raw: np.ndarray) -> torch.Tensor:
+    """(x - mean) / std over voxels > 0 (unbiased std, float32 by torch), as (1, 1, *shape) float32."""
+    if raw.dtype in (np.uint16, np.uint32, np.uint64):
+        raw = raw.astype(np.int64)
+    data = torch.from_numpy(np.ascontiguousarray(raw))
+    mask = data > 0
+    values = data.float()
+    selected = values.masked_select(mask)
+    if selected.numel() < 2:
+        raise InputError(
+            "The region around the point has no voxels above 0, so it cannot be normalised; "
+            "choose another point or image."
+        )
+    mean, std = selected.mean(), selected.std()
+    if not torch.isfinite(std) or std == 0:
+        raise InputError(
+            "The region around the point has a constant intensity above 0, so it cannot be normalised; "
+            "choose another point or image."
+        )
+    values -= mean
+    values /= std
+    return values[None, None]
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """A ROI_SIZE^3 block of the canonical grid starting at canonical voxel `begin`."""
+
+    begin: tuple[int, int, int]
+    raw: np.ndarray
+    affine: np.ndarray
+    canonical_affine: np.ndarray
+
+    def network_input(self) -> torch.Tensor:
+        """The z-normalised network input (1, 1, 128, 128, 128) float32."""
+        return normalise_intensities(self.raw)
+
+    def ras_to_continuous_index(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Continuous region indices (N, 3), (a0, a1, a2) order, of RAS points."""
+        return geometry.ras_to_continuous_ijk(self.canonical_affine, ras) - np.asarray(self.begin)
+
+    def ras_to_region_index(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Region voxel index of RAS points: (3,) for one point, (N, 3) for several (may lie outside)."""
+        points = np.asarray(ras, dtype=np.float64)
+        voxels = canonical_voxels(self.canonical_affine, points) - np.asarray(self.begin)
+        return voxels[0] if points.ndim == 1 else voxels
+
+    def contains_index(self, index: Sequence[int] | np.ndarray) -> bool:
+        values = np.asarray(index)
+        return bool(np.all((values >= 0) & (values < ROI_SIZE)))
+
+    @property
+    def axes(self) -> np.ndarray:
+        """Unit RAS direction of each region axis, as columns (3, 3)."""
+        linear = self.affine[:3, :3]
+        return linear / np.linalg.norm(linear, axis=0)
+
+    @property
+    def size_mm(self) -> np.ndarray:
+        return ROI_SIZE * np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def center_ras(self) -> np.ndarray:
+        """RAS centre of the block (the shared corner of its 8 central voxels)."""
+        return geometry.apply_affine(self.affine, [(ROI_SIZE - 1) / 2.0] * 3)[0]
+
+
+def canonical_voxels(canonical_affine: np.ndarray, ras: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Canonical voxels (N, 3) of RAS points: solve the canonical affine in double precision, round half up."""
+    return geometry.nearest_voxel(geometry.ras_to_continuous_ijk(canonical_affine, ras))
+
+
+LabelInput = Union[Volume, sitk.Image]
+
+
+class PreparedVolume:
+    """A volume resampled (1.5 mm, linear) and reoriented to canonical once; regions are slices of it."""
+
+    def __init__(self, volume: Volume):
+        self.volume = volume
+        resampled = resample_to_target_spacing(official_sitk_image(volume.image), sitk.sitkLinear)
+        self.resampled_shape = tuple(int(n) for n in resampled.GetSize())
+        self.resampled_affine = geometry.ijk_to_ras_from_sitk(resampled)
+        self.canonical, self.canonical_affine = canonical_from_resampled(resampled)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.canonical.shape)
+
+    def canonical_voxel_of_ras(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Canonical voxel index of RAS points: (3,) for one point, (N, 3) for several."""
+        points = np.asarray(ras, dtype=np.float64)
+        voxels = canonical_voxels(self.canonical_affine, points)
+        return voxels[0] if points.ndim == 1 else voxels
+
+    def region(self, begin: Sequence[int]) -> Region:
+        start = tuple(int(b) for b in begin)
+        if len(start) != 3:
+            raise InputError(f"A region begin needs three indices, got {len(start)}.")
+        return Region(
+            begin=start,
+            raw=crop_with_zero_padding(self.canonical, start),
+            affine=geometry.shifted_affine(self.canonical_affine, start),
+            canonical_affine=self.canonical_affine.copy(),
+        )
+
+    def region_centred_on(self, ras: Sequence[float] | np.ndarray) -> Region:
+        """The region whose voxel (64, 64, 64) is the canonical voxel of the RAS point (spec 5.8)."""
+        voxel = self.canonical_voxel_of_ras(np.asarray(ras, dtype=np.float64).reshape(3))
+        return self.region(voxel - ROI_SIZE // 2)
+
+    def prepare_label(self, label: LabelInput, value: int) -> np.ndarray:
+        """Binary (label == value) resampled (nearest) and reoriented like the image: uint8, canonical grid."""
+        label_image = label.image if isinstance(label, Volume) else Volume(label, name="label").image
+        if tuple(label_image.GetSize()) != self.volume.size_ijk:
+            raise InputError(
+                f"The label has {tuple(label_image.GetSize())} voxels but the image has {self.volume.size_ijk}; "
+                "give the label of this image."
+            )
+        binary = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(label_image) == value).astype(np.uint8))
+        binary.CopyInformation(label_image)
+        resampled = resample_to_target_spacing(official_sitk_image(binary), sitk.sitkNearestNeighbor)
+        canonical, affine = canonical_from_resampled(resampled)
+        if canonical.shape != self.canonical.shape or not np.allclose(
+            affine, self.canonical_affine, atol=_GRID_TOLERANCE
+        ):
+            raise InputError("The label and the image are not on the same grid; give the label of this image.")
+        return canonical
+
+    def label_region(self, canonical_label: np.ndarray, region: Region) -> np.ndarray:
+        """The label block matching `region` (zero outside the volume)."""
+        return crop_with_zero_padding(canonical_label, region.begin)
+
+
+def begin_for_label_bbox(canonical_label: np.ndarray, size: int = ROI_SIZE) -> np.ndarray:
+    """Region begin centred on the label's bounding box (torchio CropOrPad with a mask, spec 5.4):
+    floor((lo + hi) / 2) - size/2 per axis; an empty label centres the region on the volume instead."""
+    shape = np.array(canonical_label.shape)
+    if not np.any(canonical_label):
+        return np.where(shape >= size, -((size - shape) // 2), -((size - shape + 1) // 2)).astype(np.int64)
+    begin = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(np.any(canonical_label, axis=others))
+        low, high = int(present[0]), int(present[-1]) + 1
+        begin.append((low + high) // 2 - size // 2)
+    return np.array(begin, dtype=np.int64)
+
+
+_CACHE: weakref.WeakKeyDictionary[Volume, PreparedVolume] = weakref.WeakKeyDictionary()
+
+
+def prepare(volume: Volume) -> PreparedVolume:
+    """The PreparedVolume of `volume`, computed once and kept as long as the volume lives."""
+    prepared = _CACHE.get(volume)
+    if prepared is None:
+        prepared = PreparedVolume(volume)
+        _CACHE[volume] = prepared
+    return prepared

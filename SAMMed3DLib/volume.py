@@ -1,0 +1,158 @@
+"""`Volume`: a scalar 3D image on its original grid, with its geometry."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import geometry
+from .errors import InputError
+from .imageio import PathLike, read_image
+
+POINT_SPACES = ("ras", "lps", "ijk")
+# A point this far (in voxels) outside the outer voxel faces still counts as inside (float noise).
+_INSIDE_TOLERANCE = 1e-6
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_POINT_PATTERN = re.compile(rf"^\s*[\[(]?\s*({_NUMBER})\s*[,;\s]\s*({_NUMBER})\s*[,;\s]\s*({_NUMBER})\s*[\])]?\s*$")
+
+
+def parse_point(text: str) -> tuple[float, float, float]:
+    """'x,y,z' (commas, semicolons or spaces; optional brackets) as three floats."""
+    match = _POINT_PATTERN.match(text or "")
+    if not match:
+        raise InputError(f"Point '{text}' is not three numbers separated by commas; write it like '12.5,-30,40'.")
+    return tuple(float(value) for value in match.groups())
+
+
+class Volume:
+    """A scalar 3D image (SimpleITK, LPS, original grid). A single-slice 3D volume is allowed."""
+
+    def __init__(self, image: sitk.Image, name: str = "image"):
+        _check_image(image, name)
+        self._image = image
+        self.name = name
+        self._array: np.ndarray | None = None
+        self._ijk_to_ras = geometry.ijk_to_ras_from_sitk(image)
+        geometry.validate_affine(self._ijk_to_ras, f"geometry of {name}")
+
+    @classmethod
+    def from_file(cls, path: PathLike) -> Volume:
+        return cls(read_image(path), name=str(path))
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, name: str = "image") -> Volume:
+        return cls(image, name=name)
+
+    @classmethod
+    def from_array(cls, array_kji: np.ndarray, ijk_to_ras: np.ndarray, name: str = "image") -> Volume:
+        """From what Slicer has: a numpy array in (K, J, I) order and the 4x4 IJK-to-RAS matrix."""
+        array = np.asarray(array_kji)
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        if array.ndim != 3:
+            raise InputError(f"The {name} array must be 3D in (K, J, I) order, got {array.ndim} dimensions.")
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
+        geometry.set_sitk_geometry(image, ijk_to_ras)
+        return cls(image, name=name)
+
+    @property
+    def image(self) -> sitk.Image:
+        return self._image
+
+    @property
+    def array_kji(self) -> np.ndarray:
+        """The voxels in (K, J, I) order (read-only)."""
+        if self._array is None:
+            self._array = sitk.GetArrayFromImage(self._image)
+            self._array.flags.writeable = False
+        return self._array
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        return self._ijk_to_ras.copy()
+
+    @property
+    def size_ijk(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self._image.GetSize())
+
+    @property
+    def shape_kji(self) -> tuple[int, int, int]:
+        return tuple(reversed(self.size_ijk))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along I, J, K."""
+        return tuple(float(s) for s in self._image.GetSpacing())
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array_kji.dtype
+
+    def ras_to_ijk(self, ras_points: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Continuous (I, J, K) indices (N, 3) of RAS points."""
+        return geometry.ras_to_continuous_ijk(self._ijk_to_ras, ras_points)
+
+    def ijk_to_ras_points(self, ijk_points: Sequence[float] | np.ndarray) -> np.ndarray:
+        """RAS points (N, 3) of continuous (I, J, K) indices."""
+        return geometry.apply_affine(self._ijk_to_ras, ijk_points)
+
+    def points_to_ras(self, points: Sequence[float] | np.ndarray, space: str = "ras") -> np.ndarray:
+        """Points given in `space` ('ras', 'lps' or 'ijk') as RAS (N, 3); every point must lie inside."""
+        given = geometry.as_points(points)
+        kind = space.lower()
+        if kind == "ras":
+            ras = given
+        elif kind == "lps":
+            ras = geometry.lps_to_ras(given)
+        elif kind == "ijk":
+            ras = self.ijk_to_ras_points(given)
+        else:
+            raise InputError(f"Point space '{space}' is unknown; use one of {', '.join(POINT_SPACES)}.")
+        self._check_inside(given, ras, kind)
+        return ras
+
+    def _check_inside(self, given: np.ndarray, ras: np.ndarray, space: str) -> None:
+        ijk = self.ras_to_ijk(ras)
+        upper = np.array(self.size_ijk) - 0.5
+        outside = np.any((ijk < -0.5 - _INSIDE_TOLERANCE) | (ijk > upper + _INSIDE_TOLERANCE), axis=1)
+        if np.any(outside):
+            point = given[int(np.argmax(outside))]
+            shown = ", ".join(f"{value:g}" for value in point)
+            raise InputError(
+                f"Point ({shown}) {space.upper()} lies outside {self.name}, which spans {self.extent_text()}; "
+                "place the point inside the volume."
+            )
+
+    def ras_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest RAS coordinates of the volume's outer voxel faces."""
+        corners = self.ijk_to_ras_points(geometry.corner_points(self.size_ijk))
+        return corners.min(axis=0), corners.max(axis=0)
+
+    def extent_text(self) -> str:
+        low, high = self.ras_bounds()
+        axes = ", ".join(f"{name} {lo:.1f}..{hi:.1f}" for name, lo, hi in zip("RAS", low, high))
+        return f"RAS mm {axes} (voxels I,J,K 0..{', 0..'.join(str(n - 1) for n in self.size_ijk)})"
+
+
+def _check_image(image: sitk.Image, name: str) -> None:
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"The {name} must be a SimpleITK image, got {type(image).__name__}.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"The {name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB or vector); "
+            "convert it to a single-channel (scalar) volume."
+        )
+    dimension = image.GetDimension()
+    if dimension == 2:
+        raise InputError(f"The {name} is a 2D image; give a 3D volume (a single-slice 3D volume is fine).")
+    if dimension != 3:
+        raise InputError(f"The {name} is {dimension}D; extract a single 3D volume first.")
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"The {name} has complex voxels; convert it to real values first.")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(image))):
+            raise InputError(f"The {name} contains NaN or infinite voxel values; replace them first.")
