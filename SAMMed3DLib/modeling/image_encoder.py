@@ -2,6 +2,11 @@
 
 Input (B, 1, S, S, S) with S = 128; output image embedding (B, out_chans, S/16, S/16, S/16).
 Spatial axes are called (d, h, w) here; they are the axes (a0, a1, a2) of the input tensor.
+
+Two attention paths give the same numbers up to float rounding: "reference" follows the official
+computation step by step (windowed blocks attend over a zero-padded 14^3 window); "fast" computes only
+the real tokens and folds the padding in exactly (see `windowed_attention`); "fused" is "fast" with
+PyTorch's fused attention kernel for the last step (slower than "fast" on the CPU).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm3d, MLPBlock
+from .windowed_attention import block_attention
+
+ATTENTION_PATHS = ("fast", "fused", "reference")
 
 
 class ImageEncoderViT3D(nn.Module):
@@ -29,6 +37,7 @@ class ImageEncoderViT3D(nn.Module):
         qkv_bias: bool = True,
         window_size: int = 14,
         global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        attention: str = "fast",
     ) -> None:
         super().__init__()
         self.img_size = img_size
@@ -52,6 +61,15 @@ class ImageEncoderViT3D(nn.Module):
             nn.Conv3d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm3d(out_chans),
         )
+        self.set_attention_path(attention)
+
+    def set_attention_path(self, name: str) -> None:
+        """Choose how every block computes attention: "fast" (default), "fused" or "reference"."""
+        if name not in ATTENTION_PATHS:
+            raise ValueError(f"attention path must be one of {', '.join(ATTENTION_PATHS)}, not {name!r}")
+        self.attention_path = name
+        for block in self.blocks:
+            block.attention_path = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S, S) -> (B, out_chans, S/16, S/16, S/16)."""
@@ -85,12 +103,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio))
         self.window_size = window_size
+        self.attention_path = "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W, dim) -> same shape."""
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
+        if self.attention_path != "reference":
+            x = block_attention(self.attn, x, self.window_size, fused=self.attention_path == "fused")
+        elif self.window_size > 0:
             x = self._windowed_attention(x)
         else:
             x = self.attn(x)

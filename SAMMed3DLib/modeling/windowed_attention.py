@@ -1,0 +1,167 @@
+"""Exact fast attention for the image encoder's blocks (spec 2.2, "Speed note").
+
+A windowed block of the official encoder zero-pads the 8^3 token grid to a 14^3 window and attends
+over all 2,744 positions. Here only the real tokens are computed as queries, and the padding keys are
+folded into a few extra softmax columns without approximation:
+
+* every padding token has the same key k_b and value v_b (the qkv biases: the projection of zero),
+  so a query's padding logits differ only through the relative-position terms;
+* for query (qd, qh, qw) and key (kd, kh, kw) those terms are A[kw] + B[kd, kw] + C[kh, kw]
+  (A depends on the query, B and C on its (qd, qh) row only: see `relative_position_terms`);
+* the padding set is the disjoint union {kw >= rw} u {kw < rw, kd >= rd} u {kw < rw, kd < rd, kh >= rh}
+  for a real box rd x rh x rw; on each part, for a fixed kw, the sum of exp over kd and kh factorises
+  into logsumexp(B over its kd range) + logsumexp(C over its kh range).
+
+So each (part, kw) pair becomes one column whose logit is the log of its total softmax mass and whose
+value is v_b: at most window + rw columns beside the real keys, and one ordinary softmax over them all
+is exact and numerically stable. Global blocks are the same computation with no padding.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .image_encoder import Attention
+
+
+def block_attention(attn: Attention, x: torch.Tensor, window_size: int, fused: bool = False) -> torch.Tensor:
+    """Attention output of one encoder block, equal to the official computation.
+
+    x: (B, D, H, W, dim) tokens after norm1; window_size 0 means global attention.
+    fused: use `F.scaled_dot_product_attention` for the last step (see `attend`).
+    Returns (B, D, H, W, dim), already through the output projection.
+    """
+    if window_size == 0:
+        return attend(attn, x, x.shape[1], fused)
+    return _over_windows(x, window_size, lambda window: attend(attn, window, window_size, fused))
+
+
+def _over_windows(
+    x: torch.Tensor, window_size: int, attend_one: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Apply `attend_one` to each window of the grid (the last ones may be partial) and reassemble.
+
+    The official encoder pads at the high end only, so a partial window's real tokens are a box at the
+    low corner of its window: exactly what `attend` expects.
+    """
+    planes = []
+    for slab_d in x.split(window_size, dim=1):
+        rows = []
+        for slab_h in slab_d.split(window_size, dim=2):
+            rows.append(torch.cat([attend_one(window) for window in slab_h.split(window_size, dim=3)], dim=3))
+        planes.append(torch.cat(rows, dim=2))
+    return torch.cat(planes, dim=1)
+
+
+def attend(attn: Attention, x: torch.Tensor, size: int, fused: bool = False) -> torch.Tensor:
+    """Attention of the real tokens of one size^3 window whose remaining positions are zero padding.
+
+    x: (B, rd, rh, rw, dim) real tokens occupying the low corner of the window (all <= size).
+    fused: use `F.scaled_dot_product_attention` for the last steps instead of explicit matrices.
+    """
+    b, rd, rh, rw, dim = x.shape
+    n = rd * rh * rw
+    q, keys, values = _split_heads(attn.qkv(x.reshape(b, n, dim)), attn.num_heads)
+    padded = (rd, rh, rw) != (size, size, size)
+    q_pad = None
+    if padded:
+        q_pad, k_pad, v_pad = _padding_qkv(attn, x.new_zeros(b, 1, dim))
+    term_d, term_h, term_w = relative_position_terms(attn, q.view(-1, rd, rh, rw, q.shape[-1]), q_pad, size)
+    if padded:
+        masses = padding_log_masses(term_d, term_h, term_w)
+        # One extra key per padding column, all equal to the padding key and value.
+        keys = torch.cat([keys, k_pad.expand(-1, masses.shape[-1], -1)], dim=1)
+        values = torch.cat([values, v_pad.expand(-1, masses.shape[-1], -1)], dim=1)
+    kd_kh_terms = term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw]
+    bias = (term_d[:, :, :, :, None, None, :rw] + kd_kh_terms[:, :, :, None]).reshape(-1, n, n)
+    if padded:
+        bias = torch.cat([bias, masses.to(bias.dtype)], dim=-1)
+    if fused:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scale)
+    else:
+        logits = torch.baddbmm(bias, q, keys.transpose(-2, -1), alpha=attn.scale)
+        out = logits.softmax(dim=-1) @ values
+    return _merge_heads(attn, out, b, (rd, rh, rw))
+
+
+def relative_position_terms(
+    attn: Attention, grid_q: torch.Tensor, q_pad: torch.Tensor | None, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three decomposed relative-position terms of real queries against every key of the window.
+
+    grid_q: (B*heads, rd, rh, rw, c) unscaled real queries; q_pad: (B*heads, 1, c) query of a padding
+    token (None when nothing is padded). With the official broadcast quirk the term for query
+    (qd, qh, qw) and key (kd, kh, kw) is q(qd,qh,qw).Td[qd-kw] + q(qd,qh,kd).Th[qh-kw] + q(qd,qh,kh).Tw[kh-kw],
+    where q(qd,qh,x) is a padding token's query once x >= rw. Returned:
+      term_d (B*heads, rd, rh, rw, kw), term_h (B*heads, rd, rh, kd, kw), term_w (B*heads, rd, rh, kh, kw),
+    with kd, kh, kw running over the whole window.
+    """
+    bh, rd, rh, rw, c = grid_q.shape
+    # The query row along the last axis, continued by padding queries to the window's length.
+    row_q = grid_q
+    if rw < size:
+        row_q = torch.cat([grid_q, q_pad.view(bh, 1, 1, 1, c).expand(bh, rd, rh, size - rw, c)], dim=3)
+    table_d = offset_table(attn.rel_pos_d, rd, size)
+    table_h = offset_table(attn.rel_pos_h, rh, size)
+    table_w = offset_table(attn.rel_pos_w, size, size)
+    term_d = torch.einsum("bdhwc,dkc->bdhwk", grid_q, table_d)
+    term_h = torch.einsum("bdhxc,hkc->bdhxk", row_q, table_h)
+    term_w = torch.einsum("bdhxc,xkc->bdhxk", row_q, table_w)
+    # einsum may return permuted layouts; contiguous (small) terms make the large bias contiguous.
+    return term_d.contiguous(), term_h.contiguous(), term_w.contiguous()
+
+
+def offset_table(table: torch.Tensor, queries: int, size: int) -> torch.Tensor:
+    """(2*size-1, c) table -> (queries, size, c) with entry [i, j] = table[i - j + size - 1]."""
+    query_index = torch.arange(queries, device=table.device)
+    key_index = torch.arange(size, device=table.device)
+    return table[query_index[:, None] - key_index[None, :] + (size - 1)]
+
+
+def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch.Tensor) -> torch.Tensor:
+    """Log of the summed exp(relative terms) of every padding key, one column per (part, kw).
+
+    The content logit q.k_b (the same for every padding key) is added by the caller.
+    Returns (B*heads, rd*rh*rw, columns) in float32.
+    """
+    _, rd, rh, rw, size = term_d.shape
+    term_d, term_h, term_w = term_d.float(), term_h.float(), term_w.float()
+    h_all = term_h.logsumexp(dim=3)  # (B*heads, rd, rh, kw): over every kd
+    w_all = term_w.logsumexp(dim=3)
+    columns = []
+    if rw < size:  # kw >= rw: any kd, any kh
+        columns.append(_with_query_term(h_all + w_all, term_d, slice(rw, size)))
+    if rd < size:  # kw < rw, kd >= rd: any kh
+        columns.append(_with_query_term(term_h[:, :, :, rd:].logsumexp(dim=3) + w_all, term_d, slice(0, rw)))
+    if rh < size:  # kw < rw, kd < rd, kh >= rh
+        h_real = term_h[:, :, :, :rd].logsumexp(dim=3)
+        columns.append(_with_query_term(h_real + term_w[:, :, :, rh:].logsumexp(dim=3), term_d, slice(0, rw)))
+    return torch.cat(columns, dim=-1).flatten(1, 3)
+
+
+def _with_query_term(row_part: torch.Tensor, term_d: torch.Tensor, kw: slice) -> torch.Tensor:
+    """(B*heads, rd, rh, kw) part shared by a query row + the query's own (B*heads, rd, rh, rw, kw) term."""
+    return row_part[:, :, :, None, kw] + term_d[..., kw]
+
+
+def _padding_qkv(attn: Attention, zero_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B*heads, 1, head_dim) of a padding token: the official code projects a zero token."""
+    return _split_heads(attn.qkv(zero_token), attn.num_heads)
+
+
+def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, n, 3*dim) -> q, k, v each (B*heads, n, head_dim); channel layout [3][heads][head_dim]."""
+    b, n, _ = qkv.shape
+    qkv = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv.reshape(3, b * heads, n, -1).unbind(0)
+
+
+def _merge_heads(attn: Attention, out: torch.Tensor, batch: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(B*heads, n, head_dim) -> output projection of (B, rd, rh, rw, dim), head-major channels."""
+    heads = attn.num_heads
+    out = out.view(batch, heads, *grid, -1).permute(0, 2, 3, 4, 1, 5).reshape(batch, *grid, -1)
+    return attn.proj(out)
