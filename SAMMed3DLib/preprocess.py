@@ -113,6 +113,7 @@ class Region:
     raw: np.ndarray
     affine: np.ndarray
     canonical_affine: np.ndarray
+    canonical_shape: tuple[int, int, int]
 
     def network_input(self) -> torch.Tensor:
         """The z-normalised network input (1, 1, 128, 128, 128) float32."""
@@ -125,7 +126,7 @@ class Region:
     def ras_to_region_index(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
         """Region voxel index of RAS points: (3,) for one point, (N, 3) for several (may lie outside)."""
         points = np.asarray(ras, dtype=np.float64)
-        voxels = canonical_voxels(self.canonical_affine, points) - np.asarray(self.begin)
+        voxels = canonical_voxels(self.canonical_affine, self.canonical_shape, points) - np.asarray(self.begin)
         return voxels[0] if points.ndim == 1 else voxels
 
     def contains_index(self, index: Sequence[int] | np.ndarray) -> bool:
@@ -148,9 +149,15 @@ class Region:
         return geometry.apply_affine(self.affine, [(ROI_SIZE - 1) / 2.0] * 3)[0]
 
 
-def canonical_voxels(canonical_affine: np.ndarray, ras: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Canonical voxels (N, 3) of RAS points: solve the canonical affine in double precision, round half up."""
-    return geometry.nearest_voxel(geometry.ras_to_continuous_ijk(canonical_affine, ras))
+def canonical_voxels(
+    canonical_affine: np.ndarray, canonical_shape: Sequence[int], ras: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Canonical voxels (N, 3) of RAS points: solve the canonical affine in double precision, round half up.
+
+    The result is clamped to the grid: a point inside the original volume can fall just outside the
+    canonical grid only where the official grid rule keeps a thin axis at one 1.5 mm voxel."""
+    voxels = geometry.nearest_voxel(geometry.ras_to_continuous_ijk(canonical_affine, ras))
+    return np.clip(voxels, 0, np.asarray(canonical_shape) - 1)
 
 
 LabelInput = Union[Volume, sitk.Image]
@@ -173,7 +180,7 @@ class PreparedVolume:
     def canonical_voxel_of_ras(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
         """Canonical voxel index of RAS points: (3,) for one point, (N, 3) for several."""
         points = np.asarray(ras, dtype=np.float64)
-        voxels = canonical_voxels(self.canonical_affine, points)
+        voxels = canonical_voxels(self.canonical_affine, self.canonical_shape, points)
         return voxels[0] if points.ndim == 1 else voxels
 
     def region(self, begin: Sequence[int]) -> Region:
@@ -185,6 +192,7 @@ class PreparedVolume:
             raw=crop_with_zero_padding(self.canonical, start),
             affine=geometry.shifted_affine(self.canonical_affine, start),
             canonical_affine=self.canonical_affine.copy(),
+            canonical_shape=self.canonical_shape,
         )
 
     def region_centred_on(self, ras: Sequence[float] | np.ndarray) -> Region:

@@ -1,0 +1,90 @@
+"""Click simulation: the official random rule, replayed against the recorded fixture clicks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import shared_path
+
+from SAMMed3DLib.clicks import simulate_click
+from SAMMed3DLib.errors import InputError
+
+
+def binary_prediction(low_res_logits: np.ndarray) -> np.ndarray:
+    """What the official code thresholds: sigmoid(trilinear upsample of the 32^3 logits) > 0.5."""
+    logits = torch.from_numpy(low_res_logits).reshape(1, 1, 32, 32, 32)
+    upsampled = F.interpolate(logits, size=(128, 128, 128), mode="trilinear", align_corners=False)
+    return (torch.sigmoid(upsampled) > 0.5)[0, 0].numpy()
+
+
+def test_fixture_p3_clicks_are_reproduced_with_seed_233():
+    folder = shared_path("fixtures/parity/pipeline")
+    facts = json.loads((folder / "pipeline_fixture.json").read_text())["P3_official_3clicks"]
+    labels = np.load(folder / "P1_official_1click_intermediates.npz")
+    steps = np.load(folder / "P3_official_3clicks_intermediates.npz")
+    np.random.seed(233)
+    for category in facts["per_category"]:
+        name = f"cat{category['category']}"
+        truth = labels[f"{name}_roi_label"]
+        previous = np.zeros_like(truth)
+        for step, recorded in enumerate(category["clicks"]):
+            index, label = simulate_click(previous, truth)
+            assert index.tolist() == recorded["roi_index"] and label == recorded["label"]
+            previous = binary_prediction(steps[f"{name}_low_res_logits_per_click"][step])
+        np.testing.assert_array_equal(previous, steps[f"{name}_roi_pred_uint8"])
+
+
+def test_fixture_real_clicks_share_one_random_stream_across_categories():
+    folder = shared_path("fixtures/parity/pipeline_real")
+    arrays = np.load(folder / "official_1click_intermediates.npz")
+    np.random.seed(233)
+    for category in (1, 2, 5):
+        truth = torch.from_numpy(arrays[f"cat{category}_roi_label"])[None, None]  # torch input, official shape
+        index, label = simulate_click(torch.zeros(128, 128, 128), truth)
+        np.testing.assert_array_equal(index, arrays[f"cat{category}_click_roi_index_per_click"][0])
+        assert label == arrays[f"cat{category}_click_label_per_click"][0] == 1
+
+
+def test_candidates_are_enumerated_in_c_order():
+    truth = np.zeros((4, 5, 6), dtype=bool)
+    truth[1, 2, 3] = truth[0, 4, 5] = truth[3, 0, 0] = True
+    drawn = set()
+    for seed in range(12):
+        expected = np.argwhere(truth)[np.random.RandomState(seed).randint(3)]
+        index, label = simulate_click(np.zeros_like(truth), truth, random_state=np.random.RandomState(seed))
+        np.testing.assert_array_equal(index, expected)
+        assert label == 1
+        drawn.add(tuple(index))
+    assert len(drawn) == 3
+
+
+def test_false_negatives_are_positive_and_false_positives_negative():
+    truth = np.zeros((3, 3, 3), dtype=np.uint8)
+    truth[0, 0, 0] = 1
+    only_false_positive = truth.copy()
+    only_false_positive[2, 2, 2] = 1
+    index, label = simulate_click(only_false_positive, truth)
+    assert index.tolist() == [2, 2, 2] and label == 0
+    index, label = simulate_click(np.zeros_like(truth), truth)
+    assert index.tolist() == [0, 0, 0] and label == 1
+
+
+def test_a_perfect_prediction_gets_a_positive_click_inside_the_truth():
+    truth = np.zeros((5, 5, 5), dtype=np.uint8)
+    truth[1:3, 1:3, 1:3] = 1
+    for _ in range(10):
+        index, label = simulate_click(truth, truth)
+        assert truth[tuple(index)] == 1 and label == 1
+
+
+def test_empty_truth_and_mismatched_shapes_are_errors():
+    with pytest.raises(InputError, match="empty"):
+        simulate_click(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)))
+    with pytest.raises(InputError, match="differ in shape"):
+        simulate_click(np.zeros((4, 4, 4)), np.ones((4, 4, 5)))
+    with pytest.raises(InputError, match="3D"):
+        simulate_click(np.zeros((4, 4)), np.ones((4, 4)))

@@ -1,0 +1,219 @@
+"""The official preprocessing: 1.5 mm grid rule, canonical grid, regions, label boxes, z-normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SAMMed3DLib import geometry
+from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.preprocess import (
+    ROI_SIZE,
+    PreparedVolume,
+    begin_for_label_bbox,
+    crop_with_zero_padding,
+    normalise_intensities,
+    official_sitk_image,
+    prepare,
+    resample_to_target_spacing,
+)
+from SAMMed3DLib.volume import Volume
+
+
+def affine_from(direction_lps_rows, spacing, origin_lps) -> np.ndarray:
+    image = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    image.SetDirection(np.asarray(direction_lps_rows, dtype=float).flatten().tolist())
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin_lps)
+    return geometry.ijk_to_ras_from_sitk(image)
+
+
+def smooth_volume(shape_kji, affine, dtype=np.int16) -> Volume:
+    k, j, i = np.indices(shape_kji)
+    values = 100 + 40 * np.sin(i / 3.0) + 30 * np.cos(j / 4.0) + 5 * k
+    return Volume.from_array(values.astype(dtype), affine)
+
+
+# 0.8 mm as a NIfTI header stores it (float32): 0.800000011920929.
+SPACING_08 = float(np.float32(0.8))
+
+
+def test_grid_rule_ceil_with_float_error_and_corner_alignment():
+    # 180 x 0.800000011920929 / 1.5 = 96.0000014 -> 97 voxels; 60 x 2.5 / 1.5 = 100 exactly.
+    affine = affine_from([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], (SPACING_08, SPACING_08, 2.5), (-40.0, 95.5, 120.25))
+    prepared = PreparedVolume(smooth_volume((60, 180, 200), affine))
+    assert prepared.resampled_shape == (107, 97, 100)
+    # The outer corner of the first 1.5 mm voxel is the outer corner of the first original voxel.
+    corner = geometry.apply_affine(prepared.resampled_affine, [-0.5, -0.5, -0.5])
+    np.testing.assert_allclose(corner, geometry.apply_affine(affine, [-0.5, -0.5, -0.5]), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(prepared.resampled_affine[:3, :3], axis=0), 1.5)
+
+
+def test_canonical_grid_is_ras_ordered_and_keeps_world_positions():
+    affine = affine_from([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], (SPACING_08, SPACING_08, 2.5), (-40.0, 95.5, 120.25))
+    volume = smooth_volume((60, 180, 200), affine)
+    prepared = PreparedVolume(volume)
+    assert prepared.canonical_shape == (100, 107, 97)
+    np.testing.assert_allclose(np.diag(prepared.canonical_affine)[:3], [1.5, 1.5, 1.5])
+    resampled = resample_to_target_spacing(official_sitk_image(volume.image), sitk.sitkLinear)
+    resampled_ijk = sitk.GetArrayFromImage(resampled).transpose()
+    for voxel in ([0, 0, 0], [10, 20, 30], [99, 106, 96]):
+        world = geometry.apply_affine(prepared.canonical_affine, voxel)
+        same = geometry.round_half_up(geometry.ras_to_continuous_ijk(prepared.resampled_affine, world))[0]
+        assert prepared.canonical[tuple(voxel)] == resampled_ijk[tuple(same)]
+
+
+def test_integer_interpolation_truncates_toward_zero():
+    # Along i (3 mm -> 1.5 mm) the samples sit a quarter voxel from the originals: 0.75 a + 0.25 b.
+    values = np.array([[[1, 3, 1, 3]], [[-1, -3, -1, -3]]], dtype=np.int16)  # K=2, J=1, I=4
+    prepared = PreparedVolume(Volume.from_array(values, np.diag([3.0, 1.5, 1.5, 1.0])))
+    row_positive, row_negative = prepared.canonical[:, 0, 0], prepared.canonical[:, 0, 1]
+    # 0.75*1 + 0.25*3 = 1.5 -> 1 and 0.75*-1 + 0.25*-3 = -1.5 -> -1 (floor would give -2).
+    assert row_positive[1] == 1 and row_negative[1] == -1
+    assert prepared.canonical.dtype == np.int16
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
+def test_pixel_type_is_kept(dtype):
+    prepared = PreparedVolume(smooth_volume((6, 7, 8), np.diag([2.0, 2.0, 2.0, 1.0]), dtype))
+    assert prepared.canonical.dtype == dtype
+    assert prepared.region([0, 0, 0]).raw.dtype == dtype
+
+
+def test_single_slice_volume_stays_one_slice_and_gives_a_region():
+    volume = smooth_volume((1, 60, 70), np.diag([0.8, 0.8, 5.0, 1.0]))
+    prepared = PreparedVolume(volume)
+    assert prepared.canonical_shape == (38, 32, 1)
+    click = volume.ijk_to_ras_points([35, 30, 0])[0]
+    # The single 1.5 mm slice sits at the low face of the 5 mm slice; the click is clamped onto it.
+    assert prepared.canonical_voxel_of_ras(click)[2] == 0
+    region = prepared.region_centred_on(click)
+    assert region.begin[2] == -64
+    assert region.ras_to_region_index(click)[2] == 64
+    assert np.count_nonzero(region.raw[:, :, 64]) > 0 and np.count_nonzero(region.raw[:, :, 65:]) == 0
+    assert region.network_input().shape == (1, 1, ROI_SIZE, ROI_SIZE, ROI_SIZE)
+
+
+def test_anisotropic_oblique_volume_keeps_its_obliqueness():
+    rotation = np.array(sitk.VersorTransform((0.1, 0.2, 0.9), 0.3).GetMatrix()).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * [0.6, 0.9, 4.0]
+    affine[:3, 3] = [20.0, -30.0, 5.0]
+    volume = smooth_volume((12, 60, 80), affine)
+    prepared = PreparedVolume(volume)
+    linear = prepared.canonical_affine[:3, :3]
+    np.testing.assert_allclose(np.linalg.norm(linear, axis=0), 1.5)
+    assert np.all(np.argmax(np.abs(linear), axis=0) == [0, 1, 2])
+    assert not np.allclose(linear, np.diag(np.diag(linear)))
+    # The canonical grid covers the original volume: its centre maps to a voxel inside.
+    centre = volume.ijk_to_ras_points([39.5, 29.5, 5.5])[0]
+    voxel = prepared.canonical_voxel_of_ras(centre)
+    assert np.all((voxel >= 0) & (voxel < prepared.canonical_shape))
+
+
+def test_region_is_a_zero_padded_slice_with_its_own_affine():
+    prepared = PreparedVolume(smooth_volume((20, 40, 50), np.diag([1.5, 1.5, 1.5, 1.0])))
+    canonical = prepared.canonical
+    region = prepared.region([-10, 5, -3])
+    assert region.raw.shape == (ROI_SIZE,) * 3
+    np.testing.assert_array_equal(region.raw[10:60, 0:35, 3:23], canonical[0:50, 5:40, 0:20])
+    assert np.count_nonzero(region.raw[:10]) == 0 and np.count_nonzero(region.raw[60:]) == 0
+    np.testing.assert_allclose(region.affine[:3, 3], geometry.apply_affine(prepared.canonical_affine, [-10, 5, -3])[0])
+    far = prepared.region([500, 0, 0])
+    assert not far.raw.any()
+
+
+def test_region_centred_on_a_click_and_its_indices():
+    volume = smooth_volume((30, 40, 50), np.diag([-1.0, -1.0, 2.0, 1.0]))
+    prepared = PreparedVolume(volume)
+    click = volume.ijk_to_ras_points([20, 10, 12])[0]
+    voxel = prepared.canonical_voxel_of_ras(click)
+    region = prepared.region_centred_on(click)
+    np.testing.assert_array_equal(region.begin, voxel - 64)
+    np.testing.assert_array_equal(region.ras_to_region_index(click), [64, 64, 64])
+    assert region.contains_index([64, 64, 64]) and not region.contains_index([64, 128, 0])
+    np.testing.assert_allclose(region.ras_to_continuous_index(click)[0], [64, 64, 64], atol=0.5)
+    np.testing.assert_allclose(region.size_mm, [192.0, 192.0, 192.0])
+    np.testing.assert_allclose(region.axes, np.eye(3))
+    np.testing.assert_allclose(region.center_ras, geometry.apply_affine(region.affine, [63.5] * 3)[0])
+    assert prepared.canonical_voxel_of_ras(np.array([click, click])).shape == (2, 3)
+
+
+def test_network_input_is_z_normalised_over_positive_voxels():
+    raw = np.zeros((ROI_SIZE,) * 3, dtype=np.int16)
+    raw[10:20, 10:20, 10:20] = np.arange(1000).reshape(10, 10, 10) % 37 + 1
+    raw[30:40, 30:40, 30:40] = -500
+    tensor = normalise_intensities(raw)
+    assert tensor.shape == (1, 1, ROI_SIZE, ROI_SIZE, ROI_SIZE) and tensor.dtype == torch.float32
+    values = torch.from_numpy(raw).float()
+    selected = values[values > 0]
+    expected = (values - selected.mean()) / selected.std()
+    assert torch.equal(tensor[0, 0], expected)
+    assert abs(float(tensor[0, 0][torch.from_numpy(raw) > 0].std()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("fill", [0, -1000, 7])
+def test_constant_or_empty_region_is_a_clear_error(fill):
+    prepared = PreparedVolume(Volume.from_array(np.full((10, 10, 10), fill, np.int16), np.eye(4)))
+    region = prepared.region([0, 0, 0])
+    with pytest.raises(InputError, match="(no voxels above 0|constant intensity).*another point or image"):
+        region.network_input()
+
+
+@pytest.mark.parametrize(
+    "box, shape, expected",
+    [
+        (((23, 63), (42, 71), (28, 81)), (100, 107, 97), [-21, -8, -10]),  # fixture P1, category 1
+        (((10, 11), (0, 1), (5, 6)), (30, 30, 30), [-54, -64, -59]),  # one voxel v -> v - 64
+        (((0, 200), (0, 3), (1, 3)), (200, 30, 30), [36, -63, -62]),
+    ],
+)
+def test_begin_for_label_bbox(box, shape, expected):
+    label = np.zeros(shape, dtype=np.uint8)
+    label[tuple(slice(low, high) for low, high in box)] = 1
+    np.testing.assert_array_equal(begin_for_label_bbox(label), expected)
+
+
+def test_empty_label_centres_on_the_volume():
+    # ceil((n - 128) / 2) for n >= 128, -ceil((128 - n) / 2) otherwise.
+    np.testing.assert_array_equal(begin_for_label_bbox(np.zeros((131, 128, 97))), [2, 0, -16])
+    np.testing.assert_array_equal(begin_for_label_bbox(np.zeros((130, 127, 100))), [1, -1, -14])
+
+
+def test_crop_with_zero_padding_matches_a_padded_copy():
+    rng = np.random.default_rng(3)
+    array = rng.integers(1, 100, (7, 9, 11))
+    padded = np.pad(array, 20)
+    for begin in ([-5, -5, -5], [2, -20, 8], [-20, 0, 0], [6, 8, 10]):
+        block = crop_with_zero_padding(array, begin, size=16)
+        start = [b + 20 for b in begin]
+        expected = padded[tuple(slice(low, low + 16) for low in start)]
+        np.testing.assert_array_equal(block, expected)
+
+
+def test_prepare_label_binarises_before_resampling_and_checks_the_grid():
+    affine = np.diag([-0.9, 0.9, 2.0, 1.0])
+    volume = smooth_volume((10, 40, 40), affine)
+    labels = np.zeros((10, 40, 40), dtype=np.uint8)
+    labels[2:8, 10:20, 10:20] = 3
+    labels[2:8, 20:30, 20:30] = 7
+    prepared = PreparedVolume(volume)
+    canonical_label = prepared.prepare_label(Volume.from_array(labels, affine), 7)
+    assert canonical_label.shape == prepared.canonical_shape
+    assert set(np.unique(canonical_label)) == {0, 1}
+    # Label 7's voxels only: the canonical label's centre lies in the 7 block.
+    centre_ras = geometry.apply_affine(prepared.canonical_affine, np.argwhere(canonical_label).mean(axis=0))
+    ijk = volume.ras_to_ijk(centre_ras)[0]
+    assert 20 <= ijk[0] < 30 and 20 <= ijk[1] < 30
+    with pytest.raises(InputError, match="voxels but the image has"):
+        prepared.prepare_label(Volume.from_array(labels[:, :, :30], affine), 7)
+    with pytest.raises(InputError, match="not on the same grid"):
+        prepared.prepare_label(Volume.from_array(labels, np.diag([-0.9, 0.9, 2.5, 1.0])).image, 7)
+
+
+def test_prepare_is_cached_per_volume():
+    volume = smooth_volume((5, 6, 7), np.eye(4))
+    assert prepare(volume) is prepare(volume)
+    assert prepare(volume) is not prepare(smooth_volume((5, 6, 7), np.eye(4)))

@@ -1,0 +1,173 @@
+"""Volume construction, validation, point conversion and atomic image writing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import shared_path
+
+from SAMMed3DLib import geometry, imageio
+from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.volume import Volume, parse_point
+
+
+def oblique_affine() -> np.ndarray:
+    rotation = sitk.VersorTransform((0.3, -0.2, 0.5), 0.4).GetMatrix()
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(rotation).reshape(3, 3) * [0.7, 1.1, 2.5]
+    affine[:3, 3] = [-12.5, 40.25, 7.0]
+    return affine
+
+
+def test_from_array_keeps_voxels_geometry_and_pixel_type():
+    array = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
+    affine = oblique_affine()
+    volume = Volume.from_array(array, affine)
+    np.testing.assert_array_equal(volume.array_kji, array)
+    assert volume.array_kji.dtype == np.uint16
+    assert volume.shape_kji == (4, 5, 6)
+    assert volume.size_ijk == (6, 5, 4)
+    np.testing.assert_allclose(volume.spacing, [0.7, 1.1, 2.5])
+    np.testing.assert_allclose(volume.ijk_to_ras, affine, atol=1e-12)
+    # The voxel at array[k, j, i] sits at IJK (i, j, k).
+    np.testing.assert_allclose(volume.ras_to_ijk(volume.ijk_to_ras_points([5, 4, 3])), [[5, 4, 3]], atol=1e-9)
+
+
+def test_from_array_agrees_with_simpleitk_physical_points():
+    volume = Volume.from_array(np.zeros((3, 4, 5), dtype=np.float32), oblique_affine())
+    lps = volume.image.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 0.5))
+    np.testing.assert_allclose(volume.ijk_to_ras_points([1.0, 2.0, 0.5]), geometry.lps_to_ras(lps), atol=1e-9)
+
+
+def test_points_in_every_space_give_the_same_ras():
+    volume = Volume.from_array(np.zeros((10, 10, 10), dtype=np.int16), oblique_affine())
+    ijk = np.array([[2.0, 3.0, 4.0], [0.0, 9.0, 5.5]])
+    ras = volume.ijk_to_ras_points(ijk)
+    np.testing.assert_allclose(volume.points_to_ras(ijk, "ijk"), ras)
+    np.testing.assert_allclose(volume.points_to_ras(ras, "ras"), ras)
+    np.testing.assert_allclose(volume.points_to_ras(geometry.ras_to_lps(ras), "LPS"), ras)
+
+
+def test_point_outside_names_the_point_and_the_extent():
+    volume = Volume.from_array(np.zeros((10, 10, 10), dtype=np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+    volume.points_to_ras([9.5, -0.5, 0.0], "ijk")  # outer voxel faces are inside
+    with pytest.raises(InputError, match=r"Point \(0, 0, 10\.2\) IJK lies outside .* spans RAS mm R -0\.5\.\.9\.5"):
+        volume.points_to_ras([[1, 1, 1], [0, 0, 10.2]], "ijk")
+    with pytest.raises(InputError, match="unknown"):
+        volume.points_to_ras([1, 1, 1], "voxel")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1,2,3", (1.0, 2.0, 3.0)), (" -12.5 , 3e1,0.25 ", (-12.5, 30.0, 0.25)), ("[1.5; -2; .5]", (1.5, -2.0, 0.5))],
+)
+def test_parse_point(text, expected):
+    assert parse_point(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1,2", "a,b,c", "1,2,3,4", "", "1,,2"])
+def test_parse_point_rejects_other_text(text):
+    with pytest.raises(InputError, match="three numbers"):
+        parse_point(text)
+
+
+@pytest.mark.parametrize(
+    "image, problem",
+    [
+        (sitk.Image([4, 4], sitk.sitkInt16), "2D image"),
+        (sitk.Image([4, 4, 4, 2], sitk.sitkInt16), "4D"),
+        (sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3), "RGB or vector"),
+        (sitk.GetImageFromArray(np.array([[[0.0, np.nan]]], dtype=np.float32)), "NaN or infinite"),
+        (sitk.Image([2, 2, 2], sitk.sitkComplexFloat32), "complex"),
+    ],
+)
+def test_unusable_images_are_rejected_in_one_sentence(image, problem):
+    with pytest.raises(InputError, match=problem):
+        Volume.from_sitk(image)
+
+
+def test_single_slice_volume_is_allowed():
+    volume = Volume.from_array(np.ones((1, 8, 9), dtype=np.int16), np.diag([0.8, 0.8, 5.0, 1.0]))
+    assert volume.shape_kji == (1, 8, 9)
+    assert volume.points_to_ras([4, 4, 0], "ijk").shape == (1, 3)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        Volume.from_file(tmp_path / "absent.nii.gz")
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="Could not read image"):
+        Volume.from_file(garbage)
+    with pytest.raises(InputError, match="no DICOM series"):
+        Volume.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_write_and_read_back_keeps_voxels_type_and_geometry(tmp_path, dtype, suffix):
+    array = (np.arange(3 * 4 * 5) % 200).astype(dtype).reshape(3, 4, 5)
+    affine = np.diag([-0.75, -0.75, 2.5, 1.0])
+    affine[:3, 3] = [120.5, -30.25, 60.0]
+    path = imageio.write_image_atomic(Volume.from_array(array, affine).image, tmp_path / f"out{suffix}")
+    back = Volume.from_file(path)
+    np.testing.assert_array_equal(back.array_kji, array)
+    assert back.array_kji.dtype == dtype
+    np.testing.assert_allclose(back.ijk_to_ras, affine, atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == [f"out{suffix}"]
+
+
+def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    image = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    target = tmp_path / "mask.nii.gz"
+    target.write_bytes(b"previous content")
+
+    def failing_write(image, path, *args):
+        Path(path).write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", failing_write)
+    with pytest.raises(InputError, match="Could not write .*disk full"):
+        imageio.write_image_atomic(image, target)
+    assert target.read_bytes() == b"previous content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+def test_two_file_formats_and_missing_extensions_are_refused(tmp_path):
+    image = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    with pytest.raises(InputError, match="atomically"):
+        imageio.write_image_atomic(image, tmp_path / "mask.mhd")
+    with pytest.raises(InputError, match="no file extension"):
+        imageio.write_image_atomic(image, tmp_path / "mask")
+
+
+def test_image_suffix():
+    assert imageio.image_suffix("a/b.nii.gz") == ".nii.gz"
+    assert imageio.image_suffix("b.seg.nrrd") == ".seg.nrrd"
+    assert imageio.image_suffix("x.y.mha") == ".mha"
+
+
+@pytest.mark.parametrize("case", ["ct_abdomen_pelvis_totalseg_3mm", "ct_upper_abdomen_dicom_totalseg"])
+def test_real_label_written_as_mask_keeps_ras_positions(tmp_path, case):
+    folder = shared_path(f"data/{case}")
+    meta = json.loads((folder / "meta.json").read_text())
+    image = Volume.from_file(folder / "image.nii.gz")
+    label = Volume.from_file(folder / "label.nii.gz")
+    assert image.size_ijk == tuple(meta["size_xyz"])
+    np.testing.assert_allclose(image.spacing, meta["spacing_mm"], atol=1e-4)
+    np.testing.assert_allclose(image.image.GetDirection(), meta["direction"])
+    liver = label.array_kji == 5
+    mask = Volume.from_array(liver.astype(np.uint8), image.ijk_to_ras)
+    path = imageio.write_image_atomic(mask.image, tmp_path / "liver.nii.gz")
+    back = Volume.from_file(path)
+    np.testing.assert_array_equal(back.array_kji, liver)
+    # Voxel centres of the liver, as RAS through the image, land on liver voxels of the written mask.
+    kji = np.argwhere(liver)[:: max(1, int(liver.sum()) // 500)]
+    ras = image.ijk_to_ras_points(kji[:, ::-1].astype(float))
+    ijk = geometry.round_half_up(back.ras_to_ijk(ras))
+    np.testing.assert_array_equal(ijk, kji[:, ::-1])
+    assert back.array_kji[ijk[:, 2], ijk[:, 1], ijk[:, 0]].all()
