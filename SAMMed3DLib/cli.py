@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from .errors import SAMMed3DError
 
 # Each command module defines `register(subparsers)` that adds its parser and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("demo", "segment", "batch", "phantom")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        args = parser.parse_args(argv)  # point options are parsed, and checked, here
         return int(args.func(args) or 0)
     except SAMMed3DError as error:
         print(f"sammed3d: error: {error}", file=sys.stderr)

@@ -134,3 +134,19 @@ class RegionPredictor:
             torch.cuda.empty_cache()
             self.fell_back_to_cpu = True
             return step()
+
+
+def load_predictor(
+    checkpoint: Optional[str] = None,
+    device: str = "auto",
+    precision: str = "float32",
+    progress: Optional[Callable[[int, Optional[int]], Optional[bool]]] = None,
+) -> RegionPredictor:
+    """A predictor for a checkpoint path, a published name (downloaded once) or None (the demo model)."""
+    from .checkpoint import load_model
+    from .device import resolve_device
+    from .published import resolve_checkpoint
+
+    target = resolve_device(device)
+    path = resolve_checkpoint(checkpoint, progress=progress)
+    return RegionPredictor(load_model(path, device="cpu"), device=target, precision=precision)

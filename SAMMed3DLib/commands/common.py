@@ -1,0 +1,43 @@
+"""Options shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from ..device import DEVICE_CHOICES
+from ..download import TerminalProgress
+from ..predictor import PRECISIONS, RegionPredictor, load_predictor
+from ..published import PUBLISHED_CHECKPOINTS
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(PUBLISHED_CHECKPOINTS)
+    parser.add_argument(
+        "--checkpoint",
+        help=f"checkpoint file, or a published name ({names}) downloaded once; default: the built-in demo model",
+    )
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where the network runs")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=tuple(PRECISIONS),
+        help="image-encoder precision on CUDA (autocast); the CPU always uses float32",
+    )
+
+
+def predictor_from_args(args: argparse.Namespace) -> RegionPredictor:
+    progress = TerminalProgress(f"Downloading {args.checkpoint}")
+    try:
+        predictor = load_predictor(args.checkpoint, args.device, args.precision, progress=progress)
+    finally:
+        progress.finish()
+    if predictor.device.type == "cpu":
+        print("Running on the CPU (no CUDA GPU in use): the first click of a region takes a few seconds.")
+    return predictor
+
+
+def report_fallback(predictor: RegionPredictor, stream: Optional[object] = None) -> None:
+    if predictor.fell_back_to_cpu:
+        print("Note: the GPU ran out of memory; the work finished on the CPU.", file=stream or sys.stderr)

@@ -1,0 +1,359 @@
+"""Interactive segmentation of one target in one volume: the click list is the state.
+
+Every change of the click list (add, move, delete, undo, redo) replays the list from scratch. That is
+cheap: each 128^3 region's image embedding is computed once and cached by the predictor, and a
+decoder step takes milliseconds. Replay makes a moved or deleted click give exactly the mask that the
+edited list gives, with no hidden history.
+
+Regions: the first click centres the first region (the official click-centred crop). A click outside
+every region opens a region centred on it. In `auto` mode a mask that touches a region's face extends
+the work with a neighbouring region overlapping by half (the paper's strategy for targets larger than
+192 mm), seeded with a click inside the mask and the overlapping part of the logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .postprocess import paste_region_mask
+from .predictor import RegionPredictor
+from .preprocess import PreparedVolume, Region
+
+PROMPT_MODES = ("newest", "accumulate")
+REGION_MODES = ("auto", "1")
+KJI = tuple[slice, slice, slice]
+
+
+@dataclass(frozen=True)
+class Click:
+    """A click in the volume's RAS coordinates (mm); positive includes, negative excludes."""
+
+    ras: tuple[float, float, float]
+    positive: bool = True
+
+
+@dataclass
+class SessionResult:
+    """The mask of the current click list on the volume's own grid, and how it was made."""
+
+    clicks: tuple[Click, ...]
+    mask: np.ndarray  # uint8, (K, J, I), the volume's grid
+    iou: float  # predicted IoU of the first region's last step (nan without clicks)
+    regions: list[Region]
+    timings: dict[str, float]
+    changed: Optional[KJI]  # bounding box of voxels that differ from the previous result
+
+
+@dataclass
+class _RegionRun:
+    """Decoder state of one region during a replay."""
+
+    region: Region
+    embedding: torch.Tensor
+    size: int
+    points: list[np.ndarray] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    logits: Optional[torch.Tensor] = None
+    iou: float = float("nan")
+    mask: Optional[np.ndarray] = None
+
+    def contains(self, index: np.ndarray) -> bool:
+        return bool(np.all(index >= 0) and np.all(index < self.size))
+
+
+class InteractiveSession:
+    """One target in one prepared volume. Several sessions may share one predictor (and its cache)."""
+
+    def __init__(
+        self,
+        predictor: RegionPredictor,
+        prepared: PreparedVolume,
+        prompt_mode: str = "newest",
+        regions: str = "auto",
+        max_regions: int = 6,
+    ) -> None:
+        if prompt_mode not in PROMPT_MODES:
+            raise InputError(f"Unknown prompt mode '{prompt_mode}': choose one of {', '.join(PROMPT_MODES)}.")
+        if regions not in REGION_MODES:
+            raise InputError(f"Unknown region mode '{regions}': choose one of {', '.join(REGION_MODES)}.")
+        self.predictor = predictor
+        self.prepared = prepared
+        self.prompt_mode = prompt_mode
+        self.regions = regions
+        self.max_regions = max_regions
+        self._history: list[tuple[Click, ...]] = [()]
+        self._position = 0
+        self._last: Optional[SessionResult] = None
+
+    @property
+    def clicks(self) -> tuple[Click, ...]:
+        return self._history[self._position]
+
+    @property
+    def can_undo(self) -> bool:
+        return self._position > 0
+
+    @property
+    def can_redo(self) -> bool:
+        return self._position < len(self._history) - 1
+
+    def set_clicks(self, clicks: Sequence[Click]) -> SessionResult:
+        """Make `clicks` the state (an undoable action) and return its mask."""
+        clicks = tuple(clicks)
+        result = self._compute(clicks)  # validates before the history changes
+        del self._history[self._position + 1 :]
+        self._history.append(clicks)
+        self._position += 1
+        return result
+
+    def add_click(self, click: Click) -> SessionResult:
+        return self.set_clicks(self.clicks + (click,))
+
+    def move_click(self, index: int, ras: Sequence[float]) -> SessionResult:
+        clicks = list(self.clicks)
+        clicks[index] = Click(_as_point(ras), clicks[index].positive)
+        return self.set_clicks(clicks)
+
+    def delete_click(self, index: int) -> SessionResult:
+        clicks = list(self.clicks)
+        del clicks[index]
+        return self.set_clicks(clicks)
+
+    def reset(self) -> SessionResult:
+        """Remove every click (undoable)."""
+        return self.set_clicks(())
+
+    def preview(self, clicks: Sequence[Click]) -> SessionResult:
+        """The mask `clicks` would give, without changing the state (e.g. while a point is dragged)."""
+        return self._compute(tuple(clicks))
+
+    def undo(self) -> Optional[SessionResult]:
+        if not self.can_undo:
+            return None
+        self._position -= 1
+        return self._compute(self.clicks)
+
+    def redo(self) -> Optional[SessionResult]:
+        if not self.can_redo:
+            return None
+        self._position += 1
+        return self._compute(self.clicks)
+
+    # Replay -----------------------------------------------------------------------------------
+
+    def _compute(self, clicks: tuple[Click, ...]) -> SessionResult:
+        timings = {"region_input": 0.0, "encoder": 0.0, "decoder": 0.0, "paste": 0.0}
+        started = time.perf_counter()
+        if clicks:
+            self.prepared.volume.points_to_ras([click.ras for click in clicks], "ras")  # rejects points outside
+        runs: list[_RegionRun] = []
+        for click in clicks:
+            voxel = self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float))
+            containing = [run for run in runs if run.contains(voxel - run.region.begin)]
+            if not containing:
+                if runs and self.regions == "1":
+                    raise InputError(
+                        f"The click at RAS {_fmt(click.ras)} lies outside the 128^3 region around the first click: "
+                        "use region mode 'auto' to extend the work, or click inside the region."
+                    )
+                containing = [self._open_region(self.prepared.region(voxel - 64), timings)]
+                runs += containing
+            for run in containing:
+                self._step(run, voxel - run.region.begin, int(click.positive), timings)
+        if self.regions == "auto":
+            self._extend_along_borders(runs, timings)
+        result = self._assemble(clicks, runs, timings)
+        timings["total"] = time.perf_counter() - started
+        return result
+
+    def _open_region(self, region: Region, timings: dict[str, float]) -> _RegionRun:
+        key = (id(self.prepared), tuple(int(v) for v in region.begin))
+        computed = []
+
+        def network_input() -> torch.Tensor:
+            started = time.perf_counter()
+            tensor = region.network_input()
+            computed.append(time.perf_counter() - started)
+            return tensor
+
+        started = time.perf_counter()
+        embedding = self.predictor.embedding_for(key, network_input)
+        if computed:
+            timings["region_input"] += computed[0]
+            timings["encoder"] += time.perf_counter() - started - computed[0]
+        return _RegionRun(region=region, embedding=embedding, size=self.predictor.input_size)
+
+    def _step(self, run: _RegionRun, index: np.ndarray, label: int, timings: dict[str, float]) -> None:
+        run.points.append(np.asarray(index, dtype=np.float32))
+        run.labels.append(label)
+        if self.prompt_mode == "newest":
+            points, labels = run.points[-1:], run.labels[-1:]
+        else:
+            points, labels = run.points, run.labels
+        started = time.perf_counter()
+        run.logits, run.iou = self.predictor.decode(run.embedding, np.stack(points), np.array(labels), run.logits)
+        run.mask = self.predictor.upsample_to_mask(run.logits)
+        timings["decoder"] += time.perf_counter() - started
+
+    def _extend_along_borders(self, runs: list[_RegionRun], timings: dict[str, float]) -> None:
+        shape = np.array(self.prepared.canonical.shape)
+        queue = list(runs)
+        while queue and len(runs) < self.max_regions:
+            run = queue.pop(0)
+            for axis, direction in _touched_faces(run.mask):
+                if len(runs) >= self.max_regions:
+                    return
+                if not _reaches_beyond(run.region.begin, run.size, shape, axis, direction):
+                    continue
+                begin = np.array(run.region.begin, dtype=int)
+                begin[axis] += direction * (run.size // 2)
+                if any(np.array_equal(begin, other.region.begin) for other in runs):
+                    continue
+                new = self._open_region(self.prepared.region(begin), timings)
+                seed = _seed_in_overlap(run.mask, axis, direction)
+                if seed is None:
+                    continue
+                new.logits = _shift_logits(run.logits, axis, direction)
+                self._step(new, seed, 1, timings)
+                runs.append(new)
+                queue.append(new)
+
+    def _assemble(self, clicks: tuple[Click, ...], runs: list[_RegionRun], timings: dict[str, float]) -> SessionResult:
+        started = time.perf_counter()
+        volume = self.prepared.volume
+        mask = np.zeros(volume.shape_kji, dtype=np.uint8)
+        boxes = []
+        if len(runs) == 1:
+            patch, box = paste_region_mask(runs[0].mask, runs[0].region, volume)
+            mask[box] = patch
+            boxes.append(box)
+        elif runs:
+            boxes = _paste_nearest_region(mask, runs, volume)
+        timings["paste"] += time.perf_counter() - started
+        changed = self._changed_box(mask, boxes)
+        result = SessionResult(
+            clicks=clicks,
+            mask=mask,
+            iou=runs[0].iou if runs else float("nan"),
+            regions=[run.region for run in runs],
+            timings=timings,
+            changed=changed,
+        )
+        self._last = result
+        self._last_boxes = boxes
+        return result
+
+    def _changed_box(self, mask: np.ndarray, boxes: list[KJI]) -> Optional[KJI]:
+        """Bounding box of the voxels that differ from the previous result (only footprints can differ)."""
+        previous = self._last.mask if self._last is not None else None
+        candidates = boxes + (self._last_boxes if previous is not None else [])
+        if not candidates:
+            return None
+        union = _union_box(candidates)
+        before = previous[union] if previous is not None else np.zeros_like(mask[union])
+        differs = np.nonzero(before != mask[union])
+        if not differs[0].size:
+            return None
+        return tuple(slice(s.start + int(d.min()), s.start + int(d.max()) + 1) for s, d in zip(union, differs))
+
+    _last_boxes: list[KJI] = []
+
+
+def _paste_nearest_region(mask: np.ndarray, runs: list[_RegionRun], volume) -> list[KJI]:
+    """Where regions overlap, each voxel takes the mask of the region whose centre is nearest."""
+    boxes = []
+    pasted = [paste_region_mask(run.mask, run.region, volume) for run in runs]
+    union = _union_box([box for _, box in pasted])
+    best = np.full(tuple(s.stop - s.start for s in union), np.inf, dtype=np.float32)
+    for run, (patch, box) in zip(runs, pasted):
+        local = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+        distance = _distance_to_point(box, volume.ijk_to_ras, np.asarray(run.region.center_ras))
+        nearer = distance < best[local]
+        best[local][nearer] = distance[nearer]
+        mask[box][nearer] = patch[nearer]
+        boxes.append(box)
+    return boxes
+
+
+def _distance_to_point(box: KJI, ijk_to_ras: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Distance (mm) from each voxel centre of a KJI box to a RAS point."""
+    k, j, i = (np.arange(s.start, s.stop, dtype=np.float64) for s in box)
+    offset = ijk_to_ras[:3, 3] - point
+    columns = ijk_to_ras[:3, :3]
+    squared = np.zeros((len(k), len(j), len(i)), dtype=np.float64)
+    for axis in range(3):
+        component = (
+            columns[axis, 2] * k[:, None, None]
+            + columns[axis, 1] * j[None, :, None]
+            + columns[axis, 0] * i[None, None, :]
+        ) + offset[axis]
+        squared += component**2
+    return np.sqrt(squared).astype(np.float32)
+
+
+def _union_box(boxes: Sequence[KJI]) -> KJI:
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+
+
+def _touched_faces(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(axis, direction) of every face of a region mask that the mask touches."""
+    faces = []
+    for axis in range(3):
+        for direction, index in ((-1, 0), (1, -1)):
+            if np.take(mask, index, axis=axis).any():
+                faces.append((axis, direction))
+    return faces
+
+
+def _reaches_beyond(begin: Sequence[int], size: int, shape: np.ndarray, axis: int, direction: int) -> bool:
+    """Whether the volume goes on beyond a region's face (else there is nothing to extend into)."""
+    if direction > 0:
+        return begin[axis] + size < shape[axis]
+    return begin[axis] > 0
+
+
+def _seed_in_overlap(mask: np.ndarray, axis: int, direction: int) -> Optional[np.ndarray]:
+    """A mask voxel in the half shared with the neighbour, in the neighbour's region indices."""
+    half = mask.shape[axis] // 2
+    kept = slice(half, None) if direction > 0 else slice(None, half)
+    index = [slice(None)] * 3
+    index[axis] = kept
+    voxels = np.argwhere(mask[tuple(index)])
+    if not len(voxels):
+        return None
+    centroid = voxels.mean(axis=0)
+    seed = voxels[np.argmin(((voxels - centroid) ** 2).sum(axis=1))].copy()
+    if direction > 0:
+        seed[axis] += half
+    # Shift into the neighbour: its index = ours - direction * half.
+    seed[axis] -= direction * half
+    return seed
+
+
+def _shift_logits(logits: torch.Tensor, axis: int, direction: int) -> torch.Tensor:
+    """Low-resolution logits of the overlapping half, placed in the neighbour's grid (rest zero)."""
+    shifted = torch.zeros_like(logits)
+    half = logits.shape[2 + axis] // 2
+    source = [slice(None)] * 5
+    target = [slice(None)] * 5
+    source[2 + axis] = slice(half, None) if direction > 0 else slice(None, half)
+    target[2 + axis] = slice(None, half) if direction > 0 else slice(half, None)
+    shifted[tuple(target)] = logits[tuple(source)]
+    return shifted
+
+
+def _as_point(values: Sequence[float]) -> tuple[float, float, float]:
+    point = tuple(float(v) for v in values)
+    if len(point) != 3:
+        raise InputError(f"A point needs three coordinates, got {len(point)}: give x, y, z.")
+    return point  # type: ignore[return-value]
+
+
+def _fmt(point: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in point) + ")"

@@ -1,0 +1,180 @@
+"""The `sammed3d` command line: segment, batch and demo, end to end on small files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SAMMed3DLib.checkpoint import save_checkpoint
+from SAMMed3DLib.cli import main
+from SAMMed3DLib.commands.segment import OrderedClick
+from SAMMed3DLib.config import ModelConfig, build_model
+
+TINY = ModelConfig(
+    encoder_embed_dim=48,
+    encoder_depth=2,
+    encoder_num_heads=1,
+    encoder_global_attn_indexes=(1,),
+    prompt_embed_dim=48,
+    decoder_mlp_dim=64,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("model") / "tiny.pth"
+    save_checkpoint(path, build_model(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 200, size=(30, 60, 50)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.5, 1.5, 3.0))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    path = tmp_path_factory.mktemp("data") / "scan.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_segment_writes_a_mask_with_the_image_geometry(tmp_path, checkpoint, image_path, capsys):
+    out = tmp_path / "mask.nii.gz"
+    code = main(
+        [
+            "segment",
+            str(image_path),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--pos",
+            "25,30,15",
+            "--neg",
+            "20,30,15",
+            "--space",
+            "ijk",
+            "--regions",
+            "1",
+        ]
+    )
+    assert code == 0
+    mask, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(image_path))
+    assert mask.GetSize() == image.GetSize() and mask.GetPixelID() == sitk.sitkUInt8
+    assert np.allclose(mask.GetOrigin(), image.GetOrigin()) and np.allclose(mask.GetDirection(), image.GetDirection())
+    assert "predicted IoU" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+def test_clicks_keep_command_line_order():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pos", action=OrderedClick)
+    parser.add_argument("--neg", action=OrderedClick)
+    args = parser.parse_args(["--neg", "1,2,3", "--pos", "4,5,6", "--neg", "7,8,9"])
+    assert args.clicks == [((1, 2, 3), False), ((4, 5, 6), True), ((7, 8, 9), False)]
+
+
+@pytest.mark.parametrize(
+    "clicks, message",
+    [(["--pos", "1,2"], "three numbers"), (["--pos", "9999,0,0"], "outside"), (["--neg", "1,1,1"], "positive")],
+)
+def test_segment_errors_are_one_clear_sentence(tmp_path, checkpoint, image_path, clicks, message, capsys):
+    out = tmp_path / "mask.nii.gz"
+    code = main(
+        ["segment", str(image_path), "--checkpoint", str(checkpoint), "--out", str(out), "--space", "ijk"] + clicks
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_image_and_bad_checkpoint(tmp_path, checkpoint, capsys):
+    assert (
+        main(["segment", str(tmp_path / "absent.nii.gz"), "--out", str(tmp_path / "m.nii.gz"), "--pos", "1,2,3"]) == 2
+    )
+    assert "absent.nii.gz" in capsys.readouterr().err
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a model")
+    image = tmp_path / "img.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(8000, dtype=np.int16).reshape(20, 20, 20)), str(image))
+    assert (
+        main(
+            [
+                "segment",
+                str(image),
+                "--checkpoint",
+                str(bad),
+                "--out",
+                str(tmp_path / "m.nii.gz"),
+                "--pos",
+                "5,5,5",
+                "--space",
+                "ijk",
+            ]
+        )
+        == 2
+    )
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_cuda(tmp_path, checkpoint, image_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(
+        [
+            "segment",
+            str(image_path),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "m.nii.gz"),
+            "--pos",
+            "25,30,15",
+            "--space",
+            "ijk",
+            "--device",
+            "cuda",
+        ]
+    )
+    assert code == 2 and "--device cpu" in capsys.readouterr().err
+
+
+def test_batch_continues_past_a_failing_case(tmp_path, checkpoint, image_path, capsys):
+    manifest = tmp_path / "cases.json"
+    manifest.write_text(
+        json.dumps(
+            [
+                {"image": str(image_path), "positive": [[25, 30, 15]], "negative": [[20, 30, 15]], "space": "ijk"},
+                {"image": str(tmp_path / "missing.nii.gz"), "positive": "1,2,3"},
+                {
+                    "image": str(image_path),
+                    "clicks": [{"point": [26, 31, 14], "positive": True}],
+                    "space": "ijk",
+                    "out": "second.nii.gz",
+                },
+            ]
+        )
+    )
+    code = main(
+        ["batch", str(manifest), "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "out"), "--regions", "1"]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "2 of 3 cases segmented, 1 failed" in captured.out
+    assert "missing.nii.gz" in captured.out
+    assert (tmp_path / "out" / "scan_mask.nii.gz").exists() and (tmp_path / "second.nii.gz").exists()
+
+
+def test_batch_reads_csv_manifests(tmp_path, checkpoint, image_path, capsys):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'image,positive,negative,space\n{image_path},"25,30,15;26,30,15","20,30,15",ijk\n')
+    assert main(["batch", str(manifest), "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "out")]) == 0
+    assert "1 of 1 cases segmented" in capsys.readouterr().out

@@ -1,0 +1,255 @@
+"""Interactive session: replay semantics, undo/redo, prompt modes, regions, and official click-centred parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import shared_path
+
+from SAMMed3DLib.checkpoint import load_model
+from SAMMed3DLib.config import ModelConfig, build_model
+from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.predictor import RegionPredictor
+from SAMMed3DLib.preprocess import PreparedVolume
+from SAMMed3DLib.session import Click, InteractiveSession
+from SAMMed3DLib.volume import Volume
+
+TINY = ModelConfig(
+    encoder_embed_dim=48,
+    encoder_depth=2,
+    encoder_num_heads=1,
+    encoder_global_attn_indexes=(1,),
+    prompt_embed_dim=48,
+    decoder_mlp_dim=64,
+)
+
+
+class CountingPredictor(RegionPredictor):
+    """A predictor that counts image-encoder runs."""
+
+    encoder_runs = 0
+
+    def embed(self, region_input):
+        self.encoder_runs += 1
+        return super().embed(region_input)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(7)
+    model = build_model(TINY)
+    with torch.no_grad():  # make random masks non-trivial: larger hypernetwork outputs
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[2].weight.mul_(30)
+    return model
+
+
+@pytest.fixture(scope="module")
+def volume() -> Volume:
+    """A synthetic oblique, anisotropic CT-like volume: a bright ellipsoid in soft tissue."""
+    size = (90, 80, 40)  # I, J, K
+    k, j, i = np.meshgrid(*(np.arange(n) for n in reversed(size)), indexing="ij")
+    body = 40 + 10 * np.sin(i / 7.0) * np.cos(j / 5.0)
+    organ = ((i - 45) / 20.0) ** 2 + ((j - 40) / 15.0) ** 2 + ((k - 20) / 8.0) ** 2 < 1
+    array = np.where(organ, 150, body).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.2, 1.0, 3.0))
+    image.SetOrigin((-50.0, 20.0, -30.0))
+    angle = np.deg2rad(10)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    image.SetDirection(tuple(rotation.ravel()))
+    return Volume.from_sitk(image)
+
+
+@pytest.fixture(scope="module")
+def prepared(volume) -> PreparedVolume:
+    return PreparedVolume(volume)
+
+
+def _textured(shape_kji) -> np.ndarray:
+    return np.random.default_rng(0).integers(50, 150, size=shape_kji).astype(np.int16)
+
+
+def _session(model, prepared, **options):
+    return InteractiveSession(CountingPredictor(model), prepared, **options)
+
+
+def _ras(volume, ijk):
+    return tuple(volume.ijk_to_ras_points([ijk])[0])
+
+
+def test_first_click_gives_a_mask_on_the_volume_grid(tiny_model, volume, prepared):
+    result = _session(tiny_model, prepared).add_click(Click(_ras(volume, (45, 40, 20))))
+    assert result.mask.shape == volume.shape_kji and result.mask.dtype == np.uint8
+    assert set(np.unique(result.mask)) <= {0, 1}
+    assert len(result.regions) >= 1 and np.isfinite(result.iou)
+    assert {"encoder", "decoder", "paste", "total"} <= set(result.timings)
+
+
+def test_refinement_reuses_the_embedding(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared, regions="1")
+    session.add_click(Click(_ras(volume, (45, 40, 20))))
+    session.add_click(Click(_ras(volume, (50, 45, 22)), positive=False))
+    session.add_click(Click(_ras(volume, (40, 38, 18))))
+    assert session.predictor.encoder_runs == 1
+
+
+def test_moving_a_click_equals_the_edited_list_from_scratch(tiny_model, volume, prepared):
+    first, second, moved = _ras(volume, (45, 40, 20)), _ras(volume, (55, 45, 22)), _ras(volume, (35, 35, 18))
+    session = _session(tiny_model, prepared, regions="1")
+    session.set_clicks([Click(first), Click(second, positive=False)])
+    edited = session.move_click(1, moved)
+    fresh = _session(tiny_model, prepared, regions="1").set_clicks([Click(first), Click(moved, positive=False)])
+    assert np.array_equal(edited.mask, fresh.mask)
+    assert edited.clicks == fresh.clicks
+
+
+def test_deleting_a_click_equals_the_shorter_list(tiny_model, volume, prepared):
+    clicks = [
+        Click(_ras(volume, (45, 40, 20))),
+        Click(_ras(volume, (55, 45, 22)), False),
+        Click(_ras(volume, (40, 38, 18))),
+    ]
+    session = _session(tiny_model, prepared, regions="1")
+    session.set_clicks(clicks)
+    edited = session.delete_click(1)
+    fresh = _session(tiny_model, prepared, regions="1").set_clicks([clicks[0], clicks[2]])
+    assert np.array_equal(edited.mask, fresh.mask)
+
+
+def test_undo_and_redo_restore_clicks_and_mask(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared, regions="1")
+    one = session.add_click(Click(_ras(volume, (45, 40, 20))))
+    two = session.add_click(Click(_ras(volume, (55, 45, 22)), positive=False))
+    assert not np.array_equal(one.mask, two.mask)
+    undone = session.undo()
+    assert session.clicks == one.clicks and np.array_equal(undone.mask, one.mask)
+    redone = session.redo()
+    assert session.clicks == two.clicks and np.array_equal(redone.mask, two.mask)
+    assert session.redo() is None
+    session.undo()
+    session.undo()
+    assert session.clicks == () and session.undo() is None
+    session.redo()
+    session.add_click(Click(_ras(volume, (40, 38, 18))))
+    assert not session.can_redo  # a new action drops the redo branch
+
+
+def test_reset_empties_the_mask_and_is_undoable(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared)
+    clicked = session.add_click(Click(_ras(volume, (45, 40, 20))))
+    cleared = session.reset()
+    assert not cleared.mask.any() and cleared.regions == []
+    assert np.array_equal(session.undo().mask, clicked.mask)
+
+
+def test_changed_box_bounds_every_difference(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared, regions="1")
+    one = session.add_click(Click(_ras(volume, (45, 40, 20))))
+    two = session.add_click(Click(_ras(volume, (50, 42, 21)), positive=False))
+    differs = one.mask != two.mask
+    assert differs.any()
+    inside = np.zeros_like(differs)
+    inside[two.changed] = True
+    assert not (differs & ~inside).any()
+    assert all(s.stop - s.start == int(np.ptp(np.nonzero(differs)[a])) + 1 for a, s in enumerate(two.changed))
+
+
+def test_prompt_modes_differ_and_accumulate_passes_all_clicks(tiny_model, volume, prepared):
+    clicks = [Click(_ras(volume, (45, 40, 20))), Click(_ras(volume, (52, 44, 22)), positive=False)]
+    newest = _session(tiny_model, prepared, regions="1").set_clicks(clicks)
+    accumulate = _session(tiny_model, prepared, prompt_mode="accumulate", regions="1").set_clicks(clicks)
+    assert not np.array_equal(newest.mask, accumulate.mask)
+
+
+def test_click_outside_the_region(tiny_model):
+    big = Volume.from_array(_textured((10, 10, 300)), np.diag([1.0, 1.0, 1.0, 1.0]))
+    big_prepared = PreparedVolume(big)
+    clicks = [Click(_ras(big, (5, 5, 5))), Click(_ras(big, (290, 5, 5)))]
+    with pytest.raises(InputError, match="outside the 128\\^3 region"):
+        _session(tiny_model, big_prepared, regions="1").set_clicks(clicks)
+    result = _session(tiny_model, big_prepared, regions="auto").set_clicks(clicks)
+    assert len(result.regions) >= 2
+
+
+def test_click_outside_the_volume_is_refused(tiny_model, volume, prepared):
+    with pytest.raises(InputError, match="outside"):
+        _session(tiny_model, prepared).add_click(Click((1e4, 0.0, 0.0)))
+
+
+class AllForegroundPredictor(CountingPredictor):
+    """Predicts foreground everywhere, so every mask touches every face of its region."""
+
+    def decode(self, embedding, points, labels, previous_logits=None):
+        return torch.full((1, 1, 32, 32, 32), 10.0), 1.0
+
+
+def test_mask_touching_the_border_extends_to_neighbouring_regions(tiny_model):
+    long_volume = Volume.from_array(_textured((8, 8, 400)), np.eye(4))  # 400 mm along I
+    prepared = PreparedVolume(long_volume)
+    click = Click(_ras(long_volume, (200, 4, 4)))
+    session = InteractiveSession(AllForegroundPredictor(tiny_model), prepared)
+    result = session.add_click(click)
+    assert len(result.regions) >= 3
+    assert len({region.begin[1:] for region in result.regions}) == 1  # only along the long axis
+    assert result.mask.all()  # the whole 400 mm is reached, not cut at 192 mm
+    capped = InteractiveSession(AllForegroundPredictor(tiny_model), prepared, max_regions=1).add_click(click)
+    assert len(capped.regions) == 1 and not capped.mask.all()
+    single = InteractiveSession(AllForegroundPredictor(tiny_model), prepared, regions="1").add_click(click)
+    assert len(single.regions) == 1
+
+
+def test_sessions_share_region_embeddings(tiny_model, volume, prepared):
+    predictor = CountingPredictor(tiny_model)
+    click = Click(_ras(volume, (45, 40, 20)))
+    InteractiveSession(predictor, prepared).add_click(click)
+    InteractiveSession(predictor, prepared).add_click(click)
+    assert predictor.encoder_runs == 1
+
+
+# Official click-centred path (spec 5.8) with the small fixture model --------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return load_model(shared_path("fixtures/parity/model_small/state_dict.pt"))
+
+
+def _differing(ours: np.ndarray, reference_path) -> tuple[int, int]:
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_path)))
+    return int((ours != reference).sum()), int(reference.sum())
+
+
+def test_click_centred_fixture_p2(small_model):
+    import json
+
+    fixture = json.loads(shared_path("fixtures/parity/pipeline/pipeline_fixture.json").read_text())["P2_click_centered"]
+    volume = Volume.from_file(shared_path("fixtures/parity/pipeline/input_image.nii.gz"))
+    session = InteractiveSession(RegionPredictor(small_model), PreparedVolume(volume), regions="1")
+    result = session.add_click(Click(tuple(fixture["click_ras_mm"])))
+    assert [r.begin for r in result.regions] == [tuple(fixture["roi_begin_in_canonical_index"])]
+    differing, foreground = _differing(
+        result.mask, shared_path("fixtures/parity/pipeline/P2_click_centered_pred.nii.gz")
+    )
+    assert foreground == fixture["original_grid_foreground_voxels"]
+    assert differing <= 1e-3 * foreground
+
+
+@pytest.mark.parametrize("mode, name", [("newest", "newonly"), ("accumulate", "accum")])
+def test_click_centred_real_ct_two_clicks(small_model, mode, name):
+    import json
+
+    fixture = json.loads(shared_path("fixtures/parity/pipeline_real/pipeline_real.json").read_text())["click_centered"]
+    volume = Volume.from_file(shared_path("data/ct_abdomen_pelvis_totalseg_3mm/image.nii.gz"))
+    positive = volume.points_to_ras([fixture["click1_positive"]["original_voxel_ijk"]], "ijk")[0]
+    negative = volume.points_to_ras([fixture["click2_negative"]["original_voxel_ijk"]], "ijk")[0]
+    session = InteractiveSession(RegionPredictor(small_model), PreparedVolume(volume), prompt_mode=mode, regions="1")
+    first = session.add_click(Click(tuple(positive)))
+    folder = "fixtures/parity/pipeline_real"
+    differing, foreground = _differing(first.mask, shared_path(f"{folder}/click_centered_click1_pred.nii.gz"))
+    assert differing <= 1e-3 * foreground
+    second = session.add_click(Click(tuple(negative), positive=False))
+    differing, foreground = _differing(second.mask, shared_path(f"{folder}/click_centered_click2_{name}_pred.nii.gz"))
+    assert differing <= 1e-3 * foreground
