@@ -14,7 +14,7 @@ the work with a neighbouring region overlapping by half (the paper's strategy fo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -66,6 +66,10 @@ class _RegionRun:
     def contains(self, index: np.ndarray) -> bool:
         return bool(np.all(index >= 0) and np.all(index < self.size))
 
+    def copy(self) -> _RegionRun:
+        """A copy whose click lists can grow independently (tensors are never modified in place)."""
+        return replace(self, points=list(self.points), labels=list(self.labels), mask=None)
+
 
 class InteractiveSession:
     """One target in one prepared volume. Several sessions may share one predictor (and its cache)."""
@@ -90,6 +94,10 @@ class InteractiveSession:
         self._history: list[tuple[Click, ...]] = [()]
         self._position = 0
         self._last: Optional[SessionResult] = None
+        self._last_boxes: list[KJI] = []
+        # Replay cache: _snapshots[n] = the regions' decoder state after the first n clicks of _replayed.
+        self._replayed: tuple[Click, ...] = ()
+        self._snapshots: list[list[_RegionRun]] = [[]]
 
     @property
     def clicks(self) -> tuple[Click, ...]:
@@ -148,12 +156,13 @@ class InteractiveSession:
     # Replay -----------------------------------------------------------------------------------
 
     def _compute(self, clicks: tuple[Click, ...]) -> SessionResult:
-        timings = {"region_input": 0.0, "encoder": 0.0, "decoder": 0.0, "paste": 0.0}
+        timings = {"region_input": 0.0, "encoder": 0.0, "decoder": 0.0, "upsample": 0.0, "paste": 0.0}
         started = time.perf_counter()
         if clicks:
             self.prepared.volume.points_to_ras([click.ras for click in clicks], "ras")  # rejects points outside
-        runs: list[_RegionRun] = []
-        for click in clicks:
+        runs, done = self._resume_from_common_prefix(clicks)
+        self._replayed = clicks[:done]
+        for click in clicks[done:]:
             voxel = self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float))
             containing = [run for run in runs if run.contains(voxel - run.region.begin)]
             if not containing:
@@ -166,11 +175,26 @@ class InteractiveSession:
                 runs += containing
             for run in containing:
                 self._step(run, voxel - run.region.begin, int(click.positive), timings)
+            self._snapshots.append([run.copy() for run in runs])
+            self._replayed = clicks[: len(self._snapshots) - 1]
+        for run in runs:
+            self._finish(run, timings)
         if self.regions == "auto":
             self._extend_along_borders(runs, timings)
         result = self._assemble(clicks, runs, timings)
         timings["total"] = time.perf_counter() - started
         return result
+
+    def _resume_from_common_prefix(self, clicks: tuple[Click, ...]) -> tuple[list[_RegionRun], int]:
+        """Decoder state after the longest prefix shared with the last replay (same result as from scratch:
+        the steps are deterministic), and how many clicks it covers."""
+        common = 0
+        for old, new in zip(self._replayed, clicks):
+            if old != new:
+                break
+            common += 1
+        del self._snapshots[common + 1 :]
+        return [run.copy() for run in self._snapshots[common]], common
 
     def _open_region(self, region: Region, timings: dict[str, float]) -> _RegionRun:
         key = (id(self.prepared), tuple(int(v) for v in region.begin))
@@ -198,8 +222,13 @@ class InteractiveSession:
             points, labels = run.points, run.labels
         started = time.perf_counter()
         run.logits, run.iou = self.predictor.decode(run.embedding, np.stack(points), np.array(labels), run.logits)
-        run.mask = self.predictor.upsample_to_mask(run.logits)
         timings["decoder"] += time.perf_counter() - started
+
+    def _finish(self, run: _RegionRun, timings: dict[str, float]) -> None:
+        """Upsample and threshold the region's last logits (only once, after its last step)."""
+        started = time.perf_counter()
+        run.mask = self.predictor.upsample_to_mask(run.logits)
+        timings["upsample"] += time.perf_counter() - started
 
     def _extend_along_borders(self, runs: list[_RegionRun], timings: dict[str, float]) -> None:
         shape = np.array(self.prepared.canonical.shape)
@@ -221,6 +250,7 @@ class InteractiveSession:
                     continue
                 new.logits = _shift_logits(run.logits, axis, direction)
                 self._step(new, seed, 1, timings)
+                self._finish(new, timings)
                 runs.append(new)
                 queue.append(new)
 
@@ -261,8 +291,6 @@ class InteractiveSession:
         if not differs[0].size:
             return None
         return tuple(slice(s.start + int(d.min()), s.start + int(d.max()) + 1) for s, d in zip(union, differs))
-
-    _last_boxes: list[KJI] = []
 
 
 def _paste_nearest_region(mask: np.ndarray, runs: list[_RegionRun], volume) -> list[KJI]:

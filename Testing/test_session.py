@@ -253,3 +253,29 @@ def test_click_centred_real_ct_two_clicks(small_model, mode, name):
     second = session.add_click(Click(tuple(negative), positive=False))
     differing, foreground = _differing(second.mask, shared_path(f"{folder}/click_centered_click2_{name}_pred.nii.gz"))
     assert differing <= 1e-3 * foreground
+
+
+def test_incremental_replay_equals_replay_from_scratch(tiny_model, volume, prepared):
+    """Adding a click decodes once; undo decodes nothing; results equal a fresh session's."""
+    clicks = [
+        Click(_ras(volume, (45, 40, 20))),
+        Click(_ras(volume, (55, 45, 22)), False),
+        Click(_ras(volume, (40, 38, 18))),
+    ]
+    session = _session(tiny_model, prepared, regions="1")
+    decoded = []
+    original = session.predictor.decode
+    session.predictor.decode = lambda *args: decoded.append(1) or original(*args)
+    for click in clicks:
+        result = session.add_click(click)
+    assert len(decoded) == 3
+    fresh = _session(tiny_model, prepared, regions="1").set_clicks(clicks)
+    assert np.array_equal(result.mask, fresh.mask) and result.iou == fresh.iou
+    undone = session.undo()
+    assert len(decoded) == 3
+    assert np.array_equal(undone.mask, _session(tiny_model, prepared, regions="1").set_clicks(clicks[:2]).mask)
+    with pytest.raises(InputError):
+        session.add_click(Click((1e4, 0.0, 0.0)))
+    moved = session.move_click(0, _ras(volume, (46, 41, 20)))
+    expected = _session(tiny_model, prepared, regions="1").set_clicks([Click(_ras(volume, (46, 41, 20))), clicks[1]])
+    assert np.array_equal(moved.mask, expected.mask)
