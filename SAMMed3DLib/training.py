@@ -1,0 +1,572 @@
+"""Training and fine-tuning SAM-Med3D with the official recipe (spec 6), preprocessed exactly like inference.
+
+Data are cases (an image and a label map); every label value with enough voxels is one target. Each case is
+prepared once like the inference path (PreparedVolume: 1.5 mm, canonical) and cached on disk; a training
+sample is a 128^3 region around one target (centred on its bounding box with random jitter, or on a random
+foreground voxel, like a click-centred crop), flipped at random, z-normalised with the inference function.
+Per sample the image is embedded once and the decoder runs several interaction steps: the first click from
+the foreground, later ones from the errors of the previous prediction, the newest click only plus the
+previous low-resolution logits, and mask-only steps at a random step and at the last one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TextIO, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model, model_from_state_dict, save_checkpoint
+from .clicks import simulate_click
+from .config import ModelConfig, build_model
+from .errors import CheckpointError, InputError
+from .metrics import dice
+from .modeling import Sam3D
+from .preprocess import ROI_SIZE, PreparedVolume, begin_for_label_bbox, crop_with_zero_padding, normalise_intensities
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+IMAGE_FILE = "image.nii.gz"
+LABEL_FILE = "label.nii.gz"
+CACHE_VERSION = 1
+# MONAI DiceLoss defaults (smooth_nr, smooth_dr).
+DICE_SMOOTHING = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    image: Path
+    label: Path
+
+
+def find_cases(data: PathLike) -> list[CaseFiles]:
+    """Cases of a folder (`*/image.nii.gz` with `*/label.nii.gz`) or of a CSV/JSON manifest of image,label pairs."""
+    data = Path(data)
+    if data.is_dir():
+        cases = [
+            CaseFiles(folder / IMAGE_FILE, folder / LABEL_FILE)
+            for folder in sorted(p for p in data.iterdir() if p.is_dir())
+            if (folder / IMAGE_FILE).is_file() and (folder / LABEL_FILE).is_file()
+        ]
+    elif data.is_file():
+        cases = _read_manifest(data)
+    else:
+        raise InputError(f"Training data {data} does not exist: give a folder of cases or a CSV/JSON manifest.")
+    if not cases:
+        raise InputError(
+            f"No cases found in {data}: it needs sub-folders with {IMAGE_FILE} and {LABEL_FILE}, "
+            "or a manifest listing image,label pairs."
+        )
+    return cases
+
+
+def _read_manifest(path: Path) -> list[CaseFiles]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        rows = json.loads(text)
+        if isinstance(rows, dict):
+            rows = rows.get("cases", [])
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    cases = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not row.get("image") or not row.get("label"):
+            raise InputError(f"Row {number} of {path} lacks an 'image' or 'label' entry; give both paths.")
+        image, label = (path.parent / row["image"]).resolve(), (path.parent / row["label"]).resolve()
+        for file in (image, label):
+            if not file.is_file():
+                raise InputError(f"{file} (row {number} of {path}) does not exist; fix the manifest.")
+        cases.append(CaseFiles(image, label))
+    return cases
+
+
+@dataclass
+class PreparedCase:
+    """A case on the canonical 1.5 mm grid: raw intensities and a map of target numbers (0 = none)."""
+
+    raw: np.ndarray
+    targets: np.ndarray  # target number t (1-based) where the label had value `values[t - 1]`
+    values: list[int]
+    voxel_counts: list[int]
+
+
+def prepare_case(files: CaseFiles) -> PreparedCase:
+    """Resample and reorient image and label exactly as inference does (one binary label per value)."""
+    prepared = PreparedVolume(Volume.from_file(files.image))
+    label = Volume.from_file(files.label)
+    values = [int(v) for v in np.unique(label.array_kji) if v != 0]
+    if len(values) > 255:
+        raise InputError(f"{files.label} has {len(values)} label values; at most 255 are supported.")
+    targets = np.zeros(prepared.canonical_shape, dtype=np.uint8)
+    kept_values, counts = [], []
+    for value in values:
+        binary = prepared.prepare_label(label, value).astype(bool)
+        if binary.any():
+            kept_values.append(value)
+            counts.append(int(binary.sum()))
+            targets[binary] = len(kept_values)
+    return PreparedCase(_compact(prepared.canonical), targets, kept_values, counts)
+
+
+def _compact(raw: np.ndarray) -> np.ndarray:
+    if np.issubdtype(raw.dtype, np.integer) and raw.min() >= -32768 and raw.max() <= 32767:
+        return raw.astype(np.int16)
+    return raw.astype(np.float32)
+
+
+class CaseCache:
+    """Prepared cases stored as compressed .npz files (prepared once), a few kept in memory."""
+
+    def __init__(self, folder: PathLike, keep_in_memory: int = 4):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._memory: OrderedDict[Path, PreparedCase] = OrderedDict()
+        self._keep = keep_in_memory
+
+    def path_for(self, files: CaseFiles) -> Path:
+        identity = [CACHE_VERSION]
+        for file in (files.image, files.label):
+            stat = file.stat()
+            identity += [str(file.resolve()), stat.st_size, stat.st_mtime_ns]
+        return self.folder / (hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:20] + ".npz")
+
+    def summary(self, files: CaseFiles) -> PreparedCase:
+        """The case (values and counts are what matter here); prepares and stores it when not cached."""
+        path = self.path_for(files)
+        if not path.is_file():
+            case = prepare_case(files)
+            temporary = path.with_name(f".{path.stem}.tmp.npz")
+            np.savez_compressed(
+                temporary, raw=case.raw, targets=case.targets, values=case.values, voxel_counts=case.voxel_counts
+            )
+            os.replace(temporary, path)
+            self._remember(path, case)
+            return case
+        return self.load(files)
+
+    def load(self, files: CaseFiles) -> PreparedCase:
+        path = self.path_for(files)
+        case = self._memory.get(path)
+        if case is None:
+            with np.load(path) as stored:
+                case = PreparedCase(
+                    stored["raw"], stored["targets"], stored["values"].tolist(), stored["voxel_counts"].tolist()
+                )
+            self._remember(path, case)
+        self._memory.move_to_end(path)
+        return case
+
+    def _remember(self, path: Path, case: PreparedCase) -> None:
+        self._memory[path] = case
+        while len(self._memory) > self._keep:
+            self._memory.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Target:
+    case: int
+    number: int  # target number in the prepared case
+    value: int  # label value in the original label map
+    voxels: int
+
+
+class TrainingData:
+    """All targets of the cases with at least `min_voxels` voxels on the 1.5 mm grid."""
+
+    def __init__(self, cases: Sequence[CaseFiles], cache: CaseCache, min_voxels: int = 1001):
+        self.cases = list(cases)
+        self.cache = cache
+        self.targets: list[Target] = []
+        for index, files in enumerate(self.cases):
+            case = cache.summary(files)
+            for number, (value, count) in enumerate(zip(case.values, case.voxel_counts), start=1):
+                if count >= min_voxels:
+                    self.targets.append(Target(index, number, value, count))
+        if not self.targets:
+            raise InputError(
+                f"No label in the {len(self.cases)} case(s) has {min_voxels} voxels or more at 1.5 mm; "
+                "lower --min-voxels or add data."
+            )
+
+    def case(self, target: Target) -> PreparedCase:
+        return self.cache.load(self.cases[target.case])
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training region: z-normalised image (1, 1, S, S, S) and binary label (S, S, S) bool."""
+
+    image: torch.Tensor
+    label: np.ndarray
+    begin: tuple[int, int, int]
+    flips: tuple[int, ...]
+
+
+def region_begin(
+    binary: np.ndarray, rng: np.random.Generator, jitter: int, foreground_centre_probability: float
+) -> np.ndarray:
+    """Official bbox-centred begin with +-jitter voxels, or (sometimes) centred on a random foreground voxel."""
+    if rng.random() < foreground_centre_probability:
+        voxels = np.argwhere(binary)
+        return voxels[rng.integers(len(voxels))] - ROI_SIZE // 2
+    return begin_for_label_bbox(binary) + rng.integers(-jitter, jitter + 1, size=3)
+
+
+def flip_region(raw: np.ndarray, label: np.ndarray, axes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The same flips applied to image and label (clicks are drawn afterwards, from the flipped label)."""
+    if not axes:
+        return raw, label
+    return np.ascontiguousarray(np.flip(raw, tuple(axes))), np.ascontiguousarray(np.flip(label, tuple(axes)))
+
+
+def flip_points(points: np.ndarray, axes: Sequence[int], size: int = ROI_SIZE) -> np.ndarray:
+    """Region voxel indices (N, 3) after flipping the region along `axes`."""
+    flipped = np.array(points, copy=True)
+    for axis in axes:
+        flipped[:, axis] = size - 1 - flipped[:, axis]
+    return flipped
+
+
+def make_sample(
+    case: PreparedCase,
+    target: Target,
+    rng: np.random.Generator,
+    jitter: int = 16,
+    foreground_centre_probability: float = 0.3,
+    flip: bool = True,
+) -> Sample:
+    binary = case.targets == target.number
+    begin = region_begin(binary, rng, jitter, foreground_centre_probability)
+    raw = crop_with_zero_padding(case.raw, begin)
+    label = crop_with_zero_padding(binary, begin)
+    if not label.any():  # jitter cannot move a bbox centre out, but keep the sample valid regardless
+        begin = begin_for_label_bbox(binary)
+        raw, label = crop_with_zero_padding(case.raw, begin), crop_with_zero_padding(binary, begin)
+    axes = tuple(axis for axis in range(3) if flip and rng.random() < 0.5)
+    raw, label = flip_region(raw, label, axes)
+    return Sample(normalise_intensities(raw), label, tuple(int(b) for b in begin), axes)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI DiceCELoss(sigmoid=True, squared_pred=True): squared-prediction Dice plus BCE, per item, mean."""
+    probabilities = torch.sigmoid(logits)
+    dims = tuple(range(2, logits.dim()))
+    intersection = (probabilities * target).sum(dims)
+    denominator = (probabilities * probabilities).sum(dims) + (target * target).sum(dims)
+    dice = 1.0 - (2.0 * intersection + DICE_SMOOTHING) / (denominator + DICE_SMOOTHING)
+    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+# ------------------------------------------------------------------------------------------ interaction
+
+
+def training_click(
+    previous: np.ndarray, label: np.ndarray, random_state: np.random.RandomState
+) -> tuple[np.ndarray, int]:
+    """A click from the errors of the previous prediction (1 if a false negative, 0 if a false positive)."""
+    return simulate_click(previous, label, random_state=random_state)
+
+
+def mask_only_steps(steps: int, rng: np.random.Generator) -> set[int]:
+    """The last step and one random step in [2, steps - 2] (official: [2, 8] of 11) get no point."""
+    chosen = {steps - 1}
+    if steps >= 5:
+        chosen.add(int(rng.integers(2, min(8, steps - 2) + 1)))
+    return chosen
+
+
+def interact(
+    model: Sam3D,
+    embedding: torch.Tensor,
+    label: np.ndarray,
+    steps: int,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, float]:
+    """Simulated interaction on one region; returns the loss summed over steps and the last step's Dice."""
+    device = embedding.device
+    target = torch.from_numpy(label.astype(np.float32))[None, None].to(device)
+    size = label.shape
+    previous_logits = torch.zeros((1, 1, *model.prompt_encoder.mask_input_size), device=device)
+    previous_mask = np.zeros(size, dtype=bool)
+    image_pe = model.prompt_encoder.get_dense_pe()
+    clicks = np.random.RandomState(int(rng.integers(2**32)))
+    no_point = mask_only_steps(steps, rng)
+    total = torch.zeros((), device=device)
+    for step in range(steps):
+        point, point_label = training_click(previous_mask, label, clicks)
+        points = None
+        if step not in no_point:
+            coords = torch.tensor(point, dtype=torch.float32, device=device).view(1, 1, 3)
+            points = (coords, torch.tensor([[float(point_label)]], device=device))
+        sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=previous_logits)
+        low_res, _ = model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        upsampled = F.interpolate(low_res.float(), size=size, mode="trilinear", align_corners=False)
+        total = total + dice_ce_loss(upsampled, target)
+        previous_logits = low_res
+        previous_mask = (upsampled > 0)[0, 0].detach().cpu().numpy()
+    return total, dice(previous_mask, label)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingOptions:
+    steps: int = 1000
+    lr_encoder: float = 4e-4
+    lr_decoder: float = 4e-4
+    weight_decay: float = 0.1
+    batch_size: int = 1
+    accumulation: int = 1
+    clicks_per_sample: int = 6
+    min_voxels: int = 1001
+    jitter: int = 16
+    foreground_centre_probability: float = 0.3
+    flip: bool = True
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    schedule: str = "cosine"  # or "multistep" (x0.1 at 60 % and 90 %)
+    seed: int = 0
+    checkpoint_every: int = 100
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parameter_groups(model: Sam3D, lr_encoder: float, lr_decoder: float) -> list[dict]:
+    """Image encoder vs prompt encoder + mask decoder, as the official recipe splits the learning rate."""
+    decoder = list(model.prompt_encoder.parameters()) + list(model.mask_decoder.parameters())
+    return [
+        {"params": list(model.image_encoder.parameters()), "lr": lr_encoder},
+        {"params": decoder, "lr": lr_decoder},
+    ]
+
+
+def learning_rate_factor(options: TrainingOptions) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 0 or the official step decay (x0.1 twice)."""
+
+    def factor(step: int) -> float:
+        if step < options.warmup_steps:
+            return (step + 1) / options.warmup_steps
+        progress = (step - options.warmup_steps) / max(1, options.steps - options.warmup_steps)
+        if options.schedule == "multistep":
+            return 0.1 ** sum(progress >= milestone for milestone in (0.6, 0.9))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class ProgressLine:
+    """One status line on stderr: rewritten in place on a terminal, a new line every `every` steps otherwise."""
+
+    def __init__(self, total: int, stream: Optional[TextIO] = None, every: int = 10):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.started = time.monotonic()
+        self.first_step: Optional[int] = None
+
+    def __call__(self, step: int, loss: float, dice: float, lr: float) -> None:
+        if self.first_step is None:
+            self.first_step = step - 1
+        elapsed = time.monotonic() - self.started
+        per_step = elapsed / max(1, step - self.first_step)
+        text = (
+            f"step {step}/{self.total}  loss {loss:.4f}  dice {dice:.3f}  lr {lr:.2e}  "
+            f"{per_step:.2f} s/step  {elapsed / 60:.1f} min"
+        )
+        if self.stream.isatty():
+            self.stream.write("\r" + text)
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.stream.isatty():
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass
+class TrainingState:
+    step: int = 0
+    losses: list = field(default_factory=list)
+    dices: list = field(default_factory=list)
+    best_loss: float = float("inf")
+    best_dice: float = 0.0
+
+
+class Trainer:
+    """Owns model, optimiser, scheduler and data; `run()` trains to `options.steps` with checkpoints."""
+
+    def __init__(self, model: Sam3D, data: TrainingData, options: TrainingOptions, out: PathLike):
+        self.options = options
+        self.device = torch.device(options.device)
+        self.model = model.to(self.device).train()
+        self.data = data
+        self.out = Path(out)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, options.lr_encoder, options.lr_decoder), weight_decay=options.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(options))
+        self.use_amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.state = TrainingState()
+
+    # -- one optimiser step
+    def train_step(self) -> tuple[float, float]:
+        """One optimiser step over batch_size x accumulation samples; returns mean loss and Dice."""
+        options = self.options
+        rng = np.random.default_rng([options.seed, self.state.step])
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, dices = [], []
+        for _ in range(options.accumulation):
+            samples = [self._draw_sample(rng) for _ in range(options.batch_size)]
+            images = torch.cat([sample.image for sample in samples]).to(self.device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+                embeddings = self.model.image_encoder(images)
+            loss = torch.zeros((), device=self.device)
+            for index, sample in enumerate(samples):
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+                    sample_loss, dice = interact(
+                        self.model, embeddings[index : index + 1], sample.label, options.clicks_per_sample, rng
+                    )
+                loss = loss + sample_loss
+                losses.append(sample_loss.item() / options.clicks_per_sample)
+                dices.append(dice)
+            scale = options.batch_size * options.accumulation
+            self.scaler.scale(loss / scale).backward()
+        if options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.losses.append(float(np.mean(losses)))
+        self.state.dices.append(float(np.mean(dices)))
+        return self.state.losses[-1], self.state.dices[-1]
+
+    def _draw_sample(self, rng: np.random.Generator) -> Sample:
+        targets = self.data.targets
+        while True:
+            target = targets[int(rng.integers(len(targets)))]
+            try:
+                return make_sample(
+                    self.data.case(target),
+                    target,
+                    rng,
+                    jitter=self.options.jitter,
+                    foreground_centre_probability=self.options.foreground_centre_probability,
+                    flip=self.options.flip,
+                )
+            except InputError:  # e.g. a region with nothing above 0 cannot be normalised: draw again
+                continue
+
+    # -- the loop
+    def run(self, progress: Optional[Callable[[int, float, float, float], None]] = None) -> TrainingState:
+        running_loss = running_dice = None
+        while self.state.step < self.options.steps:
+            loss, dice = self.train_step()
+            running_loss = loss if running_loss is None else 0.95 * running_loss + 0.05 * loss
+            running_dice = dice if running_dice is None else 0.95 * running_dice + 0.05 * dice
+            if progress:
+                progress(self.state.step, running_loss, running_dice, self.scheduler.get_last_lr()[0])
+            if self.state.step % self.options.checkpoint_every == 0 or self.state.step == self.options.steps:
+                self.state.best_loss = min(self.state.best_loss, running_loss)
+                self.state.best_dice = max(self.state.best_dice, running_dice)
+                self.save(self.out)
+        return self.state
+
+    # -- checkpoints
+    def save(self, path: PathLike) -> None:
+        save_checkpoint(
+            path,
+            self.model,
+            epoch=self.state.step * self.samples_per_step // max(1, len(self.data.targets)),
+            step=self.state.step,
+            optimizer_state_dict=self.optimizer.state_dict(),
+            lr_scheduler_state_dict=self.scheduler.state_dict(),
+            losses=list(self.state.losses),
+            dices=list(self.state.dices),
+            best_loss=self.state.best_loss,
+            best_dice=self.state.best_dice,
+            training_options=self.options.to_dict(),
+        )
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.options.batch_size * self.options.accumulation
+
+    def resume(self, path: PathLike) -> None:
+        """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count."""
+        content = read_training_checkpoint(path)
+        self.model.load_state_dict(content["model_state_dict"], strict=True)
+        self.optimizer.load_state_dict(content["optimizer_state_dict"])
+        self.scheduler.load_state_dict(content["lr_scheduler_state_dict"])
+        self.state = TrainingState(
+            step=int(content["step"]),
+            losses=list(content.get("losses", [])),
+            dices=list(content.get("dices", [])),
+            best_loss=float(content.get("best_loss", float("inf"))),
+            best_dice=float(content.get("best_dice", 0.0)),
+        )
+
+
+def read_training_checkpoint(path: PathLike) -> dict:
+    """A checkpoint written by `Trainer.save` (weights-only unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; give the file written by an earlier run.")
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    needed = ("model_state_dict", "optimizer_state_dict", "lr_scheduler_state_dict", "step")
+    if not isinstance(content, dict) or any(key not in content for key in needed):
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this tool (it lacks optimizer or step state); "
+            "to start from its weights use fine-tuning instead of resuming."
+        )
+    return content
+
+
+def model_for_training(
+    config: Optional[ModelConfig] = None, checkpoint: Optional[PathLike] = None, resume: Optional[PathLike] = None
+) -> Sam3D:
+    """The network to train: the architecture of `resume`, else the weights of `checkpoint`, else `config`."""
+    if resume is not None:
+        return model_from_state_dict(read_training_checkpoint(resume)["model_state_dict"], source=str(resume))
+    if checkpoint is not None:
+        return load_model(checkpoint)
+    return build_model(config or ModelConfig())
+
+
+def export_weights(model: Sam3D, path: PathLike, **metadata: object) -> None:
+    """Only the weights (official layout, no optimiser state): what to ship or share."""
+    save_checkpoint(path, model, **metadata)

@@ -1,0 +1,274 @@
+"""Training and fine-tuning: data preparation, samples, clicks, loss, checkpoints, resume, the commands."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from SAMMed3DLib.checkpoint import load_model
+from SAMMed3DLib.commands import train as train_command
+from SAMMed3DLib.config import ModelConfig, build_model
+from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.phantom import MIN_MAX_VOXELS, make_phantom, write_phantom
+from SAMMed3DLib.preprocess import crop_with_zero_padding, normalise_intensities
+from SAMMed3DLib.training import (
+    CaseCache,
+    Trainer,
+    TrainingData,
+    TrainingOptions,
+    dice_ce_loss,
+    find_cases,
+    flip_points,
+    flip_region,
+    interact,
+    make_sample,
+    mask_only_steps,
+    model_for_training,
+    read_training_checkpoint,
+    training_click,
+)
+
+TINY = ModelConfig(
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    window_size=4,
+    prompt_embed_dim=48,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=32,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and polite on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cases_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    write_phantom(make_phantom(1000, max_voxels=MIN_MAX_VOXELS), folder / "phantom_1000")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(cases_dir, tmp_path_factory):
+    return TrainingData(find_cases(cases_dir), CaseCache(tmp_path_factory.mktemp("cache")), min_voxels=20)
+
+
+def tiny_options(**changes) -> TrainingOptions:
+    values = dict(steps=2, clicks_per_sample=2, warmup_steps=1, checkpoint_every=1, lr_encoder=1e-3, lr_decoder=1e-3)
+    values.update(changes)
+    return TrainingOptions(**values)
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(TINY)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def test_targets_are_the_label_values_with_enough_voxels(data, cases_dir, tmp_path):
+    phantom_values = set(make_phantom(1000, max_voxels=MIN_MAX_VOXELS).label_names)
+    assert {target.value for target in data.targets} <= phantom_values
+    assert all(target.voxels >= 20 for target in data.targets)
+    strict = TrainingData(find_cases(cases_dir), data.cache, min_voxels=max(t.voxels for t in data.targets))
+    assert len(strict.targets) == 1
+    with pytest.raises(InputError, match="min-voxels"):
+        TrainingData(find_cases(cases_dir), data.cache, min_voxels=10**9)
+
+
+def test_the_cache_is_reused(data, cases_dir):
+    files = find_cases(cases_dir)[0]
+    path = data.cache.path_for(files)
+    written = path.stat().st_mtime_ns
+    CaseCache(data.cache.folder).summary(files)
+    assert path.stat().st_mtime_ns == written
+
+
+def test_a_manifest_lists_cases(cases_dir, tmp_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"image,label\n{cases_dir}/phantom_1000/image.nii.gz,{cases_dir}/phantom_1000/label.nii.gz\n")
+    assert find_cases(manifest) == find_cases(cases_dir)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("image,label\nmissing.nii.gz,missing_label.nii.gz\n")
+    with pytest.raises(InputError, match="does not exist"):
+        find_cases(broken)
+
+
+def test_a_sample_is_the_flipped_region_of_its_target(data):
+    rng = np.random.default_rng(3)
+    target = data.targets[0]
+    case = data.case(target)
+    for _ in range(4):
+        sample = make_sample(case, target, rng, jitter=8, foreground_centre_probability=0.5)
+        label = crop_with_zero_padding(case.targets == target.number, sample.begin)
+        raw = crop_with_zero_padding(case.raw, sample.begin)
+        raw, label = flip_region(raw, label, sample.flips)
+        assert sample.label.any()
+        np.testing.assert_array_equal(sample.label, label)
+        torch.testing.assert_close(sample.image, normalise_intensities(raw))
+
+
+def test_flips_keep_image_label_and_points_together():
+    raw = np.arange(128**3, dtype=np.int32).reshape((128,) * 3)
+    label = raw % 7 == 0
+    points = np.array([[3, 50, 127], [0, 0, 0], [70, 14, 7]])
+    for axes in [(0,), (1, 2), (0, 1, 2)]:
+        flipped_raw, flipped_label = flip_region(raw, label, axes)
+        np.testing.assert_array_equal(flipped_label, flipped_raw % 7 == 0)
+        moved = flip_points(points, axes)
+        for before, after in zip(points, moved):
+            assert flipped_raw[tuple(after)] == raw[tuple(before)]
+
+
+# ----------------------------------------------------------------------------------- interaction
+
+
+def test_clicks_are_positive_in_false_negatives_and_negative_in_false_positives():
+    label = np.zeros((32, 32, 32), dtype=bool)
+    label[2:10, 2:10, 2:10] = True
+    prediction = np.zeros_like(label)
+    prediction[20:30, 20:30, 20:30] = True
+    random_state = np.random.RandomState(0)
+    seen = set()
+    for _ in range(40):
+        point, point_label = training_click(prediction, label, random_state)
+        assert point_label == int(label[tuple(point)])
+        assert label[tuple(point)] or prediction[tuple(point)]
+        seen.add(point_label)
+    assert seen == {0, 1}
+    point, point_label = training_click(label, label, random_state)
+    assert point_label == 1 and label[tuple(point)]
+
+
+def test_mask_only_steps_are_the_last_and_one_random_middle_step():
+    rng = np.random.default_rng(0)
+    middles = set()
+    for _ in range(50):
+        steps = mask_only_steps(11, rng)
+        assert 10 in steps and len(steps) == 2
+        middles |= steps - {10}
+    assert middles <= set(range(2, 9)) and len(middles) > 3
+    assert mask_only_steps(2, rng) == {1}
+
+
+def test_dice_ce_loss_is_small_for_a_confident_correct_prediction():
+    target = torch.zeros(1, 1, 8, 8, 8)
+    target[..., 2:6, 2:6, 2:6] = 1
+    correct = dice_ce_loss((target * 2 - 1) * 20, target)
+    wrong = dice_ce_loss((1 - target * 2) * 20, target)
+    assert float(correct) < 1e-3
+    assert float(wrong) > 10
+
+
+def test_the_loss_goes_down_on_one_fixed_sample(data):
+    model = tiny_model().train()
+    sample = make_sample(data.case(data.targets[0]), data.targets[0], np.random.default_rng(0), flip=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        embedding = model.image_encoder(sample.image)
+        loss, _ = interact(model, embedding, sample.label, steps=2, rng=np.random.default_rng(1))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_have_the_official_layout_and_load(data, tmp_path):
+    out = tmp_path / "run.pth"
+    trainer = Trainer(tiny_model(), data, tiny_options(), out)
+    state = trainer.run()
+    assert state.step == 2 and len(state.losses) == 2
+    content = torch.load(out, map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "optimizer_state_dict", "lr_scheduler_state_dict", "epoch", "losses", "dices"):
+        assert key in content
+    assert content["step"] == 2 and np.isfinite(content["best_loss"])
+    loaded = load_model(out)
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
+
+
+def test_resume_continues_where_the_run_stopped(data, tmp_path):
+    straight = Trainer(tiny_model(), data, tiny_options(steps=3), tmp_path / "straight.pth")
+    straight.run()
+
+    first = Trainer(tiny_model(), data, tiny_options(steps=3), tmp_path / "part.pth")
+    first.train_step()
+    first.train_step()
+    first.save(tmp_path / "part.pth")
+    resumed = Trainer(model_for_training(resume=tmp_path / "part.pth"), data, tiny_options(steps=3), tmp_path / "r.pth")
+    resumed.resume(tmp_path / "part.pth")
+    assert resumed.state.step == 2 and resumed.scheduler.last_epoch == 2
+    saved = first.optimizer.state_dict()["state"]
+    for index, entry in resumed.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(entry["exp_avg"], saved[index]["exp_avg"])
+    resumed.run()
+    assert resumed.state.step == 3 and len(resumed.state.losses) == 3
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value)
+
+
+def test_fine_tuning_starts_from_the_checkpoint_weights(data, tmp_path):
+    source = tiny_model(seed=5)
+    Trainer(source, data, tiny_options(steps=1), tmp_path / "source.pth").save(tmp_path / "source.pth")
+    model = model_for_training(checkpoint=tmp_path / "source.pth")
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)
+
+
+def test_resuming_needs_a_training_checkpoint(tmp_path):
+    from SAMMed3DLib.checkpoint import save_checkpoint
+    from SAMMed3DLib.errors import CheckpointError
+
+    save_checkpoint(tmp_path / "weights.pth", tiny_model())
+    with pytest.raises(CheckpointError, match="fine-tuning"):
+        read_training_checkpoint(tmp_path / "weights.pth")
+
+
+# --------------------------------------------------------------------------------------- commands
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser()
+    train_command.register(root.add_subparsers(dest="command", required=True))
+    return root
+
+
+def test_the_commands_parse(tmp_path):
+    args = parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--config", "small"])
+    assert args.func is train_command.run and args.steps == 5 and args.checkpoint is None
+    assert train_command.read_config(args.config) == train_command.CONFIGS["small"]
+    args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c.pth", "--epochs", "2"])
+    assert args.epochs == 2 and args.lr_decoder == 8e-5 and args.config is None
+    assert train_command.options_from_args(args, target_count=10).steps == 20
+    with pytest.raises(SystemExit):
+        parser().parse_args(["finetune", "cases", "--out", "m.pth"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--epochs", "1"])
+
+
+def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(__import__("json").dumps(TINY.to_dict()))
+    out = tmp_path / "model.pth"
+    argv = ["train", str(cases_dir), "--out", str(out), "--steps", "1", "--config", str(config)]
+    argv += ["--cache", str(tmp_path / "cache"), "--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1"]
+    args = parser().parse_args(argv + ["--device", "cpu"])
+    assert args.func(args) == 0
+    assert load_model(out).image_encoder.pos_embed.shape[-1] == TINY.encoder_embed_dim
