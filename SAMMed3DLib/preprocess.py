@@ -168,6 +168,8 @@ class PreparedVolume:
 
     def __init__(self, volume: Volume):
         self.volume = volume
+        # A key for caches of per-region results (e.g. embeddings): unlike id(), never reused by another object.
+        self.cache_token = object()
         resampled = resample_to_target_spacing(official_sitk_image(volume.image), sitk.sitkLinear)
         self.resampled_shape = tuple(int(n) for n in resampled.GetSize())
         self.resampled_affine = geometry.ijk_to_ras_from_sitk(resampled)

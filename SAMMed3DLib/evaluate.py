@@ -1,0 +1,164 @@
+"""The official ground-truth-driven evaluation protocol (`validate_paired_img_gt`, spec 5.1-5.7) and Dice.
+
+For every label value (ascending): binarise, resample and reorient the label like the image, take the
+128^3 region centred on its bounding box, simulate clicks from the errors of the previous prediction
+(one random stream per case, seeded 233), decode with the previous low-resolution logits, and map the
+region prediction back onto the original grid; later labels overwrite earlier ones in the merged mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from . import geometry
+from .clicks import simulate_click
+from .errors import InputError
+from .postprocess import paste_into, paste_region_mask
+from .predictor import RegionPredictor
+from .preprocess import PreparedVolume, Region, begin_for_label_bbox, prepare
+from .volume import Volume
+
+OFFICIAL_SEED = 233
+
+
+@dataclass(frozen=True)
+class SimulatedClick:
+    region_index: tuple[int, int, int]
+    positive: bool
+    ras: tuple[float, float, float]
+
+
+@dataclass
+class LabelResult:
+    """One label value: its region, the clicks drawn, and Dice on the original grid after each click."""
+
+    value: int
+    region_begin: tuple[int, int, int]
+    clicks: list[SimulatedClick] = field(default_factory=list)
+    dice_per_click: list[float] = field(default_factory=list)
+    iou_per_click: list[float] = field(default_factory=list)
+    region_mask: Optional[np.ndarray] = None
+
+
+@dataclass
+class EvaluationResult:
+    labels: list[LabelResult]
+    mask: np.ndarray  # merged label map on the original grid, (K, J, I) uint8
+
+    def dice(self) -> dict[int, list[float]]:
+        """Dice per label value, one entry per click count (1, 2, ...)."""
+        return {result.value: list(result.dice_per_click) for result in self.labels}
+
+
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two binary masks; 1.0 when both are empty."""
+    total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(truth))
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(np.logical_and(prediction, truth))) / total
+
+
+def _dice_of_patch(patch: np.ndarray, box, truth: np.ndarray, truth_count: int) -> float:
+    """Dice of a prediction that is zero outside `box` against a full-grid truth."""
+    total = int(np.count_nonzero(patch)) + truth_count
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(np.logical_and(patch, truth[box]))) / total
+
+
+def label_values(label: Volume) -> list[int]:
+    """Foreground values of a label map, ascending (the official category list)."""
+    values = np.unique(label.array_kji)
+    if not np.all(values == np.round(values)):
+        raise InputError("The label map has non-integer values; give a label map of integer label values.")
+    return [int(v) for v in values if v != 0]
+
+
+def evaluate_case(
+    predictor: RegionPredictor,
+    image: Volume,
+    label: Volume,
+    num_clicks: int = 1,
+    seed: int = OFFICIAL_SEED,
+    accumulate_clicks: bool = True,
+    prepared: Optional[PreparedVolume] = None,
+    recorded_clicks: Optional[Mapping[int, Sequence[tuple[Sequence[int], int]]]] = None,
+) -> EvaluationResult:
+    """Run the official protocol on one image and its label map.
+
+    `accumulate_clicks=False` passes only the newest click each step (training / paper-era style).
+    The random stream is NumPy's legacy generator seeded with `seed` once for the whole case.
+    `recorded_clicks` maps a label value to (region index, 1 or 0) clicks used instead of simulated
+    ones (no random draw), to replay a recorded run whose predictions may differ by float rounding.
+    """
+    if num_clicks < 1:
+        raise InputError(f"The number of clicks must be at least 1, got {num_clicks}.")
+    if label.size_ijk != image.size_ijk:
+        raise InputError(f"The label has {label.size_ijk} voxels but the image has {image.size_ijk}; use its label.")
+    prepared = prepared or prepare(image)
+    random_state = np.random.RandomState(seed)
+    merged = np.zeros(image.shape_kji, dtype=np.uint8)
+    results = []
+    for value in label_values(label):
+        recorded = None if recorded_clicks is None else recorded_clicks.get(value)
+        result, patch, box = _evaluate_label(
+            predictor, prepared, label, value, num_clicks, random_state, accumulate_clicks, recorded
+        )
+        paste_into(merged, patch, box, value)
+        results.append(result)
+    return EvaluationResult(labels=results, mask=merged)
+
+
+def _evaluate_label(
+    predictor: RegionPredictor,
+    prepared: PreparedVolume,
+    label: Volume,
+    value: int,
+    num_clicks: int,
+    random_state: np.random.RandomState,
+    accumulate_clicks: bool,
+    recorded: Optional[Sequence[tuple[Sequence[int], int]]],
+):
+    canonical_label = prepared.prepare_label(label, value)
+    region = prepared.region(begin_for_label_bbox(canonical_label))
+    region_label = prepared.label_region(canonical_label, region)
+    truth = label.array_kji == value
+    truth_count = int(np.count_nonzero(truth))
+    result = LabelResult(value=value, region_begin=region.begin)
+    region_mask = np.zeros(region_label.shape, dtype=np.uint8)
+    if not region_label.any():  # the official code returns an empty mask without drawing a click
+        patch, box = paste_region_mask(region_mask, region, prepared.volume)
+        result.dice_per_click = [_dice_of_patch(patch, box, truth, truth_count)] * num_clicks
+        result.region_mask = region_mask
+        return result, patch, box
+    embedding = predictor.embedding_for((prepared.cache_token, region.begin), region.network_input)
+    points, labels, logits = [], [], None
+    if recorded is not None and len(recorded) < num_clicks:
+        raise InputError(f"Label {value} has {len(recorded)} recorded clicks but {num_clicks} are needed.")
+    for step in range(num_clicks):
+        if recorded is None:
+            index, positive = simulate_click(region_mask, region_label, random_state=random_state)
+        else:
+            index, positive = np.asarray(recorded[step][0], dtype=np.int64), int(recorded[step][1])
+        result.clicks.append(_click(region, index, positive))
+        points, labels = (points, labels) if accumulate_clicks else ([], [])
+        points.append(index)
+        labels.append(positive)
+        logits, iou = predictor.decode(embedding, np.array(points), np.array(labels), logits)
+        region_mask = predictor.upsample_to_mask(logits)
+        patch, box = paste_region_mask(region_mask, region, prepared.volume)
+        result.dice_per_click.append(_dice_of_patch(patch, box, truth, truth_count))
+        result.iou_per_click.append(iou)
+    result.region_mask = region_mask
+    return result, patch, box
+
+
+def _click(region: Region, index: np.ndarray, positive: int) -> SimulatedClick:
+    canonical_voxel = np.asarray(region.begin) + index
+    ras = geometry.apply_affine(region.canonical_affine, canonical_voxel)[0]
+    return SimulatedClick(
+        region_index=tuple(int(i) for i in index), positive=bool(positive), ras=tuple(float(c) for c in ras)
+    )
