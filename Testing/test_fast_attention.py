@@ -75,8 +75,10 @@ def test_large_logits_stay_finite_and_exact():
     torch.testing.assert_close(outputs["fast"], outputs["reference"], atol=1e-4, rtol=1e-5)
 
 
-def test_gradients_match_reference():
-    block = random_block(dim=32, heads=2, window_size=14, grid=8)
+@pytest.mark.parametrize("window_size", [14, 0])
+def test_gradients_match_reference(window_size):
+    """Training uses the fast path too."""
+    block = random_block(dim=32, heads=2, window_size=window_size, grid=8)
     x = torch.randn(1, 8, 8, 8, 32, generator=torch.Generator().manual_seed(4))
     gradients = {}
     for path in ("reference", "fast"):

@@ -83,7 +83,8 @@ def attend(attn: Attention, x: torch.Tensor, size: int, fused: bool = False) -> 
     if fused:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scale)
     else:
-        logits = torch.baddbmm(bias, q, keys.transpose(-2, -1), alpha=attn.scale)
+        # In place: the bias is a fresh tensor, and neither add nor cat needs it for the backward pass.
+        logits = bias.baddbmm_(q, keys.transpose(-2, -1), alpha=attn.scale)
         out = logits.softmax(dim=-1) @ values
     return _merge_heads(attn, out, b, (rd, rh, rw))
 

@@ -1,0 +1,217 @@
+"""Speed and memory of every inference stage, on the default architecture with random weights.
+
+    python Testing/benchmark.py [--device cpu|cuda] [--runs N] [--precision float32|bfloat16|float16] [--large]
+
+Prints, per stage, the median wall time of N runs (after one warm-up run), the peak resident memory of
+the process so far and, on CUDA, the median GPU time (CUDA events) and the stage's peak GPU memory.
+The yardstick is a plain 12-layer ViT-B (768-d, 12 heads, MLP 3072, pre-norm, no relative-position
+terms) over the same 512 tokens, built from plain torch ops in the same run: the encoder/yardstick
+ratio says how far the encoder is from the cost of an ordinary transformer of its size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from SAMMed3DLib import postprocess
+from SAMMed3DLib.config import build_model
+from SAMMed3DLib.predictor import PRECISIONS, RegionPredictor
+from SAMMed3DLib.preprocess import PreparedVolume
+from SAMMed3DLib.volume import Volume
+
+CT_SHAPE_KJI = (61, 512, 512)
+LARGE_CT_SHAPE_KJI = (1000, 512, 512)
+CT_SPACING_IJK = (0.7, 0.7, 5.0)
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    gpu_s: Optional[float]
+    peak_gpu_mb: Optional[float]
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per stage (median reported)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32", help="encoder precision on CUDA")
+    parser.add_argument("--large", action="store_true", help="also prepare a 512x512x1000 CT (peak memory)")
+    return parser.parse_args()
+
+
+def machine_cores() -> int:
+    """Cores this process may run on (the affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
+def measure(step: Callable[[], object], runs: int, device: torch.device) -> Timing:
+    """Median over `runs` calls after one warm-up call; on CUDA also GPU time and peak GPU memory."""
+    cuda = device.type == "cuda"
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    walls, gpus = [], []
+    for _ in range(runs):
+        if cuda:
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event.record()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            end_event.record()
+            torch.cuda.synchronize(device)
+            gpus.append(start_event.elapsed_time(end_event) / 1000)
+        walls.append(time.perf_counter() - start)
+    return Timing(
+        wall_s=statistics.median(walls),
+        gpu_s=statistics.median(gpus) if cuda else None,
+        peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+    )
+
+
+def report(name: str, timing: Timing) -> None:
+    line = f"{name:<34} {timing.wall_s:9.3f} s   peak RSS {peak_rss_mb():8.0f} MB"
+    if timing.gpu_s is not None:
+        line += f"   GPU {timing.gpu_s:8.4f} s   peak GPU {timing.peak_gpu_mb:8.0f} MB"
+    print(line, flush=True)
+
+
+def ct_like_array(shape_kji: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An int16 CT-like array (K, J, I) and its IJK-to-RAS matrix: air around an elliptic body of soft
+    tissue with noise, and a bright spine."""
+    rng = np.random.default_rng(seed)
+    slices, rows, columns = shape_kji
+    j, i = np.mgrid[0:rows, 0:columns]
+    body = ((i - columns / 2) / (0.42 * columns)) ** 2 + ((j - rows / 2) / (0.32 * rows)) ** 2 < 1
+    spine = (i - columns / 2) ** 2 + (j - 0.7 * rows) ** 2 < (0.04 * columns) ** 2
+    plane = np.where(body, 40, -1000).astype(np.int16)
+    plane[spine] = 700
+    array = np.empty(shape_kji, dtype=np.int16)
+    for k in range(slices):
+        array[k] = plane + rng.normal(0, 20, size=plane.shape).astype(np.int16)
+    ijk_to_ras = np.diag([-CT_SPACING_IJK[0], -CT_SPACING_IJK[1], CT_SPACING_IJK[2], 1.0])
+    ijk_to_ras[:3, 3] = (180.0, 180.0, -0.5 * slices * CT_SPACING_IJK[2])
+    return array, ijk_to_ras
+
+
+def volume_centre_ras(volume: Volume) -> np.ndarray:
+    centre_ijk = (np.array(volume.size_ijk) - 1) / 2.0
+    return volume.ijk_to_ras_points(centre_ijk).reshape(3)
+
+
+class PlainBlock(nn.Module):
+    """Pre-norm transformer block with ordinary multi-head self-attention."""
+
+    def __init__(self, dim: int = 768, heads: int = 12, mlp_dim: int = 3072) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.proj((weights @ v).transpose(1, 2).reshape(b, n, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+def yardstick_vit_b(device: torch.device) -> nn.Module:
+    return nn.Sequential(*(PlainBlock() for _ in range(12))).to(device).eval()
+
+
+def main() -> None:
+    arguments = parse_arguments()
+    device = torch.device(arguments.device)
+    torch.set_num_threads(machine_cores())
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)}, encoder {arguments.precision})" if device.type == "cuda" else "")
+        + f", median of {arguments.runs} runs after one warm-up"
+    )
+    runs = arguments.runs
+
+    cpu = torch.device("cpu")
+    array, ijk_to_ras = ct_like_array(CT_SHAPE_KJI)
+    report("read (array + matrix -> Volume)", measure(lambda: Volume.from_array(array, ijk_to_ras), runs, cpu))
+    volume = Volume.from_array(array, ijk_to_ras)
+    report("prepare (resample + reorient)", measure(lambda: PreparedVolume(volume), runs, cpu))
+    prepared = PreparedVolume(volume)
+    centre = volume_centre_ras(volume)
+    report("region + normalisation", measure(lambda: prepared.region_centred_on(centre).network_input(), runs, cpu))
+    region = prepared.region_centred_on(centre)
+    region_input = region.network_input()
+
+    predictor = RegionPredictor(build_model(), device=device, precision=arguments.precision)
+    encoder = predictor.model.image_encoder
+    encoder_times = {}
+    for path in ("fast", "fused", "reference"):
+        encoder.set_attention_path(path)
+        encoder_times[path] = measure(lambda: predictor.embed(region_input), runs, device)
+        report(f"image encoder ({path})", encoder_times[path])
+    encoder.set_attention_path("fast")
+    embedding = predictor.embed(region_input)
+
+    tokens = torch.randn(1, 512, 768, device=device)
+    yardstick = yardstick_vit_b(device)
+    dtype = PRECISIONS[arguments.precision] if device.type == "cuda" else None
+
+    def run_yardstick() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            return yardstick(tokens)
+
+    yardstick_time = measure(run_yardstick, runs, device)
+    report("yardstick: plain ViT-B, 512 tokens", yardstick_time)
+
+    points, labels = np.array([[64, 64, 64]]), np.array([1])
+
+    def click() -> np.ndarray:
+        logits, _ = predictor.decode(embedding, points, labels, None)
+        return predictor.upsample_to_mask(logits)
+
+    report("one click (decode + upsample)", measure(click, runs, device))
+    mask = click()
+    report(
+        "map back (paste region mask)", measure(lambda: postprocess.paste_region_mask(mask, region, volume), runs, cpu)
+    )
+
+    if arguments.large:
+        large = Volume.from_array(*ct_like_array(LARGE_CT_SHAPE_KJI))
+        report("prepare 512x512x1000 CT", measure(lambda: PreparedVolume(large), 1, cpu))
+
+    key = "gpu_s" if device.type == "cuda" else "wall_s"
+    for path, timing in encoder_times.items():
+        ratio = getattr(timing, key) / getattr(yardstick_time, key)
+        print(f"encoder ({path}) / yardstick: {ratio:.2f}")
+    speedup = getattr(encoder_times["reference"], key) / getattr(encoder_times["fast"], key)
+    print(f"reference / fast encoder: {speedup:.1f}")
+    print(f"peak RSS {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
