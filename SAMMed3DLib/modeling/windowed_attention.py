@@ -77,7 +77,8 @@ def attend(attn: Attention, x: torch.Tensor, size: int, fused: bool = False) -> 
         keys = torch.cat([keys, k_pad.expand(-1, masses.shape[-1], -1)], dim=1)
         values = torch.cat([values, v_pad.expand(-1, masses.shape[-1], -1)], dim=1)
     kd_kh_terms = term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw]
-    bias = (term_d[:, :, :, :, None, None, :rw] + kd_kh_terms[:, :, :, None]).reshape(-1, n, n)
+    # In q's dtype: under autocast the terms' dtype depends on how einsum was computed.
+    bias = (term_d[:, :, :, :, None, None, :rw] + kd_kh_terms[:, :, :, None]).reshape(-1, n, n).to(q.dtype)
     if padded:
         bias = torch.cat([bias, masses.to(bias.dtype)], dim=-1)
     if fused:
