@@ -2,7 +2,7 @@
 
 Candidates are enumerated in C order over (a0, a1, a2), as `torch.argwhere` does, and one is drawn with
 `randint(len(candidates))` from NumPy's legacy global generator (or the RandomState given), so a run seeded
-with `np.random.seed(233)` draws the official clicks.
+with `np.random.seed(233)` draws the official clicks. Method 'ritm' is the older distance-based rule.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import InputError
+
+METHODS = ("random", "ritm")
 
 
 def _as_3d_bool(array, name: str) -> np.ndarray:
@@ -29,14 +32,44 @@ def _draw(candidates: np.ndarray, random_state: Optional[np.random.RandomState])
     return np.array(np.unravel_index(flat[draw(len(flat))], candidates.shape), dtype=np.int64)
 
 
+def _squared_distance_to_outside(mask: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance (voxel units) from each True voxel to the nearest False voxel, the
+    space beyond the array counting as False; 0 on False voxels. Exact integers (SimpleITK Maurer)."""
+    outside = np.pad(~mask, 1, constant_values=True).astype(np.uint8)
+    distances = sitk.SignedMaurerDistanceMap(
+        sitk.GetImageFromArray(outside), insideIsPositive=False, squaredDistance=True, useImageSpacing=False
+    )
+    return np.where(mask, sitk.GetArrayViewFromImage(distances)[1:-1, 1:-1, 1:-1], 0).astype(np.int64)
+
+
+def _ritm_click(
+    false_negative: np.ndarray, false_positive: np.ndarray, random_state: Optional[np.random.RandomState]
+) -> tuple[np.ndarray, int]:
+    """The error region (FN or FP) reaching deeper from its border wins (FP on a tie); a voxel is drawn
+    among those deeper than half the deepest error; with no error at all, the centre, negative."""
+    fn_distance = _squared_distance_to_outside(false_negative)
+    fp_distance = _squared_distance_to_outside(false_positive)
+    deepest_fn, deepest_fp = int(fn_distance.max()), int(fp_distance.max())
+    chosen = fn_distance if deepest_fn > deepest_fp else fp_distance
+    # distance > max / 2, compared on exact squared distances
+    candidates = 4 * chosen > max(deepest_fn, deepest_fp)
+    if not candidates.any():
+        return np.array(false_negative.shape, dtype=np.int64) // 2, 0
+    index = _draw(candidates, random_state)
+    return index, int(false_negative[tuple(index)])
+
+
 def simulate_click(
-    prev_pred, gt, random_state: Optional[np.random.RandomState] = None
+    prev_pred, gt, random_state: Optional[np.random.RandomState] = None, method: str = "random"
 ) -> tuple[np.ndarray, int]:
     """Next click from the previous binary prediction and the ground truth (both 3D, same shape).
 
-    A uniformly drawn voxel among the errors: label 1 if it is a false negative, 0 if a false positive;
-    when there is no error, a uniformly drawn ground-truth voxel with label 1.
+    'random' (official default): a uniformly drawn voxel among the errors, label 1 if it is a false
+    negative, 0 if a false positive; when there is no error, a uniformly drawn ground-truth voxel, label 1.
+    'ritm': see `_ritm_click`.
     """
+    if method not in METHODS:
+        raise InputError(f"Click method '{method}' is unknown; use one of {', '.join(METHODS)}.")
     previous = _as_3d_bool(prev_pred, "previous prediction")
     truth = _as_3d_bool(gt, "ground truth")
     if previous.shape != truth.shape:
@@ -44,7 +77,10 @@ def simulate_click(
     if not truth.any():
         raise InputError("The ground truth is empty in this region; no click can be simulated.")
     false_negative = truth & ~previous
-    errors = false_negative | (previous & ~truth)
+    false_positive = previous & ~truth
+    if method == "ritm":
+        return _ritm_click(false_negative, false_positive, random_state)
+    errors = false_negative | false_positive
     if not errors.any():
         return _draw(truth, random_state), 1
     index = _draw(errors, random_state)

@@ -86,6 +86,7 @@ def evaluate_case(
     accumulate_clicks: bool = True,
     prepared: Optional[PreparedVolume] = None,
     recorded_clicks: Optional[Mapping[int, Sequence[tuple[Sequence[int], int]]]] = None,
+    click_method: str = "random",
 ) -> EvaluationResult:
     """Run the official protocol on one image and its label map.
 
@@ -93,67 +94,81 @@ def evaluate_case(
     The random stream is NumPy's legacy generator seeded with `seed` once for the whole case.
     `recorded_clicks` maps a label value to (region index, 1 or 0) clicks used instead of simulated
     ones (no random draw), to replay a recorded run whose predictions may differ by float rounding.
+    `click_method` is 'random' (official) or 'ritm' (the older distance-based rule).
     """
     if num_clicks < 1:
         raise InputError(f"The number of clicks must be at least 1, got {num_clicks}.")
     if label.size_ijk != image.size_ijk:
         raise InputError(f"The label has {label.size_ijk} voxels but the image has {image.size_ijk}; use its label.")
-    prepared = prepared or prepare(image)
-    random_state = np.random.RandomState(seed)
+    run = _ProtocolRun(
+        predictor=predictor,
+        prepared=prepared or prepare(image),
+        label=label,
+        num_clicks=num_clicks,
+        random_state=np.random.RandomState(seed),
+        click_method=click_method,
+        accumulate_clicks=accumulate_clicks,
+    )
     merged = np.zeros(image.shape_kji, dtype=np.uint8)
     results = []
     for value in label_values(label):
         recorded = None if recorded_clicks is None else recorded_clicks.get(value)
-        result, patch, box = _evaluate_label(
-            predictor, prepared, label, value, num_clicks, random_state, accumulate_clicks, recorded
-        )
+        result, patch, box = run.label_value(value, recorded)
         paste_into(merged, patch, box, value)
         results.append(result)
     return EvaluationResult(labels=results, mask=merged)
 
 
-def _evaluate_label(
-    predictor: RegionPredictor,
-    prepared: PreparedVolume,
-    label: Volume,
-    value: int,
-    num_clicks: int,
-    random_state: np.random.RandomState,
-    accumulate_clicks: bool,
-    recorded: Optional[Sequence[tuple[Sequence[int], int]]],
-):
-    canonical_label = prepared.prepare_label(label, value)
-    region = prepared.region(begin_for_label_bbox(canonical_label))
-    region_label = prepared.label_region(canonical_label, region)
-    truth = label.array_kji == value
-    truth_count = int(np.count_nonzero(truth))
-    result = LabelResult(value=value, region_begin=region.begin)
-    region_mask = np.zeros(region_label.shape, dtype=np.uint8)
-    if not region_label.any():  # the official code returns an empty mask without drawing a click
-        patch, box = paste_region_mask(region_mask, region, prepared.volume)
-        result.dice_per_click = [_dice_of_patch(patch, box, truth, truth_count)] * num_clicks
+@dataclass
+class _ProtocolRun:
+    """The settings and the random stream shared by every label value of one case."""
+
+    predictor: RegionPredictor
+    prepared: PreparedVolume
+    label: Volume
+    num_clicks: int
+    random_state: np.random.RandomState
+    click_method: str
+    accumulate_clicks: bool
+
+    def label_value(self, value: int, recorded: Optional[Sequence[tuple[Sequence[int], int]]]):
+        """Clicks, predictions and Dice for one label value; also its last mask on the original grid."""
+        prepared = self.prepared
+        canonical_label = prepared.prepare_label(self.label, value)
+        region = prepared.region(begin_for_label_bbox(canonical_label))
+        region_label = prepared.label_region(canonical_label, region)
+        truth = self.label.array_kji == value
+        truth_count = int(np.count_nonzero(truth))
+        result = LabelResult(value=value, region_begin=region.begin)
+        region_mask = np.zeros(region_label.shape, dtype=np.uint8)
+        if not region_label.any():  # the official code returns an empty mask without drawing a click
+            patch, box = paste_region_mask(region_mask, region, prepared.volume)
+            result.dice_per_click = [_dice_of_patch(patch, box, truth, truth_count)] * self.num_clicks
+            result.region_mask = region_mask
+            return result, patch, box
+        if recorded is not None and len(recorded) < self.num_clicks:
+            raise InputError(f"Label {value} has {len(recorded)} recorded clicks but {self.num_clicks} are needed.")
+        embedding = self.predictor.embedding_for((prepared.cache_token, region.begin), region.network_input)
+        points, labels, logits = [], [], None
+        for step in range(self.num_clicks):
+            if recorded is None:
+                index, positive = simulate_click(
+                    region_mask, region_label, random_state=self.random_state, method=self.click_method
+                )
+            else:
+                index, positive = np.asarray(recorded[step][0], dtype=np.int64), int(recorded[step][1])
+            result.clicks.append(_click(region, index, positive))
+            if not self.accumulate_clicks:
+                points, labels = [], []
+            points.append(index)
+            labels.append(positive)
+            logits, iou = self.predictor.decode(embedding, np.array(points), np.array(labels), logits)
+            region_mask = self.predictor.upsample_to_mask(logits)
+            patch, box = paste_region_mask(region_mask, region, prepared.volume)
+            result.dice_per_click.append(_dice_of_patch(patch, box, truth, truth_count))
+            result.iou_per_click.append(iou)
         result.region_mask = region_mask
         return result, patch, box
-    embedding = predictor.embedding_for((prepared.cache_token, region.begin), region.network_input)
-    points, labels, logits = [], [], None
-    if recorded is not None and len(recorded) < num_clicks:
-        raise InputError(f"Label {value} has {len(recorded)} recorded clicks but {num_clicks} are needed.")
-    for step in range(num_clicks):
-        if recorded is None:
-            index, positive = simulate_click(region_mask, region_label, random_state=random_state)
-        else:
-            index, positive = np.asarray(recorded[step][0], dtype=np.int64), int(recorded[step][1])
-        result.clicks.append(_click(region, index, positive))
-        points, labels = (points, labels) if accumulate_clicks else ([], [])
-        points.append(index)
-        labels.append(positive)
-        logits, iou = predictor.decode(embedding, np.array(points), np.array(labels), logits)
-        region_mask = predictor.upsample_to_mask(logits)
-        patch, box = paste_region_mask(region_mask, region, prepared.volume)
-        result.dice_per_click.append(_dice_of_patch(patch, box, truth, truth_count))
-        result.iou_per_click.append(iou)
-    result.region_mask = region_mask
-    return result, patch, box
 
 
 def _click(region: Region, index: np.ndarray, positive: int) -> SimulatedClick:

@@ -88,3 +88,50 @@ def test_empty_truth_and_mismatched_shapes_are_errors():
         simulate_click(np.zeros((4, 4, 4)), np.ones((4, 4, 5)))
     with pytest.raises(InputError, match="3D"):
         simulate_click(np.zeros((4, 4)), np.ones((4, 4)))
+
+
+def brute_force_depth(mask: np.ndarray) -> np.ndarray:
+    """Distance from each True voxel to the nearest False voxel, with a False ring around (float32, as edt)."""
+    padded = np.pad(mask, 1)
+    outside = np.argwhere(~padded)
+    depth = np.zeros(padded.shape, dtype=np.float32)
+    for voxel in np.argwhere(padded):
+        depth[tuple(voxel)] = np.sqrt(np.float32(((outside - voxel) ** 2).sum(axis=1).min()))
+    return depth[1:-1, 1:-1, 1:-1]
+
+
+def reference_ritm(previous: np.ndarray, truth: np.ndarray, state: np.random.RandomState):
+    """The official 'ritm' rule written out plainly (distances by brute force)."""
+    false_negative, false_positive = truth & ~previous, previous & ~truth
+    fn_depth, fp_depth = brute_force_depth(false_negative), brute_force_depth(false_positive)
+    positive = fn_depth.max() > fp_depth.max()
+    depth = fn_depth if positive else fp_depth
+    candidates = np.argwhere(depth > max(fn_depth.max(), fp_depth.max()) / 2.0)
+    if len(candidates) == 0:
+        return np.array(truth.shape) // 2, 0
+    point = candidates[state.randint(len(candidates))]
+    return point, int(false_negative[tuple(point)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ritm_clicks_match_the_rule_with_exact_distances(seed):
+    rng = np.random.default_rng(seed)
+    shape = (9, 10, 11)
+    truth = np.zeros(shape, dtype=bool)
+    truth[2:8, 1:9, 3:10] = True
+    previous = np.zeros(shape, dtype=bool)
+    previous[rng.integers(0, 4) : 9, 2:7, rng.integers(0, 6) : 11] = True
+    previous ^= rng.random(shape) > 0.9
+    index, label = simulate_click(previous, truth, random_state=np.random.RandomState(seed), method="ritm")
+    expected_index, expected_label = reference_ritm(previous, truth, np.random.RandomState(seed))
+    np.testing.assert_array_equal(index, expected_index)
+    assert label == expected_label
+
+
+def test_ritm_without_errors_clicks_the_centre_negative():
+    truth = np.zeros((6, 8, 10), dtype=bool)
+    truth[1:3, 1:3, 1:3] = True
+    index, label = simulate_click(truth, truth, method="ritm")
+    assert index.tolist() == [3, 4, 5] and label == 0
+    with pytest.raises(InputError, match="unknown"):
+        simulate_click(truth, truth, method="edge")

@@ -164,3 +164,14 @@ def test_dice_score():
     a[0, :2] = True
     b[0, 1:3] = True
     assert dice_score(a, b) == 0.5
+
+
+def test_newest_click_only_option(predictor, synthetic):
+    accumulated = evaluate_case(predictor, synthetic.image, synthetic.label, num_clicks=2, prepared=synthetic.prepared)
+    newest_only = evaluate_case(
+        predictor, synthetic.image, synthetic.label, num_clicks=2, prepared=synthetic.prepared, accumulate_clicks=False
+    )
+    # Same stream and same first step, so the same two clicks; the second decoder call differs.
+    for a, b in zip(accumulated.labels, newest_only.labels):
+        assert a.clicks == b.clicks and a.dice_per_click[0] == b.dice_per_click[0]
+    assert any(a.iou_per_click[1] != b.iou_per_click[1] for a, b in zip(accumulated.labels, newest_only.labels))
