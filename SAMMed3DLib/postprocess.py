@@ -45,13 +45,12 @@ class _ItkGrid:
         return points
 
     def point_to_continuous_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous indices (N, 3) of physical points (N, 3), summed in ITK's order."""
         offsets = points - self.origin
-        matrix = self.point_to_index
         result = np.empty_like(offsets)
         for axis in range(3):
-            result[:, axis] = (matrix[axis, 0] * offsets[:, 0] + matrix[axis, 1] * offsets[:, 1]) + matrix[
-                axis, 2
-            ] * offsets[:, 2]
+            row = self.point_to_index[axis]
+            result[:, axis] = (row[0] * offsets[:, 0] + row[1] * offsets[:, 1]) + row[2] * offsets[:, 2]
         return result
 
 
@@ -72,6 +71,7 @@ def _candidate_box(region: Region, volume: Volume) -> Box | None:
 
 
 def _tight_box(inside: np.ndarray, box: Box) -> Box:
+    """The smallest box around the True voxels of `inside` (given over `box`), in volume coordinates."""
     starts = []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)

@@ -154,10 +154,11 @@ def canonical_voxels(
 ) -> np.ndarray:
     """Canonical voxels (N, 3) of RAS points: solve the canonical affine in double precision, round half up.
 
-    The result is clamped to the grid: a point inside the original volume can fall just outside the
-    canonical grid only where the official grid rule keeps a thin axis at one 1.5 mm voxel."""
+    Along an axis of one voxel (a single-slice volume: the official rule keeps it at one 1.5 mm voxel,
+    thinner than the slice) every point maps to that voxel."""
     voxels = geometry.nearest_voxel(geometry.ras_to_continuous_ijk(canonical_affine, ras))
-    return np.clip(voxels, 0, np.asarray(canonical_shape) - 1)
+    voxels[:, np.asarray(canonical_shape) == 1] = 0
+    return voxels
 
 
 LabelInput = Union[Volume, sitk.Image]
