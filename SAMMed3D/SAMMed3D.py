@@ -202,6 +202,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedFinal = True
         self._submitted: Optional[tuple[tuple, bool]] = None
         self._shownInputs: Optional[tuple] = None
+        self._loadedDevice: Optional[tuple] = None  # (device choice, the torch device it gave)
         self._restoringPrompts = False
         self._observedPromptNodes: list = []
         self._blockedPlaceWidget = None
@@ -335,6 +336,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkpointPathLineEdit.enabled = isLocalFile
         self.ui.checkpointPathLabel.enabled = isLocalFile
         self.ui.downloadButton.visible = node.model == ModelChoice.TURBO
+        self._updateDeviceWarning()
         self.logic.showRegionBoxes(node.inputVolume, None, visible=node.showRegionBox)
         if node.inputVolume is not None and self.logic.torchAvailable():
             self._prepareVolume(node.inputVolume)
@@ -678,11 +680,19 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._submitted = None
             self._showError(_("The model could not be loaded."), error, quiet=isinstance(error, DownloadCancelled))
             return
+        self._loadedDevice = (self._parameterNode.device, info["device"])
+        self._updateDeviceWarning()
+
+    def _updateDeviceWarning(self) -> None:
+        """A visible warning whenever the model runs (or is set to run) on the CPU."""
+        choice = self._parameterNode.device
+        loaded = self._loadedDevice is not None and self._loadedDevice[0] == choice
+        onCpu = self._loadedDevice[1] == "cpu" if loaded else choice == DeviceChoice.CPU
         warning = ""
-        if info["device"] == "cpu":
+        if onCpu:
             warning = _("Running on the CPU: each new region takes several seconds or more; moving points within a "
                         "region is faster.")
-            if self._parameterNode.device == DeviceChoice.AUTO:
+            if loaded and choice == DeviceChoice.AUTO:
                 warning += " " + _("PyTorch sees no CUDA GPU. If this computer has an NVIDIA GPU, install a CUDA "
                                    "build of PyTorch in the PyTorch Utils module.")
         self.ui.deviceWarningLabel.text = warning
