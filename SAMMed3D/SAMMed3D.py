@@ -129,7 +129,7 @@ Promptable 3D segmentation with SAM-Med3D, run locally. Choose a volume, place g
 the structure and red exclude points where the mask leaks; the segment follows the points as they are
 added, moved or deleted. Ctrl+Z / Ctrl+Y undo and redo prompts and mask together; I / E place include /
 exclude points; N starts a new segment. From the Python console:
-<code>slicer.modules.sammed3d.widgetRepresentation().self().logic.segment(volumeNode, [pointRAS])</code>.
+<code>slicer.util.getModuleLogic("SAMMed3D").segment(volumeNode, [pointRAS])</code>.
 """)
         self.parent.acknowledgementText = _("""
 SAM-Med3D and SAM-Med3D-turbo are by the SAM-Med3D authors (uni-medical/SAM-Med3D). This extension
@@ -912,7 +912,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     Console use::
 
-        logic = slicer.modules.sammed3d.widgetRepresentation().self().logic   # or SAMMed3D.SAMMed3DLogic()
+        logic = slicer.util.getModuleLogic("SAMMed3D")   # or SAMMed3D.SAMMed3DLogic()
         segmentationNode, segmentId = logic.segment(volumeNode, [[12.0, -40.5, 88.0]])
 
     Points are world RAS coordinates (what Slicer shows). All model work runs on one background thread
