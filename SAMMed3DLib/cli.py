@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from .errors import SAMMed3DError
 
 # Each command module defines `register(subparsers)` that adds its parser and sets `func`.
-COMMAND_MODULES: tuple[str, ...] = ("demo", "segment", "batch", "phantom")
+COMMAND_MODULES: tuple[str, ...] = ("demo", "segment", "batch", "evaluate", "phantom", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

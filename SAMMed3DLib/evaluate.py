@@ -53,14 +53,6 @@ class EvaluationResult:
         return {result.value: list(result.dice_per_click) for result in self.labels}
 
 
-def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two binary masks; 1.0 when both are empty."""
-    total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(truth))
-    if total == 0:
-        return 1.0
-    return 2.0 * int(np.count_nonzero(np.logical_and(prediction, truth))) / total
-
-
 def _dice_of_patch(patch: np.ndarray, box, truth: np.ndarray, truth_count: int) -> float:
     """Dice of a prediction that is zero outside `box` against a full-grid truth."""
     total = int(np.count_nonzero(patch)) + truth_count
@@ -87,6 +79,7 @@ def evaluate_case(
     prepared: Optional[PreparedVolume] = None,
     recorded_clicks: Optional[Mapping[int, Sequence[tuple[Sequence[int], int]]]] = None,
     click_method: str = "random",
+    values: Optional[Sequence[int]] = None,
 ) -> EvaluationResult:
     """Run the official protocol on one image and its label map.
 
@@ -95,6 +88,7 @@ def evaluate_case(
     `recorded_clicks` maps a label value to (region index, 1 or 0) clicks used instead of simulated
     ones (no random draw), to replay a recorded run whose predictions may differ by float rounding.
     `click_method` is 'random' (official) or 'ritm' (the older distance-based rule).
+    `values` restricts the run to those label values, as if every other value were background.
     """
     if num_clicks < 1:
         raise InputError(f"The number of clicks must be at least 1, got {num_clicks}.")
@@ -111,7 +105,11 @@ def evaluate_case(
     )
     merged = np.zeros(image.shape_kji, dtype=np.uint8)
     results = []
-    for value in label_values(label):
+    present = label_values(label)
+    missing = sorted(set(values or ()) - set(present))
+    if missing:
+        raise InputError(f"Label values {missing} do not occur in the label map; it has {present}.")
+    for value in sorted(values) if values else present:
         recorded = None if recorded_clicks is None else recorded_clicks.get(value)
         result, patch, box = run.label_value(value, recorded)
         paste_into(merged, patch, box, value)

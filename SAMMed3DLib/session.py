@@ -197,7 +197,7 @@ class InteractiveSession:
         return [run.copy() for run in self._snapshots[common]], common
 
     def _open_region(self, region: Region, timings: dict[str, float]) -> _RegionRun:
-        key = (id(self.prepared), tuple(int(v) for v in region.begin))
+        key = (self.prepared.cache_token, tuple(int(v) for v in region.begin))
         computed = []
 
         def network_input() -> torch.Tensor:

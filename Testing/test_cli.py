@@ -178,3 +178,35 @@ def test_batch_reads_csv_manifests(tmp_path, checkpoint, image_path, capsys):
     manifest.write_text(f'image,positive,negative,space\n{image_path},"25,30,15;26,30,15","20,30,15",ijk\n')
     assert main(["batch", str(manifest), "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path / "out")]) == 0
     assert "1 of 1 cases segmented" in capsys.readouterr().out
+
+
+def test_evaluate_command_reproduces_the_official_run(tmp_path, capsys):
+    """Official protocol through the command (seed 233, one click) on the real half-voxel-tie CT."""
+    from conftest import shared_path
+
+    out, report_path = tmp_path / "pred.nii.gz", tmp_path / "report.json"
+    code = main(
+        [
+            "evaluate",
+            str(shared_path("data/ct_abdomen_pelvis_totalseg_3mm/image.nii.gz")),
+            str(shared_path("fixtures/parity/pipeline_real/label_1_2_5.nii.gz")),
+            "--checkpoint",
+            str(shared_path("fixtures/parity/model_small/state_dict.pt")),
+            "--clicks",
+            "1",
+            "--out",
+            str(out),
+            "--report",
+            str(report_path),
+        ]
+    )
+    assert code == 0
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    official = sitk.GetArrayFromImage(
+        sitk.ReadImage(str(shared_path("fixtures/parity/pipeline_real/official_1click_pred.nii.gz")))
+    )
+    assert (ours != official).sum() <= 1e-3 * (official > 0).sum()
+    report = json.loads(report_path.read_text())
+    assert sorted(report["labels"]) == ["1", "2", "5"]
+    assert len(report["mean_dice"]) == 1 and len(report["labels"]["5"]["clicks"]) == 1
+    assert "mean" in capsys.readouterr().out

@@ -18,7 +18,8 @@ from conftest import shared_path
 
 from SAMMed3DLib.checkpoint import load_model
 from SAMMed3DLib.errors import InputError
-from SAMMed3DLib.evaluate import dice_score, evaluate_case
+from SAMMed3DLib.evaluate import evaluate_case
+from SAMMed3DLib.metrics import dice
 from SAMMed3DLib.postprocess import paste_region_mask
 from SAMMed3DLib.predictor import RegionPredictor
 from SAMMed3DLib.preprocess import PreparedVolume
@@ -85,7 +86,7 @@ def check_against_reference(case: Case, result, run: str, intermediates: str, ou
         reference = np.zeros(case.image.shape_kji, dtype=np.uint8)
         reference[reference_box] = reference_patch
         truth = case.label.array_kji == facts["category"]
-        assert abs(label_result.dice_per_click[-1] - dice_score(reference, truth)) <= 1e-3
+        assert abs(label_result.dice_per_click[-1] - dice(reference, truth)) <= 1e-3
     differing_output = result.mask != case.output(output)
     assert not np.any(differing_output & ~allowed)
 
@@ -157,13 +158,13 @@ def test_empty_label_map_and_bad_arguments(predictor):
         evaluate_case(predictor, image, Volume.from_array(np.zeros((20, 20, 21), dtype=np.uint8), np.eye(4)))
 
 
-def test_dice_score():
+def test_dice():
     a = np.zeros((4, 4), dtype=bool)
     b = np.zeros((4, 4), dtype=bool)
-    assert dice_score(a, b) == 1.0
+    assert dice(a, b) == 1.0
     a[0, :2] = True
     b[0, 1:3] = True
-    assert dice_score(a, b) == 0.5
+    assert dice(a, b) == 0.5
 
 
 def test_newest_click_only_option(predictor, synthetic):

@@ -1,0 +1,99 @@
+"""`sammed3d evaluate`: the official ground-truth-driven protocol on one image and its label map."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..batch import write_mask
+from ..errors import InputError
+from ..evaluate import OFFICIAL_SEED, EvaluationResult, evaluate_case
+from ..volume import Volume
+from .common import add_model_options, predictor_from_args, report_fallback
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="the official evaluation protocol: clicks simulated from a label map, Dice per click"
+    )
+    parser.add_argument("image")
+    parser.add_argument("label", help="label map on the image's grid (each value is one target)")
+    parser.add_argument("--clicks", type=int, default=1, help="clicks per target (official default 1)")
+    parser.add_argument("--seed", type=int, default=OFFICIAL_SEED)
+    parser.add_argument("--labels", help="comma-separated label values to evaluate (others count as background)")
+    parser.add_argument(
+        "--newest-only", action="store_true", help="pass only the newest click each step (training style)"
+    )
+    parser.add_argument("--out", required=True, help="merged predicted label map, e.g. pred.nii.gz")
+    parser.add_argument("--report", help="JSON report with Dice per label per click count and the clicks used")
+    add_model_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    image, label = Volume.from_file(args.image), Volume.from_file(args.label)
+    values = _parse_values(args.labels)
+    predictor = predictor_from_args(args)
+    result = evaluate_case(
+        predictor, image, label, args.clicks, args.seed, accumulate_clicks=not args.newest_only, values=values
+    )
+    write_mask(result.mask, image, args.out)
+    report_fallback(predictor)
+    print(dice_table(result))
+    if args.report:
+        _write_json(Path(args.report), report(result))
+    return 0
+
+
+def _parse_values(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--labels '{text}' must be comma-separated whole numbers, like 1,5,7.") from None
+
+
+def report(result: EvaluationResult) -> dict:
+    """Dice per label and click count, the mean over labels, and the clicks used."""
+    per_label = {
+        str(r.value): {
+            "dice": r.dice_per_click,
+            "iou_pred": r.iou_per_click,
+            "region_begin": list(r.region_begin),
+            "clicks": [
+                {"region_index": list(c.region_index), "positive": c.positive, "ras": list(c.ras)} for c in r.clicks
+            ],
+        }
+        for r in result.labels
+    }
+    dice = np.array([r.dice_per_click for r in result.labels])
+    return {"labels": per_label, "mean_dice": dice.mean(axis=0).tolist() if len(dice) else []}
+
+
+def dice_table(result: EvaluationResult) -> str:
+    clicks = max((len(r.dice_per_click) for r in result.labels), default=0)
+    header = f"{'label':>6} " + " ".join(f"{f'{n} click' + ('s' if n > 1 else ''):>9}" for n in range(1, clicks + 1))
+    rows = [header]
+    for r in result.labels:
+        rows.append(f"{r.value:>6} " + " ".join(f"{d:>9.4f}" for d in r.dice_per_click))
+    mean = report(result)["mean_dice"]
+    rows.append(f"{'mean':>6} " + " ".join(f"{d:>9.4f}" for d in mean))
+    return "\n".join(rows)
+
+
+def _write_json(path: Path, content: dict) -> None:
+    """Write JSON whole or not at all."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(content, stream, indent=2)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
