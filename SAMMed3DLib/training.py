@@ -45,6 +45,8 @@ LABEL_FILE = "label.nii.gz"
 CACHE_VERSION = 1
 # MONAI DiceLoss defaults (smooth_nr, smooth_dr).
 DICE_SMOOTHING = 1e-5
+# Regions drawn before giving up when none can be normalised.
+MAX_DRAWS = 100
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -236,14 +238,6 @@ def flip_region(raw: np.ndarray, label: np.ndarray, axes: Sequence[int]) -> tupl
     return np.ascontiguousarray(np.flip(raw, tuple(axes))), np.ascontiguousarray(np.flip(label, tuple(axes)))
 
 
-def flip_points(points: np.ndarray, axes: Sequence[int], size: int = ROI_SIZE) -> np.ndarray:
-    """Region voxel indices (N, 3) after flipping the region along `axes`."""
-    flipped = np.array(points, copy=True)
-    for axis in axes:
-        flipped[:, axis] = size - 1 - flipped[:, axis]
-    return flipped
-
-
 def make_sample(
     case: PreparedCase,
     target: Target,
@@ -256,7 +250,7 @@ def make_sample(
     begin = region_begin(binary, rng, jitter, foreground_centre_probability)
     raw = crop_with_zero_padding(case.raw, begin)
     label = crop_with_zero_padding(binary, begin)
-    if not label.any():  # jitter cannot move a bbox centre out, but keep the sample valid regardless
+    if not label.any():  # only a jitter of more than half a region can move a small target out
         begin = begin_for_label_bbox(binary)
         raw, label = crop_with_zero_padding(case.raw, begin), crop_with_zero_padding(binary, begin)
     axes = tuple(axis for axis in range(3) if flip and rng.random() < 0.5)
@@ -273,8 +267,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dims = tuple(range(2, logits.dim()))
     intersection = (probabilities * target).sum(dims)
     denominator = (probabilities * probabilities).sum(dims) + (target * target).sum(dims)
-    dice = 1.0 - (2.0 * intersection + DICE_SMOOTHING) / (denominator + DICE_SMOOTHING)
-    return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
+    dice_loss = 1.0 - (2.0 * intersection + DICE_SMOOTHING) / (denominator + DICE_SMOOTHING)
+    return dice_loss.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
 # ------------------------------------------------------------------------------------------ interaction
@@ -355,7 +349,6 @@ class TrainingOptions:
     seed: int = 0
     checkpoint_every: int = 100
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -394,13 +387,13 @@ class ProgressLine:
         self.started = time.monotonic()
         self.first_step: Optional[int] = None
 
-    def __call__(self, step: int, loss: float, dice: float, lr: float) -> None:
+    def __call__(self, step: int, loss: float, running_dice: float, lr: float) -> None:
         if self.first_step is None:
             self.first_step = step - 1
         elapsed = time.monotonic() - self.started
         per_step = elapsed / max(1, step - self.first_step)
         text = (
-            f"step {step}/{self.total}  loss {loss:.4f}  dice {dice:.3f}  lr {lr:.2e}  "
+            f"step {step}/{self.total}  loss {loss:.4f}  dice {running_dice:.3f}  lr {lr:.2e}  "
             f"{per_step:.2f} s/step  {elapsed / 60:.1f} min"
         )
         if self.stream.isatty():
@@ -456,12 +449,12 @@ class Trainer:
             loss = torch.zeros((), device=self.device)
             for index, sample in enumerate(samples):
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                    sample_loss, dice = interact(
+                    sample_loss, sample_dice = interact(
                         self.model, embeddings[index : index + 1], sample.label, options.clicks_per_sample, rng
                     )
                 loss = loss + sample_loss
                 losses.append(sample_loss.item() / options.clicks_per_sample)
-                dices.append(dice)
+                dices.append(sample_dice)
             scale = options.batch_size * options.accumulation
             self.scaler.scale(loss / scale).backward()
         if options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
@@ -477,7 +470,7 @@ class Trainer:
 
     def _draw_sample(self, rng: np.random.Generator) -> Sample:
         targets = self.data.targets
-        while True:
+        for _ in range(MAX_DRAWS):
             target = targets[int(rng.integers(len(targets)))]
             try:
                 return make_sample(
@@ -490,14 +483,18 @@ class Trainer:
                 )
             except InputError:  # e.g. a region with nothing above 0 cannot be normalised: draw again
                 continue
+        raise InputError(
+            f"{MAX_DRAWS} regions in a row could not be normalised (no intensities above 0); "
+            "check that the images are CT/MR intensities, not masks."
+        )
 
     # -- the loop
     def run(self, progress: Optional[Callable[[int, float, float, float], None]] = None) -> TrainingState:
         running_loss = running_dice = None
         while self.state.step < self.options.steps:
-            loss, dice = self.train_step()
+            loss, step_dice = self.train_step()
             running_loss = loss if running_loss is None else 0.95 * running_loss + 0.05 * loss
-            running_dice = dice if running_dice is None else 0.95 * running_dice + 0.05 * dice
+            running_dice = step_dice if running_dice is None else 0.95 * running_dice + 0.05 * step_dice
             if progress:
                 progress(self.state.step, running_loss, running_dice, self.scheduler.get_last_lr()[0])
             if self.state.step % self.options.checkpoint_every == 0 or self.state.step == self.options.steps:

@@ -21,17 +21,14 @@ import numpy as np
 import torch
 
 from SAMMed3DLib.checkpoint import load_model
-from SAMMed3DLib.clicks import simulate_click
-from SAMMed3DLib.metrics import dice
+from SAMMed3DLib.evaluate import evaluate_case
 from SAMMed3DLib.phantom import make_phantom
-from SAMMed3DLib.postprocess import paste_region_mask
 from SAMMed3DLib.predictor import RegionPredictor
-from SAMMed3DLib.preprocess import PreparedVolume, begin_for_label_bbox
+from SAMMed3DLib.preprocess import PreparedVolume
 from SAMMed3DLib.published import DEMO_CHECKPOINT
 from SAMMed3DLib.volume import Volume
 
 CLICK_COUNTS = (1, 3, 5)
-OFFICIAL_SEED = 233
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -42,47 +39,29 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def target_dice(
-    predictor: RegionPredictor,
-    prepared: PreparedVolume,
-    label: Volume,
-    value: int,
-    clicks: int,
-    random_state: np.random.RandomState,
-    accumulate: bool,
-) -> float:
-    """Dice on the original grid after `clicks` simulated clicks on one label value."""
-    canonical = prepared.prepare_label(label, value)
-    region = prepared.region(begin_for_label_bbox(canonical))
-    region_label = prepared.label_region(canonical, region)
-    embedding = predictor.embedding_for((id(prepared), region.begin), region.network_input)
-    points, labels = [], []
-    logits, mask = None, np.zeros_like(region_label)
-    for _ in range(clicks):
-        point, point_label = simulate_click(mask, region_label, random_state=random_state)
-        points, labels = (points + [point], labels + [point_label]) if accumulate else ([point], [point_label])
-        logits, _ = predictor.decode(embedding, np.array(points), np.array(labels), logits)
-        mask = predictor.upsample_to_mask(logits)
-    patch, box = paste_region_mask(mask, region, prepared.volume)
-    full = np.zeros(label.shape_kji, dtype=np.uint8)
-    full[box] = patch
-    return dice(full, label.array_kji == value)
-
-
 def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool) -> list[dict]:
     predictor = RegionPredictor(load_model(checkpoint), cache_size=16)
     rows = []
     for seed in seeds:
         started = time.monotonic()
         phantom = make_phantom(seed)
-        prepared = PreparedVolume(Volume(phantom.image))
-        label = Volume(phantom.label, name="label")
-        for clicks in CLICK_COUNTS:
-            random_state = np.random.RandomState(OFFICIAL_SEED)  # once per case, as the official script
-            for value in sorted(phantom.label_names):
-                kind = "lesion" if value in phantom.lesion_hosts else "organ"
-                score = target_dice(predictor, prepared, label, value, clicks, random_state, accumulate)
-                rows.append({"seed": seed, "label": value, "kind": kind, "clicks": clicks, "dice": score})
+        image, label = Volume(phantom.image), Volume(phantom.label, name="label")
+        prepared = PreparedVolume(image)
+        for clicks in CLICK_COUNTS:  # separate runs, each seeded per case, as the official script does
+            result = evaluate_case(
+                predictor, image, label, num_clicks=clicks, accumulate_clicks=accumulate, prepared=prepared
+            )
+            for entry in result.labels:
+                kind = "lesion" if entry.value in phantom.lesion_hosts else "organ"
+                rows.append(
+                    {
+                        "seed": seed,
+                        "label": entry.value,
+                        "kind": kind,
+                        "clicks": clicks,
+                        "dice": entry.dice_per_click[-1],
+                    }
+                )
         print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return rows
 

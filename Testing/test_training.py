@@ -21,7 +21,6 @@ from SAMMed3DLib.training import (
     TrainingOptions,
     dice_ce_loss,
     find_cases,
-    flip_points,
     flip_region,
     interact,
     make_sample,
@@ -119,16 +118,19 @@ def test_a_sample_is_the_flipped_region_of_its_target(data):
         torch.testing.assert_close(sample.image, normalise_intensities(raw))
 
 
-def test_flips_keep_image_label_and_points_together():
+def test_flips_keep_image_label_and_clicks_together():
     raw = np.arange(128**3, dtype=np.int32).reshape((128,) * 3)
     label = raw % 7 == 0
-    points = np.array([[3, 50, 127], [0, 0, 0], [70, 14, 7]])
+    random_state = np.random.RandomState(0)
     for axes in [(0,), (1, 2), (0, 1, 2)]:
         flipped_raw, flipped_label = flip_region(raw, label, axes)
         np.testing.assert_array_equal(flipped_label, flipped_raw % 7 == 0)
-        moved = flip_points(points, axes)
-        for before, after in zip(points, moved):
-            assert flipped_raw[tuple(after)] == raw[tuple(before)]
+        # a click drawn on the flipped label is the mirror image of a foreground voxel of the original
+        point, point_label = training_click(np.zeros_like(flipped_label), flipped_label, random_state)
+        mirrored = np.array(point)
+        mirrored[list(axes)] = 127 - mirrored[list(axes)]
+        assert point_label == 1 and label[tuple(mirrored)]
+        assert flipped_raw[tuple(point)] == raw[tuple(mirrored)]
 
 
 # ----------------------------------------------------------------------------------- interaction
