@@ -79,8 +79,8 @@ class _RangeHandler(BaseHTTPRequestHandler):
             # Promise the whole body, send part of it, then hang up: a transfer cut mid-way.
             body = body[: self.server.cut_after]
             self.close_connection = True
+        self.server.bytes_sent.append(len(body))  # before writing: the client may finish reading first
         self.wfile.write(body)
-        self.server.bytes_sent.append(len(body))
         if self.server.stall_seconds:
             self.wfile.flush()
             time.sleep(self.server.stall_seconds)
