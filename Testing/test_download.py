@@ -62,11 +62,11 @@ class _RangeHandler(BaseHTTPRequestHandler):
         if requested and not self.server.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", requested)[1])
             if start >= len(content):
+                self.server.bytes_sent.append(0)
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(content)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                self.server.bytes_sent.append(0)
                 return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
