@@ -48,6 +48,8 @@ def _over_windows(
     The official encoder pads at the high end only, so a partial window's real tokens are a box at the
     low corner of its window: exactly what `attend` expects.
     """
+    if max(x.shape[1:4]) <= window_size:  # the usual case: the whole grid is one window
+        return attend_one(x)
     planes = []
     for slab_d in x.split(window_size, dim=1):
         rows = []
@@ -107,21 +109,27 @@ def relative_position_terms(
     row_q = grid_q
     if rw < size:
         row_q = torch.cat([grid_q, q_pad.view(bh, 1, 1, 1, c).expand(bh, rd, rh, size - rw, c)], dim=3)
-    table_d = offset_table(attn.rel_pos_d, rd, size)
-    table_h = offset_table(attn.rel_pos_h, rh, size)
-    table_w = offset_table(attn.rel_pos_w, size, size)
-    term_d = torch.einsum("bdhwc,dkc->bdhwk", grid_q, table_d)
-    term_h = torch.einsum("bdhxc,hkc->bdhxk", row_q, table_h)
-    term_w = torch.einsum("bdhxc,xkc->bdhxk", row_q, table_w)
-    # einsum may return permuted layouts; contiguous (small) terms make the large bias contiguous.
-    return term_d.contiguous(), term_h.contiguous(), term_w.contiguous()
+    # One product with all three tables (flipped); each term is then a view of it.
+    rows = 2 * size - 1
+    tables = torch.cat([attn.rel_pos_d.flip(0), attn.rel_pos_h.flip(0), attn.rel_pos_w.flip(0)])
+    products = (row_q @ tables.transpose(0, 1)).contiguous()  # (B*heads, rd, rh, size, 3 * rows)
+    term_d = _offset_view(products[:, :, :, :rw, :rows], axis=1, size=size)
+    term_h = _offset_view(products[..., rows : 2 * rows], axis=2, size=size)
+    term_w = _offset_view(products[..., 2 * rows :], axis=3, size=size)
+    return term_d, term_h, term_w
 
 
-def offset_table(table: torch.Tensor, queries: int, size: int) -> torch.Tensor:
-    """(2*size-1, c) table -> (queries, size, c) with entry [i, j] = table[i - j + size - 1]."""
-    query_index = torch.arange(queries, device=table.device)
-    key_index = torch.arange(size, device=table.device)
-    return table[query_index[:, None] - key_index[None, :] + (size - 1)]
+def _offset_view(products: torch.Tensor, axis: int, size: int) -> torch.Tensor:
+    """View [..., i, ..., k] = products[..., size - 1 - i + k], with i the index along `axis`.
+
+    products[..., r] holds q.T[2*size - 2 - r] (the table flipped), so the view is q.T[i - k + size - 1]:
+    the table row of offset i - k, read without copying by stepping one element back per step of i
+    (the "relative shift" of Transformer-XL).
+    """
+    shape = (*products.shape[:-1], size)
+    strides = list(products.stride())
+    strides[axis] -= 1
+    return products.as_strided(shape, strides, products.storage_offset() + size - 1)
 
 
 def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch.Tensor) -> torch.Tensor:
@@ -131,23 +139,39 @@ def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch
     Returns (B*heads, rd*rh*rw, columns) in float32.
     """
     _, rd, rh, rw, size = term_d.shape
-    term_d, term_h, term_w = term_d.float(), term_h.float(), term_w.float()
-    h_all = term_h.logsumexp(dim=3)  # (B*heads, rd, rh, kw): over every kd
-    w_all = term_w.logsumexp(dim=3)
-    columns = []
+    h_real, h_pad = _split_logsumexp(term_h.float(), rd)  # (B*heads, rd, rh, kw): over kd < rd, kd >= rd
+    w_real, w_pad = _split_logsumexp(term_w.float(), rh)  # over kh < rh, kh >= rh
+    h_all = h_real if h_pad is None else torch.logaddexp(h_real, h_pad)
+    w_all = w_real if w_pad is None else torch.logaddexp(w_real, w_pad)
+    row_parts, kw_columns = [], []  # what each query row contributes, and the kw of each column
     if rw < size:  # kw >= rw: any kd, any kh
-        columns.append(_with_query_term(h_all + w_all, term_d, slice(rw, size)))
-    if rd < size:  # kw < rw, kd >= rd: any kh
-        columns.append(_with_query_term(term_h[:, :, :, rd:].logsumexp(dim=3) + w_all, term_d, slice(0, rw)))
-    if rh < size:  # kw < rw, kd < rd, kh >= rh
-        h_real = term_h[:, :, :, :rd].logsumexp(dim=3)
-        columns.append(_with_query_term(h_real + term_w[:, :, :, rh:].logsumexp(dim=3), term_d, slice(0, rw)))
-    return torch.cat(columns, dim=-1).flatten(1, 3)
+        row_parts.append((h_all + w_all)[..., rw:])
+        kw_columns += range(rw, size)
+    if h_pad is not None:  # kw < rw, kd >= rd: any kh
+        row_parts.append((h_pad + w_all)[..., :rw])
+        kw_columns += range(rw)
+    if w_pad is not None:  # kw < rw, kd < rd, kh >= rh
+        row_parts.append((h_real + w_pad)[..., :rw])
+        kw_columns += range(rw)
+    rows = torch.cat(row_parts, dim=-1)[:, :, :, None, :]
+    own_terms = term_d.float()[..., torch.tensor(kw_columns, device=term_d.device)]
+    return (rows + own_terms).flatten(1, 3)
 
 
-def _with_query_term(row_part: torch.Tensor, term_d: torch.Tensor, kw: slice) -> torch.Tensor:
-    """(B*heads, rd, rh, kw) part shared by a query row + the query's own (B*heads, rd, rh, rw, kw) term."""
-    return row_part[:, :, :, None, kw] + term_d[..., kw]
+def _split_logsumexp(terms: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logsumexp over dim 3 of terms[:, :, :, :split] and of terms[:, :, :, split:] (None when empty).
+
+    Each half is shifted by its own maximum, so neither sum can overflow or vanish; done as one exp
+    over the whole tensor because these tensors are small and the number of operations dominates.
+    """
+    if split == terms.shape[3]:
+        return terms.logsumexp(dim=3), None
+    low, high = terms[:, :, :, :split], terms[:, :, :, split:]
+    low_max, high_max = low.amax(dim=3, keepdim=True), high.amax(dim=3, keepdim=True)
+    shifted = torch.cat([low - low_max, high - high_max], dim=3).exp_()
+    low_sum = shifted[:, :, :, :split].sum(dim=3).log_() + low_max.squeeze(3)
+    high_sum = shifted[:, :, :, split:].sum(dim=3).log_() + high_max.squeeze(3)
+    return low_sum, high_sum
 
 
 def _padding_qkv(attn: Attention, zero_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
