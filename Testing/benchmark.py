@@ -1,6 +1,7 @@
 """Speed and memory of every inference stage, on the default architecture with random weights.
 
     python Testing/benchmark.py [--device cpu|cuda] [--runs N] [--precision float32|bfloat16|float16] [--large]
+                                [--threads N]
 
 Prints, per stage, the median wall time of N runs (after one warm-up run) and the fastest run (the
 better figure on a machine shared with other work), the peak resident memory of the process so far
@@ -53,6 +54,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per stage (median reported)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32", help="encoder precision on CUDA")
     parser.add_argument("--large", action="store_true", help="also prepare a 512x512x1000 CT (peak memory)")
+    parser.add_argument("--threads", type=int, default=machine_cores(), help="torch threads (default: every core)")
     return parser.parse_args()
 
 
@@ -173,7 +175,7 @@ def yardstick_vit_b(device: torch.device) -> nn.Module:
 def main() -> None:
     arguments = parse_arguments()
     device = resolve_device(arguments.device)
-    torch.set_num_threads(machine_cores())
+    torch.set_num_threads(arguments.threads)
     torch.manual_seed(0)
     gpu = f" ({torch.cuda.get_device_name(device)}, encoder {arguments.precision})" if device.type == "cuda" else ""
     print(
