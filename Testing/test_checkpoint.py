@@ -9,20 +9,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import TINY, shared_path
 
 from SAMMed3DLib.checkpoint import load_model, read_state_dict, save_checkpoint
-from SAMMed3DLib.config import ModelConfig, build_model
+from SAMMed3DLib.config import build_model
 from SAMMed3DLib.errors import CheckpointError
-
-TINY = ModelConfig(
-    encoder_embed_dim=48,
-    encoder_depth=2,
-    encoder_num_heads=1,
-    encoder_global_attn_indexes=(1,),
-    prompt_embed_dim=48,
-    decoder_mlp_dim=64,
-)
 
 
 @pytest.fixture(scope="module")

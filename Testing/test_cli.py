@@ -8,20 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import TINY, shared_path
 
 from SAMMed3DLib.checkpoint import save_checkpoint
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.commands.segment import OrderedClick
-from SAMMed3DLib.config import ModelConfig, build_model
-
-TINY = ModelConfig(
-    encoder_embed_dim=48,
-    encoder_depth=2,
-    encoder_num_heads=1,
-    encoder_global_attn_indexes=(1,),
-    prompt_embed_dim=48,
-    decoder_mlp_dim=64,
-)
+from SAMMed3DLib.config import build_model
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +174,6 @@ def test_batch_reads_csv_manifests(tmp_path, checkpoint, image_path, capsys):
 
 def test_evaluate_command_reproduces_the_official_run(tmp_path, capsys):
     """Official protocol through the command (seed 233, one click) on the real half-voxel-tie CT."""
-    from conftest import shared_path
-
     out, report_path = tmp_path / "pred.nii.gz", tmp_path / "report.json"
     code = main(
         [

@@ -6,24 +6,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import shared_path
+from conftest import TINY, shared_path
 
 from SAMMed3DLib.checkpoint import load_model
-from SAMMed3DLib.config import ModelConfig, build_model
+from SAMMed3DLib.config import build_model
 from SAMMed3DLib.errors import InputError
 from SAMMed3DLib.predictor import RegionPredictor
 from SAMMed3DLib.preprocess import PreparedVolume
 from SAMMed3DLib.session import Click, InteractiveSession
 from SAMMed3DLib.volume import Volume
-
-TINY = ModelConfig(
-    encoder_embed_dim=48,
-    encoder_depth=2,
-    encoder_num_heads=1,
-    encoder_global_attn_indexes=(1,),
-    prompt_embed_dim=48,
-    decoder_mlp_dim=64,
-)
 
 
 class CountingPredictor(RegionPredictor):
