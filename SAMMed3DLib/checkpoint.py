@@ -18,6 +18,7 @@ from typing import Mapping, Union
 
 import torch
 
+from .atomic import atomic_destination
 from .config import build_model, config_from_state_dict
 from .errors import CheckpointError
 from .modeling import Sam3D
@@ -169,11 +170,6 @@ def _check_keys(model: Sam3D, state: Mapping[str, torch.Tensor], source: str) ->
 
 def save_checkpoint(path: PathLike, model: Sam3D, **training_state: object) -> None:
     """Write a checkpoint in the official training layout, whole or not at all."""
-    path = Path(path)
     content = {"model_state_dict": model.state_dict(), **training_state}
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_destination(path) as temporary:
         torch.save(content, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

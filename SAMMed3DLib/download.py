@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, TextIO
 from urllib.parse import urlparse
 
+from .atomic import write_text_atomic
 from .errors import DownloadError
 
 ProgressCallback = Callable[[int, Optional[int]], Optional[bool]]
@@ -65,10 +66,7 @@ def read_recorded_sha256(destination: Path) -> str | None:
 
 def record_sha256(destination: Path, digest: str) -> None:
     """Write `<destination>.sha256` atomically, in the format `sha256sum -c` reads."""
-    sidecar = sidecar_path(destination)
-    temporary = sidecar.with_name(sidecar.name + ".tmp")
-    temporary.write_text(f"{digest}  {destination.name}\n", encoding="ascii")
-    os.replace(temporary, sidecar)
+    write_text_atomic(sidecar_path(destination), f"{digest}  {destination.name}\n", encoding="ascii")
 
 
 def download_file(
@@ -195,8 +193,7 @@ def _receive(response, url: str, name: str, part: Path, offset: int, progress, c
 def _report(progress, name: str, done: int, total: int | None) -> None:
     if progress is not None and progress(done, total) is False:
         raise DownloadCancelled(
-            f"The download of {name} was cancelled after {done} bytes: run it again to resume where it "
-            "stopped."
+            f"The download of {name} was cancelled after {done} bytes: run it again to resume where it stopped."
         )
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import SimpleITK as sitk
 
+from .atomic import atomic_destination
 from .errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -71,16 +71,10 @@ def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
         raise InputError(f"Output path {target} has no file extension; use e.g. .nii.gz, .nrrd or .mha.")
     if suffix.lower() in _TWO_FILE_SUFFIXES:
         raise InputError(f"Output format {suffix} stores two files and cannot be written atomically; use .nii.gz.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=target.parent)
-    os.close(handle)
     try:
-        sitk.WriteImage(image, temporary, True)
-        os.replace(temporary, target)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, RuntimeError):
-            reason = _first_line(error)
-            raise InputError(f"Could not write {target} ({reason}); check the folder and the format.") from error
-        raise
+        with atomic_destination(target, suffix) as temporary:
+            sitk.WriteImage(image, str(temporary), True)
+    except (RuntimeError, OSError) as error:
+        reason = _first_line(error)
+        raise InputError(f"Could not write {target} ({reason}); check the folder and the format.") from error
     return target

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import write_text_atomic
 from .errors import InputError
+from .imageio import write_image_atomic
 
 DEFAULT_MAX_VOXELS = 256 * 256 * 100
 MIN_MAX_VOXELS = 64**3
@@ -691,20 +691,9 @@ def write_phantom(phantom: Phantom, out_dir: Path) -> tuple[Path, Path]:
     }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(image_path, lambda temporary: sitk.WriteImage(phantom.image, str(temporary), True))
-        _write_atomically(label_path, lambda temporary: sitk.WriteImage(phantom.label, str(temporary), True))
-        text = json.dumps(description, indent=2) + "\n"
-        _write_atomically(out_dir / LABELS_JSON, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        write_image_atomic(phantom.image, image_path)
+        write_image_atomic(phantom.label, label_path)
+        write_text_atomic(out_dir / LABELS_JSON, json.dumps(description, indent=2) + "\n")
     except (OSError, RuntimeError) as error:
         raise InputError(f"Cannot write the phantom into {out_dir} ({error}); choose a writable folder.") from error
     return image_path, label_path
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write to a temporary file beside `path` (same suffix, so writers pick the format) and rename."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{''.join(path.suffixes)}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

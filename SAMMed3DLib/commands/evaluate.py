@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..batch import write_mask
 from ..errors import InputError
 from ..evaluate import OFFICIAL_SEED, EvaluationResult, evaluate_case
@@ -46,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     report_fallback(predictor)
     print(dice_table(result))
     if args.report:
-        _write_json(Path(args.report), report(result))
+        write_text_atomic(args.report, json.dumps(report(result), indent=2))
     return 0
 
 
@@ -85,15 +83,3 @@ def dice_table(result: EvaluationResult) -> str:
     mean = report(result)["mean_dice"]
     rows.append(f"{'mean':>6} " + " ".join(f"{d:>9.4f}" for d in mean))
     return "\n".join(rows)
-
-
-def _write_json(path: Path, content: dict) -> None:
-    """Write JSON whole or not at all."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(content, stream, indent=2)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
