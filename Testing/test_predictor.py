@@ -1,0 +1,99 @@
+"""Region predictor: embedding cache, decoder steps, and the CPU fallback when the GPU runs out of memory."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from SAMMed3DLib.config import build_model
+from SAMMed3DLib.errors import SAMMed3DError
+from SAMMed3DLib.predictor import RegionPredictor, load_predictor
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(5)
+    return build_model(TINY)
+
+
+def _volume_input(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 1, 128, 128, 128)).astype(np.float32))
+
+
+def test_embedding_cache_computes_each_region_once_and_evicts_the_oldest(model):
+    predictor = RegionPredictor(model, cache_size=2)
+    calls = []
+
+    def region(seed):
+        return lambda: calls.append(seed) or _volume_input(seed)
+
+    first = predictor.embedding_for("a", region(0))
+    assert predictor.embedding_for("a", region(0)) is first
+    predictor.embedding_for("b", region(1))
+    predictor.embedding_for("c", region(2))  # evicts "a"
+    predictor.embedding_for("a", region(0))
+    assert calls == [0, 1, 2, 0]
+
+
+def test_decode_without_points_is_a_mask_only_step(model):
+    predictor = RegionPredictor(model)
+    embedding = predictor.embed(_volume_input())
+    logits, iou = predictor.decode(embedding, np.zeros((0, 3)), np.zeros(0))
+    refined, _ = predictor.decode(embedding, np.array([[64, 64, 64]]), np.array([1]), logits)
+    assert logits.shape == refined.shape == (1, 1, 32, 32, 32)
+    assert not torch.equal(logits, refined) and np.isfinite(iou)
+    mask = predictor.upsample_to_mask(refined)
+    assert mask.shape == (128, 128, 128) and mask.dtype == np.uint8
+
+
+class _RunsOutOfGpuMemoryOnce(RegionPredictor):
+    """Pretends to sit on a GPU whose memory runs out at the first encoder run."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.device = torch.device("cuda")
+        self.failures = 1
+
+    def _embed(self, region_input):
+        if self.device.type == "cuda" and self.failures:
+            self.failures -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super()._embed(region_input)
+
+
+def test_out_of_gpu_memory_retries_on_the_cpu_and_says_so(model, caplog):
+    predictor = _RunsOutOfGpuMemoryOnce(model)
+    with caplog.at_level(logging.WARNING):
+        embedding = predictor.embed(_volume_input())
+    assert predictor.fell_back_to_cpu and predictor.device.type == "cpu"
+    assert embedding.device.type == "cpu"
+    assert "Out of GPU memory" in caplog.text
+
+
+def test_unknown_precision_is_refused(model):
+    with pytest.raises(ValueError, match="precision"):
+        RegionPredictor(model, precision="float8")
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SAMMed3DError, match="--device cpu"):
+        load_predictor(None, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_path_matches_cpu(model):
+    cpu = RegionPredictor(model)
+    gpu = RegionPredictor(copy.deepcopy(model), device="cuda")
+    volume = _volume_input()
+    np.testing.assert_allclose(gpu.embed(volume).cpu().numpy(), cpu.embed(volume).numpy(), atol=1e-3)
+    point, label = np.array([[64, 64, 64]]), np.array([1])
+    gpu_logits, _ = gpu.decode(gpu.embed(volume), point, label)
+    cpu_logits, _ = cpu.decode(cpu.embed(volume), point, label)
+    np.testing.assert_allclose(gpu_logits.cpu().numpy(), cpu_logits.numpy(), atol=1e-3)
