@@ -11,6 +11,8 @@ itself, so the arithmetic matches bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -95,14 +97,32 @@ def _axis_lookup(start: np.ndarray, end: np.ndarray, alpha: np.ndarray) -> tuple
     return table, row_to_pair.reshape(-1)
 
 
-def paste_region_mask(region_mask: np.ndarray, region: Region, volume: Volume) -> tuple[np.ndarray, Box]:
-    """The region mask (128^3, (a0, a1, a2) order) on the original grid, restricted to the region's
-    footprint: returns (mask in K, J, I order over the box, box as KJI slices). Voxels of the box whose
-    centre lies outside the region are 0; voxels outside the box are 0 as well (not returned)."""
-    mask = np.asarray(region_mask)
-    if mask.shape != (ROI_SIZE,) * 3:
-        raise InputError(f"A region mask must be {ROI_SIZE}^3 voxels, got shape {mask.shape}.")
-    empty = np.zeros((0, 0, 0), dtype=np.uint8), (slice(0, 0),) * 3
+@dataclass(frozen=True)
+class Footprint:
+    """Where a region lands on the original grid: for every voxel of a KJI box, the region voxel whose
+    value it takes (`flat_index` into the raveled 128^3 mask) and whether its centre is inside the region.
+    It depends only on the two grids, so it is computed once per region and reused for every click."""
+
+    box: Box
+    flat_index: np.ndarray  # int32, box shape; 0 where outside
+    inside: np.ndarray  # bool, box shape
+
+    def paste(self, region_mask: np.ndarray) -> np.ndarray:
+        """The region mask (128^3, (a0, a1, a2) order) on the footprint box, uint8 (K, J, I)."""
+        mask = np.asarray(region_mask)
+        if mask.shape != (ROI_SIZE,) * 3:
+            raise InputError(f"A region mask must be {ROI_SIZE}^3 voxels, got shape {mask.shape}.")
+        values = np.take(np.ravel(mask), self.flat_index) != 0
+        values &= self.inside
+        return values.astype(np.uint8)
+
+
+_EMPTY_BOX: Box = (slice(0, 0),) * 3
+
+
+def region_footprint(region: Region, volume: Volume) -> Footprint:
+    """The footprint of `region` on `volume`'s grid (empty when they do not overlap)."""
+    empty = Footprint(_EMPTY_BOX, np.zeros((0, 0, 0), dtype=np.int32), np.zeros((0, 0, 0), dtype=bool))
     box = _candidate_box(region, volume)
     if box is None:
         return empty
@@ -126,17 +146,22 @@ def paste_region_mask(region_mask: np.ndarray, region: Region, volume: Volume) -
         inside &= axis_index >= 0
         flat_index *= ROI_SIZE
         flat_index += axis_index
-    outside = ~inside
-    np.putmask(flat_index, outside, 0)
-    values = np.take(np.ravel(mask), flat_index)
-    np.putmask(values, outside, 0)
+    np.putmask(flat_index, ~inside, 0)
     shape = tuple(b.stop - b.start for b in box)
-    values, inside = values.reshape(shape), inside.reshape(shape)
+    flat_index, inside = flat_index.reshape(shape), inside.reshape(shape)
     if not inside.any():
         return empty
     tight = _tight_box(inside, box)
     local = tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tight, box))
-    return (values[local] != 0).astype(np.uint8), tight
+    return Footprint(tight, np.ascontiguousarray(flat_index[local]), np.ascontiguousarray(inside[local]))
+
+
+def paste_region_mask(region_mask: np.ndarray, region: Region, volume: Volume) -> tuple[np.ndarray, Box]:
+    """The region mask (128^3, (a0, a1, a2) order) on the original grid, restricted to the region's
+    footprint: returns (mask in K, J, I order over the box, box as KJI slices). Voxels of the box whose
+    centre lies outside the region are 0; voxels outside the box are 0 as well (not returned)."""
+    footprint = region_footprint(region, volume)
+    return footprint.paste(region_mask), footprint.box
 
 
 def paste_into(full_mask: np.ndarray, patch: np.ndarray, box: Box, value: int = 1) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .postprocess import paste_region_mask
+from .postprocess import Footprint, region_footprint
 from .predictor import RegionPredictor
 from .preprocess import PreparedVolume, Region
 
@@ -98,6 +98,7 @@ class InteractiveSession:
         # Replay cache: _snapshots[n] = the regions' decoder state after the first n clicks of _replayed.
         self._replayed: tuple[Click, ...] = ()
         self._snapshots: list[list[_RegionRun]] = [[]]
+        self._footprints: dict[tuple[int, int, int], Footprint] = {}
 
     @property
     def clicks(self) -> tuple[Click, ...]:
@@ -259,12 +260,12 @@ class InteractiveSession:
         volume = self.prepared.volume
         mask = np.zeros(volume.shape_kji, dtype=np.uint8)
         boxes = []
+        footprints = [self._footprint(run.region) for run in runs]
         if len(runs) == 1:
-            patch, box = paste_region_mask(runs[0].mask, runs[0].region, volume)
-            mask[box] = patch
-            boxes.append(box)
+            mask[footprints[0].box] = footprints[0].paste(runs[0].mask)
+            boxes.append(footprints[0].box)
         elif runs:
-            boxes = _paste_nearest_region(mask, runs, volume)
+            boxes = _paste_nearest_region(mask, runs, footprints, volume.ijk_to_ras)
         timings["paste"] += time.perf_counter() - started
         changed = self._changed_box(mask, boxes)
         result = SessionResult(
@@ -278,6 +279,12 @@ class InteractiveSession:
         self._last = result
         self._last_boxes = boxes
         return result
+
+    def _footprint(self, region: Region) -> Footprint:
+        """Where a region lands on the volume's grid, computed once per region of this session."""
+        if region.begin not in self._footprints:
+            self._footprints[region.begin] = region_footprint(region, self.prepared.volume)
+        return self._footprints[region.begin]
 
     def _changed_box(self, mask: np.ndarray, boxes: list[KJI]) -> Optional[KJI]:
         """Bounding box of the voxels that differ from the previous result (only footprints can differ)."""
@@ -293,20 +300,20 @@ class InteractiveSession:
         return tuple(slice(s.start + int(d.min()), s.start + int(d.max()) + 1) for s, d in zip(union, differs))
 
 
-def _paste_nearest_region(mask: np.ndarray, runs: list[_RegionRun], volume) -> list[KJI]:
+def _paste_nearest_region(
+    mask: np.ndarray, runs: list[_RegionRun], footprints: list[Footprint], ijk_to_ras: np.ndarray
+) -> list[KJI]:
     """Where regions overlap, each voxel takes the mask of the region whose centre is nearest."""
-    boxes = []
-    pasted = [paste_region_mask(run.mask, run.region, volume) for run in runs]
-    union = _union_box([box for _, box in pasted])
+    union = _union_box([footprint.box for footprint in footprints])
     best = np.full(tuple(s.stop - s.start for s in union), np.inf, dtype=np.float32)
-    for run, (patch, box) in zip(runs, pasted):
+    for run, footprint in zip(runs, footprints):
+        box = footprint.box
         local = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
-        distance = _distance_to_point(box, volume.ijk_to_ras, np.asarray(run.region.center_ras))
-        nearer = distance < best[local]
+        distance = _distance_to_point(box, ijk_to_ras, np.asarray(run.region.center_ras))
+        nearer = footprint.inside & (distance < best[local])
         best[local][nearer] = distance[nearer]
-        mask[box][nearer] = patch[nearer]
-        boxes.append(box)
-    return boxes
+        mask[box][nearer] = footprint.paste(run.mask)[nearer]
+    return [footprint.box for footprint in footprints]
 
 
 def _distance_to_point(box: KJI, ijk_to_ras: np.ndarray, point: np.ndarray) -> np.ndarray:
