@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -17,13 +17,13 @@ def atomic_destination(target: PathLike, suffix: str = "") -> Iterator[Path]:
     right format); it replaces `target` when the block ends normally and is removed otherwise."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(handle)
+    # The writer creates the file itself, so it gets the usual permissions (a mkstemp file would be 0600).
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
-        yield Path(temporary)
+        yield temporary
         os.replace(temporary, target)
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
