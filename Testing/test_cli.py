@@ -36,27 +36,14 @@ def image_path(tmp_path_factory):
     return path
 
 
+def _segment(image, checkpoint, out, *options: str) -> int:
+    """Run `sammed3d segment` on IJK points."""
+    return main(["segment", str(image), "--checkpoint", str(checkpoint), "--out", str(out), "--space", "ijk", *options])
+
+
 def test_segment_writes_a_mask_with_the_image_geometry(tmp_path, checkpoint, image_path, capsys):
     out = tmp_path / "mask.nii.gz"
-    code = main(
-        [
-            "segment",
-            str(image_path),
-            "--checkpoint",
-            str(checkpoint),
-            "--out",
-            str(out),
-            "--pos",
-            "25,30,15",
-            "--neg",
-            "20,30,15",
-            "--space",
-            "ijk",
-            "--regions",
-            "1",
-        ]
-    )
-    assert code == 0
+    assert _segment(image_path, checkpoint, out, "--pos", "25,30,15", "--neg", "20,30,15", "--regions", "1") == 0
     mask, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(image_path))
     assert mask.GetSize() == image.GetSize() and mask.GetPixelID() == sitk.sitkUInt8
     assert np.allclose(mask.GetOrigin(), image.GetOrigin()) and np.allclose(mask.GetDirection(), image.GetDirection())
@@ -80,63 +67,27 @@ def test_clicks_keep_command_line_order():
 )
 def test_segment_errors_are_one_clear_sentence(tmp_path, checkpoint, image_path, clicks, message, capsys):
     out = tmp_path / "mask.nii.gz"
-    code = main(
-        ["segment", str(image_path), "--checkpoint", str(checkpoint), "--out", str(out), "--space", "ijk"] + clicks
-    )
-    assert code == 2
+    assert _segment(image_path, checkpoint, out, *clicks) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_missing_image_and_bad_checkpoint(tmp_path, checkpoint, capsys):
-    assert (
-        main(["segment", str(tmp_path / "absent.nii.gz"), "--out", str(tmp_path / "m.nii.gz"), "--pos", "1,2,3"]) == 2
-    )
+    assert _segment(tmp_path / "absent.nii.gz", checkpoint, tmp_path / "m.nii.gz", "--pos", "1,2,3") == 2
     assert "absent.nii.gz" in capsys.readouterr().err
     bad = tmp_path / "bad.pth"
     bad.write_text("not a model")
     image = tmp_path / "img.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.arange(8000, dtype=np.int16).reshape(20, 20, 20)), str(image))
-    assert (
-        main(
-            [
-                "segment",
-                str(image),
-                "--checkpoint",
-                str(bad),
-                "--out",
-                str(tmp_path / "m.nii.gz"),
-                "--pos",
-                "5,5,5",
-                "--space",
-                "ijk",
-            ]
-        )
-        == 2
-    )
+    assert _segment(image, bad, tmp_path / "m.nii.gz", "--pos", "5,5,5") == 2
     assert "not a PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_cuda_requested_without_cuda(tmp_path, checkpoint, image_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code = main(
-        [
-            "segment",
-            str(image_path),
-            "--checkpoint",
-            str(checkpoint),
-            "--out",
-            str(tmp_path / "m.nii.gz"),
-            "--pos",
-            "25,30,15",
-            "--space",
-            "ijk",
-            "--device",
-            "cuda",
-        ]
-    )
-    assert code == 2 and "--device cpu" in capsys.readouterr().err
+    assert _segment(image_path, checkpoint, tmp_path / "m.nii.gz", "--pos", "25,30,15", "--device", "cuda") == 2
+    assert "--device cpu" in capsys.readouterr().err
 
 
 def test_batch_continues_past_a_failing_case(tmp_path, checkpoint, image_path, capsys):
