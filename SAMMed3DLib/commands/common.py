@@ -34,7 +34,7 @@ def predictor_from_args(args: argparse.Namespace) -> RegionPredictor:
     finally:
         progress.finish()
     if predictor.device.type == "cpu":
-        print("Running on the CPU (no CUDA GPU in use): the first click of a region takes a few seconds.")
+        print("Running on the CPU (no CUDA GPU in use): the first click of a region is the slow one.")
     return predictor
 
 
