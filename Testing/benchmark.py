@@ -33,6 +33,7 @@ from SAMMed3DLib.config import build_model
 from SAMMed3DLib.device import resolve_device
 from SAMMed3DLib.predictor import PRECISIONS, RegionPredictor
 from SAMMed3DLib.preprocess import PreparedVolume, Region
+from SAMMed3DLib.session import Click, InteractiveSession, SessionResult
 from SAMMed3DLib.volume import Volume
 
 CT_SHAPE_KJI = (61, 512, 512)
@@ -189,6 +190,7 @@ def main() -> None:
     encoder_times = encoder_stages(predictor, region.network_input(), arguments.runs)
     yardstick_time = yardstick_stage(device, arguments.precision, arguments.runs)
     click_stages(predictor, region.network_input(), region, volume, arguments.runs)
+    session_stages(predictor, volume, arguments.runs)
     print_ratios(encoder_times, yardstick_time)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
 
@@ -246,7 +248,33 @@ def click_stages(
     report("one click (decode + upsample)", measure(click, runs, predictor.device))
     mask = click()
     paste = measure(lambda: postprocess.paste_region_mask(mask, region, volume), runs, torch.device("cpu"))
-    report("map back (paste region mask)", paste)
+    report("map back, new region (footprint + paste)", paste)
+    footprint = postprocess.region_footprint(region, volume)
+    report("map back, same region (paste)", measure(lambda: footprint.paste(mask), runs, torch.device("cpu")))
+
+
+def session_stages(predictor: RegionPredictor, volume: Volume, runs: int) -> None:
+    """What a user waits for: click to mask on the original grid, through an interactive session
+    (the volume was prepared when it was chosen). First click: a new region, so the encoder runs."""
+    prepared = PreparedVolume(volume)
+    centre = volume_centre_ras(volume)
+
+    def first_click() -> SessionResult:
+        fresh = RegionPredictor(predictor.model, device=predictor.device, precision=predictor.precision)
+        return InteractiveSession(fresh, prepared, regions="1").add_click(Click(tuple(centre)))
+
+    report("session: first click, click to mask", measure(first_click, runs, predictor.device))
+    first = Click(tuple(centre))
+    session = InteractiveSession(predictor, prepared, regions="1")
+    session.add_click(first)
+    offsets = iter(range(1, 10**6))
+
+    def refinement_click() -> SessionResult:
+        # A new second click each time (the first click's state is reused, as after a real first click).
+        second = Click(tuple(centre + np.array([3.0, -2.0, 1.0]) * next(offsets) % 20), positive=False)
+        return session.set_clicks([first, second])
+
+    report("session: refinement click, click to mask", measure(refinement_click, runs, predictor.device))
 
 
 def print_ratios(encoder_times: dict[str, Timing], yardstick_time: Timing) -> None:
