@@ -263,7 +263,7 @@ def session_stages(predictor: RegionPredictor, volume: Volume, runs: int) -> Non
         fresh = RegionPredictor(predictor.model, device=predictor.device, precision=predictor.precision)
         return InteractiveSession(fresh, prepared, regions="1").add_click(Click(tuple(centre)))
 
-    report("session: first click, click to mask", measure(first_click, runs, predictor.device))
+    report("session: first click (click to mask)", measure(first_click, runs, predictor.device))
     first = Click(tuple(centre))
     session = InteractiveSession(predictor, prepared, regions="1")
     session.add_click(first)
@@ -274,7 +274,7 @@ def session_stages(predictor: RegionPredictor, volume: Volume, runs: int) -> Non
         second = Click(tuple(centre + np.array([3.0, -2.0, 1.0]) * next(offsets) % 20), positive=False)
         return session.set_clicks([first, second])
 
-    report("session: refinement click, click to mask", measure(refinement_click, runs, predictor.device))
+    report("session: refinement click", measure(refinement_click, runs, predictor.device))
 
 
 def print_ratios(encoder_times: dict[str, Timing], yardstick_time: Timing) -> None:
