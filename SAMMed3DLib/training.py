@@ -562,8 +562,3 @@ def model_for_training(
     if checkpoint is not None:
         return load_model(checkpoint)
     return build_model(config or ModelConfig())
-
-
-def export_weights(model: Sam3D, path: PathLike, **metadata: object) -> None:
-    """Only the weights (official layout, no optimiser state): what to ship or share."""
-    save_checkpoint(path, model, **metadata)
