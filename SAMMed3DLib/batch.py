@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +12,7 @@ import SimpleITK as sitk
 
 from .errors import InputError, SAMMed3DError
 from .imageio import PathLike, write_image_atomic
+from .manifest import manifest_rows
 from .predictor import RegionPredictor
 from .preprocess import PreparedVolume
 from .session import Click, InteractiveSession, SessionResult
@@ -85,15 +84,9 @@ def read_manifest(path: PathLike) -> list[Case]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Manifest {path} does not exist: give a .csv or .json file listing images and clicks.")
-    if path.suffix.lower() == ".json":
-        entries = json.loads(path.read_text())
-        if isinstance(entries, dict):
-            entries = entries.get("cases", [])
-    elif path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
-            entries = list(csv.DictReader(handle))
-    else:
+    if path.suffix.lower() not in (".csv", ".json"):
         raise InputError(f"Manifest {path} must be a .csv or .json file.")
+    entries = manifest_rows(path)
     if not entries:
         raise InputError(f"Manifest {path} lists no cases.")
     return [_case_from_entry(entry, path.parent, number) for number, entry in enumerate(entries, start=1)]

@@ -11,7 +11,6 @@ previous low-resolution logits, and mask-only steps at a random step and at the 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ from .checkpoint import load_model, model_from_state_dict, save_checkpoint
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError
+from .manifest import manifest_rows
 from .metrics import dice
 from .modeling import Sam3D
 from .preprocess import ROI_SIZE, PreparedVolume, begin_for_label_bbox, crop_with_zero_padding, normalise_intensities
@@ -80,13 +80,7 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
 
 
 def _read_manifest(path: Path) -> list[CaseFiles]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        rows = json.loads(text)
-        if isinstance(rows, dict):
-            rows = rows.get("cases", [])
-    else:
-        rows = list(csv.DictReader(text.splitlines()))
+    rows = manifest_rows(path)
     cases = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not row.get("image") or not row.get("label"):
@@ -274,13 +268,6 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ interaction
 
 
-def training_click(
-    previous: np.ndarray, label: np.ndarray, random_state: np.random.RandomState
-) -> tuple[np.ndarray, int]:
-    """A click from the errors of the previous prediction (1 if a false negative, 0 if a false positive)."""
-    return simulate_click(previous, label, random_state=random_state)
-
-
 def mask_only_steps(steps: int, rng: np.random.Generator) -> set[int]:
     """The last step and one random step in [2, steps - 2] (official: [2, 8] of 11) get no point."""
     chosen = {steps - 1}
@@ -307,7 +294,7 @@ def interact(
     no_point = mask_only_steps(steps, rng)
     total = torch.zeros((), device=device)
     for step in range(steps):
-        point, point_label = training_click(previous_mask, label, clicks)
+        point, point_label = simulate_click(previous_mask, label, random_state=clicks)
         points = None
         if step not in no_point:
             coords = torch.tensor(point, dtype=torch.float32, device=device).view(1, 1, 3)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from SAMMed3DLib.checkpoint import load_model
+from SAMMed3DLib.clicks import simulate_click
 from SAMMed3DLib.commands import train as train_command
 from SAMMed3DLib.config import ModelConfig, build_model
 from SAMMed3DLib.errors import InputError
@@ -27,7 +28,6 @@ from SAMMed3DLib.training import (
     mask_only_steps,
     model_for_training,
     read_training_checkpoint,
-    training_click,
 )
 
 TINY = ModelConfig(
@@ -126,7 +126,7 @@ def test_flips_keep_image_label_and_clicks_together():
         flipped_raw, flipped_label = flip_region(raw, label, axes)
         np.testing.assert_array_equal(flipped_label, flipped_raw % 7 == 0)
         # a click drawn on the flipped label is the mirror image of a foreground voxel of the original
-        point, point_label = training_click(np.zeros_like(flipped_label), flipped_label, random_state)
+        point, point_label = simulate_click(np.zeros_like(flipped_label), flipped_label, random_state=random_state)
         mirrored = np.array(point)
         mirrored[list(axes)] = 127 - mirrored[list(axes)]
         assert point_label == 1 and label[tuple(mirrored)]
@@ -144,12 +144,12 @@ def test_clicks_are_positive_in_false_negatives_and_negative_in_false_positives(
     random_state = np.random.RandomState(0)
     seen = set()
     for _ in range(40):
-        point, point_label = training_click(prediction, label, random_state)
+        point, point_label = simulate_click(prediction, label, random_state=random_state)
         assert point_label == int(label[tuple(point)])
         assert label[tuple(point)] or prediction[tuple(point)]
         seen.add(point_label)
     assert seen == {0, 1}
-    point, point_label = training_click(label, label, random_state)
+    point, point_label = simulate_click(label, label, random_state=random_state)
     assert point_label == 1 and label[tuple(point)]
 
 
