@@ -14,7 +14,7 @@ from .errors import InputError, SAMMed3DError
 from .imageio import PathLike, write_image_atomic
 from .manifest import manifest_rows
 from .predictor import RegionPredictor
-from .preprocess import PreparedVolume
+from .preprocess import prepare
 from .session import Click, InteractiveSession, SessionResult
 from .volume import POINT_SPACES, Volume, parse_point
 
@@ -61,7 +61,7 @@ def segment_volume(
     if not clicks:
         raise InputError("No clicks were given: add at least one positive point.")
     ras = volume.points_to_ras([point for point, _ in clicks], space)
-    session = InteractiveSession(predictor, PreparedVolume(volume), prompt_mode=prompt_mode, regions=regions)
+    session = InteractiveSession(predictor, prepare(volume), prompt_mode=prompt_mode, regions=regions)
     return session.set_clicks([Click(tuple(p), positive) for p, (_, positive) in zip(ras.tolist(), clicks)])
 
 
