@@ -14,9 +14,11 @@ from SAMMed3DLib.modeling.image_encoder import Block
 FAST_PATHS = ("fast", "fused")
 
 
-def random_block(dim: int, heads: int, window_size: int, grid: int, seed: int = 0, table_std: float = 0.5) -> Block:
+def random_block(
+    dim: int, heads: int, window_size: int, grid: int, seed: int = 0, table_std: float = 0.5, qkv_bias: bool = True
+) -> Block:
     """A block whose relative-position tables and biases are far from their trivial initial values."""
-    block = Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, window_size=window_size, input_size=grid).eval()
+    block = Block(dim, heads, mlp_ratio=4.0, qkv_bias=qkv_bias, window_size=window_size, input_size=grid).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in block.named_parameters():
@@ -61,6 +63,15 @@ def test_full_size_windowed_block_matches_reference():
 def test_odd_configurations_match_reference(window_size, grid):
     block = random_block(dim=32, heads=2, window_size=window_size, grid=grid, seed=grid + window_size)
     x = torch.randn(2, grid, grid, grid, 32, generator=torch.Generator().manual_seed(2))
+    outputs = block_outputs(block, x, ("reference",) + FAST_PATHS)
+    for path in FAST_PATHS:
+        np.testing.assert_allclose(outputs[path].numpy(), outputs["reference"].numpy(), atol=1e-5, rtol=0, err_msg=path)
+
+
+def test_without_qkv_bias_padding_tokens_project_to_zero():
+    block = random_block(dim=32, heads=2, window_size=14, grid=8, seed=3, qkv_bias=False)
+    assert block.attn.qkv.bias is None
+    x = torch.randn(1, 8, 8, 8, 32, generator=torch.Generator().manual_seed(4))
     outputs = block_outputs(block, x, ("reference",) + FAST_PATHS)
     for path in FAST_PATHS:
         np.testing.assert_allclose(outputs[path].numpy(), outputs["reference"].numpy(), atol=1e-5, rtol=0, err_msg=path)

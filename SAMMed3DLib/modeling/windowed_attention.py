@@ -71,25 +71,42 @@ def attend(attn: Attention, x: torch.Tensor, size: int, fused: bool = False) -> 
     padded = (rd, rh, rw) != (size, size, size)
     q_pad = None
     if padded:
-        q_pad, k_pad, v_pad = _padding_qkv(attn, x.new_zeros(b, 1, dim))
+        q_pad, k_pad, v_pad = _padding_qkv(attn, b, q)
     term_d, term_h, term_w = relative_position_terms(attn, q.view(-1, rd, rh, rw, q.shape[-1]), q_pad, size)
-    if padded:
-        masses = padding_log_masses(term_d, term_h, term_w)
+    masses = padding_log_masses(term_d, term_h, term_w) if padded else None
+    if masses is not None:
         # One extra key per padding column, all equal to the padding key and value.
         keys = torch.cat([keys, k_pad.expand(-1, masses.shape[-1], -1)], dim=1)
         values = torch.cat([values, v_pad.expand(-1, masses.shape[-1], -1)], dim=1)
-    kd_kh_terms = term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw]
-    # In q's dtype: under autocast the terms' dtype depends on how einsum was computed.
-    bias = (term_d[:, :, :, :, None, None, :rw] + kd_kh_terms[:, :, :, None]).reshape(-1, n, n).to(q.dtype)
-    if padded:
-        bias = torch.cat([bias, masses.to(bias.dtype)], dim=-1)
+    term_d = term_d[:, :, :, :, None, None, :rw]  # (B*heads, rd, rh, rw, 1, 1, kw)
+    kd_kh_terms = (term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw])[:, :, :, None]
+    logits = _logits_bias(term_d, kd_kh_terms, masses, q.dtype)
     if fused:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=attn.scale)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=logits, scale=attn.scale)
     else:
-        # In place: the bias is a fresh tensor, and neither add nor cat needs it for the backward pass.
-        logits = bias.baddbmm_(q, keys.transpose(-2, -1), alpha=attn.scale)
-        out = logits.softmax(dim=-1) @ values
+        # In place: the logits are a fresh tensor, and neither add nor cat needs it for the backward pass.
+        out = logits.baddbmm_(q, keys.transpose(-2, -1), alpha=attn.scale).softmax(dim=-1) @ values
     return _merge_heads(attn, out, b, (rd, rh, rw))
+
+
+def _logits_bias(
+    term_d: torch.Tensor, kd_kh_terms: torch.Tensor, masses: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(h, n, n [+ columns]) relative-position bias of real keys, then the padding columns' log-masses.
+
+    In `dtype` (q's): under autocast the terms' dtype depends on how einsum was computed.
+    """
+    h, rd, rh, rw = term_d.shape[:4]
+    n = rd * rh * rw
+    if torch.is_grad_enabled() and (term_d.requires_grad or kd_kh_terms.requires_grad):
+        bias = (term_d + kd_kh_terms).reshape(h, n, n).to(dtype)  # out= below has no autograd
+        return bias if masses is None else torch.cat([bias, masses.to(dtype)], dim=-1)
+    # Written into one buffer, so the (n, n) matrix is never copied.
+    logits = term_d.new_empty(h, n, n if masses is None else n + masses.shape[-1], dtype=dtype)
+    torch.add(term_d, kd_kh_terms, out=logits[:, :, :n].view(h, rd, rh, rw, rd, rh, rw))
+    if masses is not None:
+        logits[:, :, n:] = masses
+    return logits
 
 
 def relative_position_terms(
@@ -174,9 +191,15 @@ def _split_logsumexp(terms: torch.Tensor, split: int) -> tuple[torch.Tensor, tor
     return low_sum, high_sum
 
 
-def _padding_qkv(attn: Attention, zero_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B*heads, 1, head_dim) of a padding token: the official code projects a zero token."""
-    return _split_heads(attn.qkv(zero_token), attn.num_heads)
+def _padding_qkv(attn: Attention, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B*heads, 1, head_dim) of a padding token, in `like`'s dtype and device.
+
+    The official code projects a zero token, which gives exactly the projection's bias.
+    """
+    bias = attn.qkv.bias
+    if bias is None:
+        bias = like.new_zeros(attn.qkv.out_features)
+    return _split_heads(bias.to(like.dtype).expand(batch, 1, -1), attn.num_heads)
 
 
 def _split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
