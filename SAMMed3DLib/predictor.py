@@ -20,7 +20,8 @@ PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.floa
 class RegionPredictor:
     """Owns the model on its device and a small cache of region embeddings.
 
-    `precision` other than float32 runs the image encoder under CUDA autocast (ignored on the CPU).
+    `precision` other than float32 runs the image encoder under autocast on the model's device (CUDA, or
+    CPUs with native bfloat16); float32, the default, gives the official numbers.
     Running out of GPU memory moves the model to the CPU once, says so in the log, and retries.
     """
 
@@ -61,8 +62,8 @@ class RegionPredictor:
         return self._with_cpu_fallback(lambda: self._embed(region_input))
 
     def _embed(self, region_input: torch.Tensor) -> torch.Tensor:
-        dtype = PRECISIONS[self.precision] if self.device.type == "cuda" else None
-        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        dtype = PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.model.image_encoder(region_input.to(self.device)).float()
 
     def decode(

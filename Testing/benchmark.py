@@ -53,7 +53,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per stage (median reported)")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32", help="encoder precision on CUDA")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32", help="encoder autocast")
     parser.add_argument("--large", action="store_true", help="also prepare a 512x512x1000 CT (peak memory)")
     parser.add_argument("--threads", type=int, default=machine_cores(), help="torch threads (default: every core)")
     return parser.parse_args()
@@ -178,9 +178,10 @@ def main() -> None:
     device = resolve_device(arguments.device)
     torch.set_num_threads(arguments.threads)
     torch.manual_seed(0)
-    gpu = f" ({torch.cuda.get_device_name(device)}, encoder {arguments.precision})" if device.type == "cuda" else ""
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}{gpu}, "
+        f"encoder {arguments.precision}, "
         f"median of {arguments.runs} runs after one warm-up"
     )
     if arguments.large:
@@ -223,10 +224,10 @@ def encoder_stages(predictor: RegionPredictor, region_input: torch.Tensor, runs:
 def yardstick_stage(device: torch.device, precision: str, runs: int) -> Timing:
     tokens = torch.randn(1, 512, 768, device=device)
     yardstick = yardstick_vit_b(device)
-    dtype = PRECISIONS[precision] if device.type == "cuda" else None
+    dtype = PRECISIONS[precision]
 
     def run() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return yardstick(tokens)
 
     timing = measure(run, runs, device)

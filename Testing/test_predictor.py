@@ -97,3 +97,12 @@ def test_cuda_path_matches_cpu(model):
     gpu_logits, _ = gpu.decode(gpu.embed(volume), point, label)
     cpu_logits, _ = cpu.decode(cpu.embed(volume), point, label)
     np.testing.assert_allclose(gpu_logits.cpu().numpy(), cpu_logits.numpy(), atol=1e-3)
+
+
+def test_reduced_precision_runs_the_encoder_under_autocast_on_the_cpu(model):
+    region = _volume_input(3)
+    exact = RegionPredictor(model).embed(region)
+    reduced = RegionPredictor(model, precision="bfloat16").embed(region)
+    assert reduced.dtype == torch.float32 and reduced.shape == exact.shape
+    difference = (reduced - exact).abs().max().item()
+    assert 0 < difference < 0.05 * exact.abs().max().item()

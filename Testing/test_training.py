@@ -206,6 +206,18 @@ def test_checkpoints_have_the_official_layout_and_load(data, tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], value)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_uses_mixed_precision_and_writes_a_cpu_loadable_checkpoint(data, tmp_path):
+    model = tiny_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = Trainer(model, data, tiny_options(device="cuda"), tmp_path / "cuda.pth")
+    assert trainer.use_amp
+    state = trainer.run()
+    assert all(np.isfinite(loss) for loss in state.losses)
+    loaded = load_model(tmp_path / "cuda.pth")  # onto the CPU
+    assert any(not torch.equal(loaded.state_dict()[name], value) for name, value in before.items())
+
+
 def test_resume_continues_where_the_run_stopped(data, tmp_path):
     straight = Trainer(tiny_model(), data, tiny_options(steps=3), tmp_path / "straight.pth")
     straight.run()

@@ -23,7 +23,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         default="float32",
         choices=tuple(PRECISIONS),
-        help="image-encoder precision on CUDA (autocast); the CPU always uses float32",
+        help="image-encoder precision (autocast); float32 gives the official numbers",
     )
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every CUDA check in one run, for a machine with an NVIDIA GPU and a CUDA build of PyTorch:
+# the CUDA tests, the benchmark in float32 and bfloat16, and the change bfloat16 makes to logits and Dice.
+# Run from the repository root; results are printed and written under $OUT (default ./gpu_check).
+#
+#   bash Testing/gpu_check.sh
+#
+# Wheels placed in .whl/ (for example SimpleITK, where the machine lacks it and cannot reach a
+# package index) are installed into a temporary folder first.
+set -uo pipefail
+out=${OUT:-gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sammed3d_site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/sammed3d_site"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch; assert torch.cuda.is_available(), 'PyTorch sees no CUDA GPU'; print('torch', torch.__version__)" \
+    | tee -a "$out/gpu.txt" || exit 1
+python3 -m pytest Testing -q -p no:cacheprovider -k cuda -rs 2>&1 | tee "$out/cuda_tests.txt"
+for precision in float32 bfloat16; do
+    python3 Testing/benchmark.py --device cuda --runs 10 --precision "$precision" 2>&1 | tee "$out/benchmark_$precision.txt"
+done
+python3 Testing/precision_check.py --device cuda --precision bfloat16 --seeds 0-9 \
+    --out "$out/precision_bfloat16.json" 2>&1 | tee "$out/precision_bfloat16.txt"
