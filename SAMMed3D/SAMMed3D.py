@@ -122,7 +122,7 @@ class SAMMed3D(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SAM-Med3D")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Markups", "Segmentations"]
         self.parent.contributors = ["SAMMed3D contributors"]
         self.parent.helpText = _("""
 Promptable 3D segmentation with SAM-Med3D, run locally. Choose a volume, place green include points on
@@ -249,6 +249,14 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.segmentsTableView.connect(
             "selectionChanged(QItemSelection,QItemSelection)", self.onSegmentSelectionChanged)
+        for button, placeWidget in (
+            (self.ui.placePositiveButton, self.ui.positivePlaceWidget),
+            (self.ui.placeNegativeButton, self.ui.negativePlaceWidget),
+        ):
+            button.connect(
+                "clicked(bool)", lambda checked, b=button, w=placeWidget: self._onPlaceButtonClicked(b, w, checked)
+            )
+            placeWidget.connect("activeMarkupsPlaceModeChanged(bool)", button.setChecked)
         self.ui.newSegmentButton.connect("clicked()", self.onNewSegment)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.redoButton.connect("clicked()", self.onRedo)
@@ -276,6 +284,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeShortcuts()
         for placeWidget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
             placeWidget.setPlaceModeEnabled(False)
+        # The place widgets made placing persistent on the shared interaction node: other modules place one at a time.
+        slicer.app.applicationLogic().GetInteractionNode().SetPlaceModePersistence(0)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -299,7 +309,9 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            # Only plain scalar volumes: labelmaps and vector volumes are subclasses but cannot be segmented.
+            scalarVolumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            firstVolume = next((n for n in scalarVolumes if n.GetClassName() == "vtkMRMLScalarVolumeNode"), None)
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
 
@@ -348,7 +360,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = bool(key and history and history.can_undo(key))
         self.ui.redoButton.enabled = bool(key and history and history.can_redo(key))
         hasVolume = self._parameterNode is not None and self._parameterNode.inputVolume is not None
-        for widget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget, self.ui.newSegmentButton):
+        placing = (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget)
+        for widget in (*placing, self.ui.placePositiveButton, self.ui.placeNegativeButton, self.ui.newSegmentButton):
             widget.enabled = hasVolume and self._blockedPlaceWidget is None
 
     def _setStatus(self, text: str) -> None:
@@ -527,6 +540,13 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPlaceNegative(self) -> None:
         self._startPlacing(self.ui.negativePlaceWidget)
 
+    def _onPlaceButtonClicked(self, button, placeWidget, checked: bool) -> None:
+        if checked:
+            self._startPlacing(placeWidget)
+        else:
+            placeWidget.setPlaceModeEnabled(False)
+        button.checked = placeWidget.placeModeEnabled  # placing may have been refused (no volume, or busy)
+
     def _startPlacing(self, placeWidget) -> None:
         if self._parameterNode is None or self._parameterNode.inputVolume is None:
             return
@@ -602,7 +622,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentationNode, segmentId = self.logic.nodesOfKey(key)
         if segmentationNode is None or node.inputVolume is None:
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not write the segment."), waitCursor=True):
+        # No message box for a failed drag preview (it would interrupt the drag); the error is still logged.
+        with slicer.util.tryWithErrorDisplay(_("Could not write the segment."), show=not preview, waitCursor=True):
             self.logic.applyResult(
                 result, segmentationNode, segmentId, node.inputVolume,
                 overwriteOthers=node.overwriteOtherSegments,
@@ -709,7 +730,11 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showError(_("The model could not be downloaded."), error)
 
     def _prepareVolume(self, volumeNode) -> None:
-        future = self.logic.prepareVolume(volumeNode)
+        try:
+            future = self.logic.prepareVolume(volumeNode)
+        except Exception as error:  # e.g. a vector volume: say so instead of breaking the panel's update
+            self._setStatus(str(error))
+            return
         if future is not None:
             self._addJob(future, self._onVolumePrepared, _("Preparing the volume (resampling to 1.5 mm)..."))
 
@@ -742,8 +767,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if dialog is None:
             return
         if dialog.wasCanceled:
-            self._downloadCancel.set()
-            dialog.labelText = _("Cancelling (the partial file is kept for resuming)...")
+            self._downloadCancel.set()  # the dialog hides itself when cancelled: tell the status line instead
+            self._setStatus(_("Cancelling the download (the partial file is kept for resuming)..."))
             return
         done, total = self._downloadState.get("done"), self._downloadState.get("total")
         if done is None:
