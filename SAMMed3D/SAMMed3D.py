@@ -39,8 +39,9 @@ from slicer.util import VTKObservationMixin
 
 MODULE_DIR = pathlib.Path(__file__).resolve().parent
 REPOSITORY_ROOT = MODULE_DIR.parent
-MINIMUM_TORCH_VERSION = "2.5"
 ENGINE_PACKAGE = "SAMMed3DLib"
+# SAMMed3DLib.torch_version.MINIMUM_TORCH_VERSION, which cannot be imported before torch is installed.
+MINIMUM_TORCH_VERSION = "2.5"
 REGION_BOX_ATTRIBUTE = "SAMMed3D.RegionBox"
 POSITIVE_COLOR = (0.18, 0.80, 0.30)
 NEGATIVE_COLOR = (0.90, 0.20, 0.20)
@@ -968,6 +969,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
     def ensureTorch(self, askConfirmation: bool = True) -> bool:
         """Install PyTorch through the PyTorch extension if needed; False if the user declined."""
         if self.torchAvailable():
+            from SAMMed3DLib.torch_version import require_supported_torch
+
+            require_supported_torch()
             return True
         try:
             import PyTorchUtils

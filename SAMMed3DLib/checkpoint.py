@@ -22,6 +22,7 @@ from .atomic import atomic_destination
 from .config import build_model, config_from_state_dict
 from .errors import CheckpointError
 from .modeling import Sam3D
+from .torch_version import require_supported_torch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def model_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "the 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint file, whichever accepted layout it has."""
+    require_supported_torch()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file {path} does not exist: check the path or pick another file.")

@@ -78,6 +78,19 @@ def test_module_imports_neither_torch_nor_the_engine_at_load_time():
     assert not top_level & {"torch", "SAMMed3DLib", "SimpleITK", "PyTorchUtils"}
 
 
+def test_the_torch_version_the_module_installs_is_the_one_the_engine_needs():
+    from SAMMed3DLib.torch_version import MINIMUM_TORCH_VERSION
+
+    constants = {
+        target.id: node.value.value
+        for node in module_tree().body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert constants["MINIMUM_TORCH_VERSION"] == ".".join(str(part) for part in MINIMUM_TORCH_VERSION)
+
+
 def test_the_module_folder_holds_no_other_python_file():
     """Slicer loads every .py in a module folder as a module."""
     assert sorted(p.name for p in MODULE.parent.glob("*.py")) == ["SAMMed3D.py"]
