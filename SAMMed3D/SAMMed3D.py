@@ -249,7 +249,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.segmentsTableView.connect(
-            "selectionChanged(QItemSelection,QItemSelection)", self.onSegmentSelectionChanged)
+            "selectionChanged(QItemSelection,QItemSelection)", self.onSegmentSelectionChanged
+        )
         for button, placeWidget in (
             (self.ui.placePositiveButton, self.ui.positivePlaceWidget),
             (self.ui.placeNegativeButton, self.ui.negativePlaceWidget),
@@ -340,8 +341,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentsTableView.setSegmentationNode(node.segmentation)
         if node.currentSegmentId and node.currentSegmentId not in self.ui.segmentsTableView.selectedSegmentIDs():
             self.ui.segmentsTableView.setSelectedSegmentIDs([node.currentSegmentId])
-        for placeWidget, promptNode in ((self.ui.positivePlaceWidget, node.positivePoints),
-                                        (self.ui.negativePlaceWidget, node.negativePoints)):
+        for placeWidget, promptNode in (
+            (self.ui.positivePlaceWidget, node.positivePoints),
+            (self.ui.negativePlaceWidget, node.negativePoints),
+        ):
             if placeWidget.currentNode() is not promptNode:
                 placeWidget.setCurrentNode(promptNode)
         self._observePromptNodes([node.positivePoints, node.negativePoints])
@@ -422,8 +425,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _currentPrompts(self) -> tuple:
         """((positive, world RAS), ...) of the placed points, oldest first (kept across moves)."""
         found = {}
-        for positive, promptNode in ((True, self._parameterNode.positivePoints),
-                                     (False, self._parameterNode.negativePoints)):
+        for positive, promptNode in (
+            (True, self._parameterNode.positivePoints),
+            (False, self._parameterNode.negativePoints),
+        ):
             if promptNode is None:
                 continue
             for index in range(promptNode.GetNumberOfControlPoints()):
@@ -626,9 +631,14 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # No message box for a failed drag preview (it would interrupt the drag); the error is still logged.
         with slicer.util.tryWithErrorDisplay(_("Could not write the segment."), show=not preview, waitCursor=True):
             self.logic.applyResult(
-                result, segmentationNode, segmentId, node.inputVolume,
+                result,
+                segmentationNode,
+                segmentId,
+                node.inputVolume,
                 overwriteOthers=node.overwriteOtherSegments,
-                promptsBefore=self._appliedPrompts, promptsAfter=prompts, preview=preview,
+                promptsBefore=self._appliedPrompts,
+                promptsAfter=prompts,
+                preview=preview,
             )
         self._appliedPrompts, self._appliedFinal = prompts, not preview
         if self._submitted == (prompts, not preview):
@@ -642,7 +652,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _("No points: place an include point on the structure.")
         seconds = result.timings.get("total", float("nan"))
         text = _("Last step {seconds:.2f} s, predicted IoU {iou:.2f}, {regions} region(s).").format(
-            seconds=seconds, iou=result.iou, regions=len(result.regions))
+            seconds=seconds, iou=result.iou, regions=len(result.regions)
+        )
         if self.logic.fellBackToCpu():
             text += " " + _("The GPU ran out of memory: now running on the CPU.")
         return text
@@ -681,12 +692,15 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         needsDownload = spec == "turbo" and not self.logic.publishedCheckpointCached("turbo")
         if needsDownload and not slicer.app.testingEnabled():
             if not slicer.util.confirmOkCancelDisplay(
-                _("The SAM-Med3D-turbo weights will be downloaded once into {folder}. A cancelled download "
-                  "resumes later. Continue?").format(folder=self.logic.checkpointCacheFolder()),
+                _(
+                    "The SAM-Med3D-turbo weights will be downloaded once into {folder}. A cancelled download "
+                    "resumes later. Continue?"
+                ).format(folder=self.logic.checkpointCacheFolder()),
                 windowTitle=_("Download SAM-Med3D-turbo"),
             ):
                 raise RuntimeError(
-                    _("The model download was declined: choose a local checkpoint file or the demo model."))
+                    _("The model download was declined: choose a local checkpoint file or the demo model.")
+                )
         progress = self._startDownloadDialog() if needsDownload else None
         future = self.logic.loadModel(spec, device, progress=progress)
         self._addJob(future, self._onModelLoaded, _("Loading the model..."), blocking=True)
@@ -712,11 +726,15 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         onCpu = self._loadedDevice[1] == "cpu" if loaded else choice == DeviceChoice.CPU
         warning = ""
         if onCpu:
-            warning = _("Running on the CPU: each new region takes several seconds or more; moving points within a "
-                        "region is faster.")
+            warning = _(
+                "Running on the CPU: each new region takes several seconds or more; moving points within a "
+                "region is faster."
+            )
             if loaded and choice == DeviceChoice.AUTO:
-                warning += " " + _("PyTorch sees no CUDA GPU. If this computer has an NVIDIA GPU, install a CUDA "
-                                   "build of PyTorch in the PyTorch Utils module.")
+                warning += " " + _(
+                    "PyTorch sees no CUDA GPU. If this computer has an NVIDIA GPU, install a CUDA "
+                    "build of PyTorch in the PyTorch Utils module."
+                )
         self.ui.deviceWarningLabel.text = warning
 
     def onDownloadModel(self) -> None:
@@ -754,7 +772,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._downloadCancel.clear()
         self._downloadState = {}
         self._downloadDialog = slicer.util.createProgressDialog(
-            labelText=_("Downloading SAM-Med3D-turbo..."), windowTitle=_("SAM-Med3D"), maximum=0, autoClose=False)
+            labelText=_("Downloading SAM-Med3D-turbo..."), windowTitle=_("SAM-Med3D"), maximum=0, autoClose=False
+        )
         state, cancel = self._downloadState, self._downloadCancel
 
         def progress(done: int, total: Optional[int]) -> Optional[bool]:
@@ -778,7 +797,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             dialog.maximum = 1000
             dialog.value = int(1000 * done / total)
             dialog.labelText = _("Downloading SAM-Med3D-turbo: {done:.0f} of {total:.0f} MB").format(
-                done=done / 1e6, total=total / 1e6)
+                done=done / 1e6, total=total / 1e6
+            )
         else:
             dialog.labelText = _("Downloading SAM-Med3D-turbo: {done:.0f} MB").format(done=done / 1e6)
 
@@ -826,7 +846,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         clicks = self.logic.clicksFromPrompts(self._parameterNode.inputVolume, self._appliedPrompts)
         future = self.logic.requestSegmentation(
-            self._parameterNode.inputVolume, clicks, self._parameterNode.promptMode.value, coalesce=False)
+            self._parameterNode.inputVolume, clicks, self._parameterNode.promptMode.value, coalesce=False
+        )
         self._addJob(future, self._onResynced, _("Restoring the model state..."))
 
     def _onResynced(self, future) -> None:
@@ -977,13 +998,17 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             import PyTorchUtils
         except ModuleNotFoundError as error:
             raise MissingDependencyError(
-                _("SAM-Med3D needs PyTorch: install the 'PyTorch' extension with the Extensions Manager, restart "
-                  "Slicer, and try again.")) from error
+                _(
+                    "SAM-Med3D needs PyTorch: install the 'PyTorch' extension with the Extensions Manager, restart "
+                    "Slicer, and try again."
+                )
+            ) from error
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if torchLogic.torchInstalled():
             return True
-        torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                        torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+        torch = torchLogic.installTorch(
+            askConfirmation=askConfirmation, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}"
+        )
         return torch is not None
 
     @property
@@ -1099,8 +1124,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The volume has several components per voxel: SAM-Med3D needs a scalar volume."))
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
-        return Volume.from_array(slicer.util.arrayFromVolume(volumeNode), slicer.util.arrayFromVTKMatrix(ijkToRas),
-                                 name=volumeNode.GetName())
+        return Volume.from_array(
+            slicer.util.arrayFromVolume(volumeNode), slicer.util.arrayFromVTKMatrix(ijkToRas), name=volumeNode.GetName()
+        )
 
     def prepareVolume(self, volumeNode):
         """Start resampling the volume on the worker; None when that is already done or under way."""
@@ -1154,8 +1180,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     # Interactive segmentation -----------------------------------------------------------------
 
-    def requestSegmentation(self, volumeNode, clicks: Sequence, promptMode: str = "newest", preview: bool = False,
-                            coalesce: bool = True):
+    def requestSegmentation(
+        self, volumeNode, clicks: Sequence, promptMode: str = "newest", preview: bool = False, coalesce: bool = True
+    ):
         """Future of the `SessionResult` for `clicks`.
 
         preview=True computes without making the clicks the session's state (while a point is dragged).
@@ -1185,8 +1212,12 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         if engine.predictor is None:
             raise RuntimeError(_("No model is loaded: choose a model under Model and try again."))
         session = engine.session
-        if (session is None or session.prepared is not prepared or session.predictor is not engine.predictor
-                or session.prompt_mode != promptMode):
+        if (
+            session is None
+            or session.prepared is not prepared
+            or session.predictor is not engine.predictor
+            or session.prompt_mode != promptMode
+        ):
             session = engine.session = InteractiveSession(engine.predictor, prepared, prompt_mode=promptMode)
         return session.preview(clicks) if preview else session.set_clicks(clicks)
 
@@ -1210,7 +1241,8 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         """A segmentation on the volume's grid (created when None), with binary labelmaps as source."""
         if segmentationNode is None:
             segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} SAM-Med3D"))
+                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} SAM-Med3D")
+            )
             segmentationNode.CreateDefaultDisplayNodes()
             segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -1235,7 +1267,8 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         if segment is not None:
             slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(
-                segment, slicer.vtkSlicerSegmentationsModuleLogic.Completed)
+                segment, slicer.vtkSlicerSegmentationsModuleLogic.Completed
+            )
 
     @staticmethod
     def _volumeIjkToSegmentation(volumeNode, segmentationNode) -> np.ndarray:
@@ -1244,9 +1277,14 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         volumeNode.GetIJKToRASMatrix(ijkToRas)
         volumeToSegmentation = vtk.vtkMatrix4x4()
         if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
-                volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation):
-            raise ValueError(_("The segmentation and the volume are related by a non-linear transform: put the "
-                               "segmentation under the same transform as the volume (Data module)."))
+            volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode(), volumeToSegmentation
+        ):
+            raise ValueError(
+                _(
+                    "The segmentation and the volume are related by a non-linear transform: put the "
+                    "segmentation under the same transform as the volume (Data module)."
+                )
+            )
         return slicer.util.arrayFromVTKMatrix(volumeToSegmentation) @ slicer.util.arrayFromVTKMatrix(ijkToRas)
 
     # Reading and writing segment voxels -------------------------------------------------------
@@ -1272,8 +1310,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             return patch
         labelmapToSegmentation = vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(labelmapToSegmentation)
-        shift = lattice_offset(self._volumeIjkToSegmentation(volumeNode, segmentationNode),
-                               slicer.util.arrayFromVTKMatrix(labelmapToSegmentation))
+        shift = lattice_offset(
+            self._volumeIjkToSegmentation(volumeNode, segmentationNode),
+            slicer.util.arrayFromVTKMatrix(labelmapToSegmentation),
+        )
         if shift is None:  # another grid: let Slicer resample the segment onto the volume (slow, exact)
             whole = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
             return (whole[tuple(box)] > 0).astype(np.uint8)
@@ -1285,8 +1325,16 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             patch[relative_box(common, boxInLabelmap)] = inside
         return patch
 
-    def writeSegmentPatch(self, segmentationNode, segmentId: str, box, patch: np.ndarray, volumeNode,
-                          current: Optional[np.ndarray] = None, overwritable: Sequence[str] = ()) -> None:
+    def writeSegmentPatch(
+        self,
+        segmentationNode,
+        segmentId: str,
+        box,
+        patch: np.ndarray,
+        volumeNode,
+        current: Optional[np.ndarray] = None,
+        overwritable: Sequence[str] = (),
+    ) -> None:
         """Make the segment equal `patch` inside the box; voxels outside the box are not touched.
 
         Other segments keep their voxels (Slicer moves this segment to its own layer if they would
@@ -1305,10 +1353,12 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         extent = list(box_to_vtk_extent(box))
         segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic
         modes = ([segmentationsLogic.MODE_MERGE_MIN] if removes else []) + (
-            [segmentationsLogic.MODE_MERGE_MASK] if adds else [])
+            [segmentationsLogic.MODE_MERGE_MASK] if adds else []
+        )
         for mode in modes:  # MIN clears this segment where the patch is 0; MASK sets it where it is 1
             if not segmentationsLogic.SetBinaryLabelmapToSegment(
-                    modifier, segmentationNode, segmentId, mode, extent, False, list(overwritable)):
+                modifier, segmentationNode, segmentId, mode, extent, False, list(overwritable)
+            ):
                 raise RuntimeError(_("Slicer refused to update segment '{segment}'.").format(segment=segmentId))
 
     @staticmethod
@@ -1324,8 +1374,17 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijkToSegmentation))
         return image
 
-    def applyResult(self, result, segmentationNode, segmentId: str, volumeNode, overwriteOthers: bool = False,
-                    promptsBefore: Any = None, promptsAfter: Any = None, preview: bool = False):
+    def applyResult(
+        self,
+        result,
+        segmentationNode,
+        segmentId: str,
+        volumeNode,
+        overwriteOthers: bool = False,
+        promptsBefore: Any = None,
+        promptsAfter: Any = None,
+        preview: bool = False,
+    ):
         """Write a `SessionResult` into one segment (only inside `result.changed`) and record it for undo.
 
         Other segments are changed only with `overwriteOthers`, and then only where the new mask is.
@@ -1358,8 +1417,15 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                     self.writeSegmentPatch(segmentationNode, other, box, after, volumeNode, current=before)
                     changes.append(patch_change(self.segmentKey(segmentationNode, other), box, before, after))
             before = self.readSegmentPatch(segmentationNode, segmentId, box, volumeNode)
-            self.writeSegmentPatch(segmentationNode, segmentId, box, patch, volumeNode, current=before,
-                                   overwritable=others if overwriteOthers else ())
+            self.writeSegmentPatch(
+                segmentationNode,
+                segmentId,
+                box,
+                patch,
+                volumeNode,
+                current=before,
+                overwritable=others if overwriteOthers else (),
+            )
             changes.append(patch_change(self.segmentKey(segmentationNode, segmentId), box, before, patch))
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -1408,7 +1474,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                 roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(rotation))
                 roi.SetCenter([float(v) for v in region.center_ras])
                 roi.SetSize([float(v) for v in region.size_mm])
-            for roi in boxes[len(regions):]:
+            for roi in boxes[len(regions) :]:
                 slicer.mrmlScene.RemoveNode(roi)
             boxes = boxes[: len(regions)]
         for roi in boxes:
@@ -1437,8 +1503,16 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     # Console API ------------------------------------------------------------------------------
 
-    def segment(self, volumeNode, positivePointsRAS: Sequence, negativePointsRAS: Sequence = (),
-                segmentationNode=None, segmentName: Optional[str] = None, checkpoint=None, device: str = "auto"):
+    def segment(
+        self,
+        volumeNode,
+        positivePointsRAS: Sequence,
+        negativePointsRAS: Sequence = (),
+        segmentationNode=None,
+        segmentName: Optional[str] = None,
+        checkpoint=None,
+        device: str = "auto",
+    ):
         """Segment one structure from world-RAS points; returns (segmentationNode, segmentId). Blocks.
 
         checkpoint: None keeps the model already loaded here (else the panel's model choice), "turbo" or
@@ -1478,14 +1552,21 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         if checkpoint is None:
             parameters = self.getParameterNode()
             checkpoint = {ModelChoice.TURBO: "turbo", ModelChoice.DEMO: None}.get(
-                parameters.model, str(parameters.checkpointPath))
+                parameters.model, str(parameters.checkpointPath)
+            )
         elif checkpoint == "demo":
             checkpoint = None
         with slicer.util.WaitCursor():
             self.loadModel(checkpoint, device).result()
 
-    def segmentBatch(self, volumeNodesOrFiles: Sequence, pointsPerVolume: Sequence, outputDirectory=None,
-                     checkpoint=None, device: str = "auto") -> list:
+    def segmentBatch(
+        self,
+        volumeNodesOrFiles: Sequence,
+        pointsPerVolume: Sequence,
+        outputDirectory=None,
+        checkpoint=None,
+        device: str = "auto",
+    ) -> list:
         """Segment many volumes, one structure each; a failing item is reported and the rest still run.
 
         volumeNodesOrFiles: volume nodes or image file paths (files are loaded into the scene).
@@ -1499,14 +1580,16 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         if outputFolder is not None:
             outputFolder.mkdir(parents=True, exist_ok=True)
         progress = slicer.util.createProgressDialog(
-            maximum=len(volumeNodesOrFiles), windowTitle=_("SAM-Med3D batch"), autoClose=False)
+            maximum=len(volumeNodesOrFiles), windowTitle=_("SAM-Med3D batch"), autoClose=False
+        )
         outcomes = []
         try:
             for number, (item, points) in enumerate(zip(volumeNodesOrFiles, pointsPerVolume)):
                 if progress.wasCanceled:
                     break
                 progress.labelText = _("Segmenting {item} ({number} of {count})...").format(
-                    item=self._describeItem(item), number=number + 1, count=len(volumeNodesOrFiles))
+                    item=self._describeItem(item), number=number + 1, count=len(volumeNodesOrFiles)
+                )
                 progress.value = number
                 slicer.app.processEvents()
                 outcomes.append(self._segmentBatchItem(item, points, outputFolder, checkpoint, device))
@@ -1517,8 +1600,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             logging.error(f"SAM-Med3D batch: {outcome.source}: {outcome.error}")
         if failures and not slicer.app.testingEnabled():
             slicer.util.warningDisplay(
-                _("{failed} of {count} volumes failed:").format(failed=len(failures), count=len(outcomes)) + "\n"
-                + "\n".join(f"{o.source}: {o.error}" for o in failures))
+                _("{failed} of {count} volumes failed:").format(failed=len(failures), count=len(outcomes))
+                + "\n"
+                + "\n".join(f"{o.source}: {o.error}" for o in failures)
+            )
         return outcomes
 
     @staticmethod
@@ -1530,8 +1615,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         try:
             volumeNode = item if hasattr(item, "GetImageData") else slicer.util.loadVolume(str(item))
             positive, negative = self._splitPoints(points)
-            segmentationNode, segmentId = self.segment(volumeNode, positive, negative, checkpoint=checkpoint,
-                                                       device=device)
+            segmentationNode, segmentId = self.segment(
+                volumeNode, positive, negative, checkpoint=checkpoint, device=device
+            )
             outcome.segmentationNode, outcome.segmentId = segmentationNode, segmentId
             if outputFolder is not None:
                 path = outputFolder / f"{_safeFileName(volumeNode.GetName())}.seg.nrrd"
@@ -1601,9 +1687,13 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         if not SAMMed3DLogic.torchAvailable():
             self.delayDisplay("PyTorch is not installed (PyTorch extension): SAM-Med3D logic tests skipped.")
             return
-        for test in (self.test_PointsMapThroughParentTransform, self.test_WritingUndoAndOtherSegments,
-                     self.test_SegmentFromWorldPoints, self.test_MovingAPointChangesTheResult,
-                     self.test_BatchContinuesPastFailures):
+        for test in (
+            self.test_PointsMapThroughParentTransform,
+            self.test_WritingUndoAndOtherSegments,
+            self.test_SegmentFromWorldPoints,
+            self.test_MovingAPointChangesTheResult,
+            self.test_BatchContinuesPastFailures,
+        ):
             self.setUp()
             try:
                 test()
@@ -1660,8 +1750,16 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         from SAMMed3DLib.config import ModelConfig, build_model
 
         torch.manual_seed(0)
-        tiny = ModelConfig(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,),
-                           prompt_embed_dim=48, mask_in_chans=4, iou_head_hidden_dim=16, decoder_mlp_dim=32)
+        tiny = ModelConfig(
+            encoder_embed_dim=48,
+            encoder_depth=2,
+            encoder_num_heads=2,
+            encoder_global_attn_indexes=(1,),
+            prompt_embed_dim=48,
+            mask_in_chans=4,
+            iou_head_hidden_dim=16,
+            decoder_mlp_dim=32,
+        )
         self.logic.useModel(build_model(tiny), "cpu").result()
         return False
 
@@ -1756,8 +1854,10 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
         moved = ((True, tuple(np.asarray(centerWorld) + (6.0, -4.0, 3.0))),)
         result2 = logic.requestSegmentation(volumeNode, logic.clicksFromPrompts(volumeNode, moved)).result()
-        self.assertFalse(np.allclose(result1.regions[0].center_ras, result2.regions[0].center_ras),
-                         "the region follows the first click")
+        self.assertFalse(
+            np.allclose(result1.regions[0].center_ras, result2.regions[0].center_ras),
+            "the region follows the first click",
+        )
         if trained:
             self.assertFalse(np.array_equal(result1.mask, result2.mask), "moving the point changes the mask")
         logic.applyResult(result2, segmentationNode, segmentId, volumeNode, promptsBefore=first, promptsAfter=moved)
@@ -1781,8 +1881,9 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         volumeNode, sphere, centerWorld = self._createScene()
         self._useTestModel()
         outside = np.asarray(centerWorld) + 1000.0
-        outcomes = self.logic.segmentBatch([volumeNode, volumeNode], [[centerWorld], {"positive": [outside]}],
-                                           checkpoint=None, device="cpu")
+        outcomes = self.logic.segmentBatch(
+            [volumeNode, volumeNode], [[centerWorld], {"positive": [outside]}], checkpoint=None, device="cpu"
+        )
         self.assertEqual(len(outcomes), 2)
         self.assertTrue(outcomes[0].ok, outcomes[0].error)
         self.assertIsNotNone(outcomes[0].segmentId)

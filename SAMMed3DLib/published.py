@@ -62,9 +62,7 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "sammed3d"
 
 
-def resolve_checkpoint(
-    name_or_path: Union[str, os.PathLike, None], progress: ProgressCallback | None = None
-) -> Path:
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike, None], progress: ProgressCallback | None = None) -> Path:
     """The checkpoint file for None (the built-in demo), an existing file, or a published name.
 
     A published checkpoint is downloaded into `cache_dir()` when absent, and a cached copy that does not

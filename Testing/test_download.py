@@ -179,9 +179,7 @@ def test_wrong_hash_deletes_the_part_and_names_both_hashes(server: FileServer, t
     assert not sidecar_path(destination).exists()
 
 
-def test_progress_returning_false_cancels_and_keeps_the_part_for_resuming(
-    server: FileServer, tmp_path: Path
-) -> None:
+def test_progress_returning_false_cancels_and_keeps_the_part_for_resuming(server: FileServer, tmp_path: Path) -> None:
     destination = tmp_path / "model.pth"
     with pytest.raises(DownloadCancelled):
         fetch(server, destination, progress=lambda done, total: False if done >= CHUNK else None)
@@ -203,9 +201,7 @@ def test_server_ignoring_range_restarts_from_the_beginning(server: FileServer, t
     assert destination.read_bytes() == CONTENT
 
 
-def test_complete_part_answered_416_is_verified_without_downloading(
-    server: FileServer, tmp_path: Path
-) -> None:
+def test_complete_part_answered_416_is_verified_without_downloading(server: FileServer, tmp_path: Path) -> None:
     destination = tmp_path / "model.pth"
     part_path(destination).write_bytes(CONTENT)
     assert fetch(server, destination, sha256=CONTENT_SHA256) == CONTENT_SHA256
@@ -214,9 +210,7 @@ def test_complete_part_answered_416_is_verified_without_downloading(
     assert destination.read_bytes() == CONTENT
 
 
-def test_part_longer_than_the_file_is_discarded_and_downloaded_again(
-    server: FileServer, tmp_path: Path
-) -> None:
+def test_part_longer_than_the_file_is_discarded_and_downloaded_again(server: FileServer, tmp_path: Path) -> None:
     destination = tmp_path / "model.pth"
     part_path(destination).write_bytes(CONTENT + b"extra")
     assert fetch(server, destination) == CONTENT_SHA256

@@ -85,9 +85,7 @@ def test_changed_published_file_is_refused_against_the_recorded_hash(
     assert read_recorded_sha256(path) == CONTENT_SHA256
 
 
-def test_registry_hash_is_checked_when_given(
-    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_registry_hash_is_checked_when_given(server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = publish_locally(monkeypatch, server, sha256="f" * 64)
     with pytest.raises(DownloadError, match="f" * 64):
         resolve_checkpoint("turbo")
@@ -154,4 +152,3 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setenv("SAMMED3D_CACHE_DIR", str(tmp_path / "chosen"))
     assert cache_dir() == tmp_path / "chosen"
-

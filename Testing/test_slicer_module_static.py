@@ -32,8 +32,18 @@ SHIPPED_PYTHON = [MODULE, *ENGINE_FILES]
 SLICER_READS = [MODULE, UI, ROOT_CMAKE, MODULE_CMAKE, TESTING_CMAKE, S4EXT, CATALOG_ENTRY]
 
 # Keys allowed by Slicer's slicer-extension-catalog-entry-schema-v1.0.2.json (additionalProperties: false).
-CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-                "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+CATALOG_KEYS = {
+    "$schema",
+    "category",
+    "scm_url",
+    "scm_revision",
+    "scm_type",
+    "build_dependencies",
+    "dicom_support_rule",
+    "build_subdirectory",
+    "enabled",
+    "tier",
+}
 CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
 
 
@@ -98,8 +108,20 @@ def test_the_module_folder_holds_no_other_python_file():
 
 # The panel ------------------------------------------------------------------------------------
 
-QT_WIDGETS = {"QWidget", "QLabel", "QPushButton", "QCheckBox", "QComboBox", "QLineEdit", "QSpinBox",
-              "QDoubleSpinBox", "QGroupBox", "QFrame", "QToolButton", "QRadioButton"}
+QT_WIDGETS = {
+    "QWidget",
+    "QLabel",
+    "QPushButton",
+    "QCheckBox",
+    "QComboBox",
+    "QLineEdit",
+    "QSpinBox",
+    "QDoubleSpinBox",
+    "QGroupBox",
+    "QFrame",
+    "QToolButton",
+    "QRadioButton",
+}
 
 
 def ui_widgets() -> dict[str, str]:
@@ -142,8 +164,11 @@ def parameter_node_fields() -> dict[str, str]:
 
 def test_every_ui_parameter_binding_names_a_parameter_of_a_matching_type():
     fields = parameter_node_fields()
-    enums = {node.name for node in module_tree().body
-             if isinstance(node, ast.ClassDef) and any(ast.unparse(b) == "enum.Enum" for b in node.bases)}
+    enums = {
+        node.name
+        for node in module_tree().body
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(b) == "enum.Enum" for b in node.bases)
+    }
     bindings = ui_parameter_bindings()
     assert bindings
     names = [parameter for parameter, _ in bindings]
@@ -206,8 +231,10 @@ def test_the_build_ships_the_panel_the_icon_and_the_demo_weights_where_the_code_
 
 def test_module_build_keeps_generic_tests_and_the_self_test_is_registered():
     assert "WITH_GENERIC_TESTS" in MODULE_CMAKE.read_text(encoding="utf-8")
-    registered = re.findall(r"slicer_add_python_unittest\(SCRIPT\s+\$\{CMAKE_SOURCE_DIR\}/(\S+)\)",
-                            TESTING_CMAKE.read_text(encoding="utf-8"))
+    registered = re.findall(
+        r"slicer_add_python_unittest\(SCRIPT\s+\$\{CMAKE_SOURCE_DIR\}/(\S+)\)",
+        TESTING_CMAKE.read_text(encoding="utf-8"),
+    )
     assert registered == [relative(MODULE)]
     assert "add_subdirectory(Testing)" in ROOT_CMAKE.read_text(encoding="utf-8")
     assert "add_subdirectory(Python)" in (ROOT / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
