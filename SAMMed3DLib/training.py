@@ -3,7 +3,9 @@
 Data are cases (an image and a label map); every label value with enough voxels is one target. Each case is
 prepared once like the inference path (PreparedVolume: 1.5 mm, canonical) and cached on disk; a training
 sample is a 128^3 region around one target (centred on its bounding box with random jitter, or on a random
-foreground voxel, like a click-centred crop), flipped at random, z-normalised with the inference function.
+foreground voxel), flipped at random, z-normalised with the inference function. Optionally (not in the
+official recipe) some regions are centred on the first click, as an interactive session centres them;
+without those a model can learn that a click at the region's centre means a small target.
 Per sample the image is embedded once and the decoder runs several interaction steps: the first click from
 the foreground, later ones from the errors of the previous prediction, the newest click only plus the
 previous low-resolution logits, and mask-only steps at a random step and at the last one.
@@ -207,12 +209,16 @@ class TrainingData:
 
 @dataclass(frozen=True)
 class Sample:
-    """One training region: z-normalised image (1, 1, S, S, S) and binary label (S, S, S) bool."""
+    """One training region: z-normalised image (1, 1, S, S, S) and binary label (S, S, S) bool.
+
+    first_click: region index of the first (positive) click when the region is centred on it, else None.
+    """
 
     image: torch.Tensor
     label: np.ndarray
     begin: tuple[int, int, int]
     flips: tuple[int, ...]
+    first_click: Optional[tuple[int, int, int]] = None
 
 
 def region_begin(
@@ -239,9 +245,16 @@ def make_sample(
     jitter: int = 16,
     foreground_centre_probability: float = 0.3,
     flip: bool = True,
+    click_centre_probability: float = 0.0,
 ) -> Sample:
     binary = case.targets == target.number
-    begin = region_begin(binary, rng, jitter, foreground_centre_probability)
+    first_click = None
+    if click_centre_probability > 0 and rng.random() < click_centre_probability:
+        voxels = np.argwhere(binary)
+        begin = voxels[rng.integers(len(voxels))] - ROI_SIZE // 2
+        first_click = np.full(3, ROI_SIZE // 2)
+    else:
+        begin = region_begin(binary, rng, jitter, foreground_centre_probability)
     raw = crop_with_zero_padding(case.raw, begin)
     label = crop_with_zero_padding(binary, begin)
     if not label.any():  # only a jitter of more than half a region can move a small target out
@@ -249,7 +262,10 @@ def make_sample(
         raw, label = crop_with_zero_padding(case.raw, begin), crop_with_zero_padding(binary, begin)
     axes = tuple(axis for axis in range(3) if flip and rng.random() < 0.5)
     raw, label = flip_region(raw, label, axes)
-    return Sample(normalise_intensities(raw), label, tuple(int(b) for b in begin), axes)
+    if first_click is not None:
+        first_click[list(axes)] = ROI_SIZE - 1 - first_click[list(axes)]
+        first_click = tuple(int(i) for i in first_click)
+    return Sample(normalise_intensities(raw), label, tuple(int(b) for b in begin), axes, first_click)
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -282,8 +298,12 @@ def interact(
     label: np.ndarray,
     steps: int,
     rng: np.random.Generator,
+    first_click: Optional[tuple[int, int, int]] = None,
 ) -> tuple[torch.Tensor, float]:
-    """Simulated interaction on one region; returns the loss summed over steps and the last step's Dice."""
+    """Simulated interaction on one region; returns the loss summed over steps and the last step's Dice.
+
+    first_click: the first (positive) click's region index, when the region was centred on it.
+    """
     device = embedding.device
     target = torch.from_numpy(label.astype(np.float32))[None, None].to(device)
     size = label.shape
@@ -294,7 +314,10 @@ def interact(
     no_point = mask_only_steps(steps, rng)
     total = torch.zeros((), device=device)
     for step in range(steps):
-        point, point_label = simulate_click(previous_mask, label, random_state=clicks)
+        if step == 0 and first_click is not None:
+            point, point_label = first_click, 1
+        else:
+            point, point_label = simulate_click(previous_mask, label, random_state=clicks)
         points = None
         if step not in no_point:
             coords = torch.tensor(point, dtype=torch.float32, device=device).view(1, 1, 3)
@@ -329,6 +352,7 @@ class TrainingOptions:
     min_voxels: int = 1001
     jitter: int = 16
     foreground_centre_probability: float = 0.3
+    click_centre_probability: float = 0.0  # not official: regions centred on the first click, as sessions do
     flip: bool = True
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
@@ -437,7 +461,12 @@ class Trainer:
             for index, sample in enumerate(samples):
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                     sample_loss, sample_dice = interact(
-                        self.model, embeddings[index : index + 1], sample.label, options.clicks_per_sample, rng
+                        self.model,
+                        embeddings[index : index + 1],
+                        sample.label,
+                        options.clicks_per_sample,
+                        rng,
+                        first_click=sample.first_click,
                     )
                 loss = loss + sample_loss
                 losses.append(sample_loss.item() / options.clicks_per_sample)
@@ -467,6 +496,7 @@ class Trainer:
                     jitter=self.options.jitter,
                     foreground_centre_probability=self.options.foreground_centre_probability,
                     flip=self.options.flip,
+                    click_centre_probability=self.options.click_centre_probability,
                 )
             except InputError:  # e.g. a region with nothing above 0 cannot be normalised: draw again
                 continue

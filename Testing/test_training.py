@@ -118,6 +118,37 @@ def test_a_sample_is_the_flipped_region_of_its_target(data):
         torch.testing.assert_close(sample.image, normalise_intensities(raw))
 
 
+def test_a_click_centred_sample_starts_with_a_positive_click_at_the_region_centre(data):
+    rng = np.random.default_rng(4)
+    target = data.targets[0]
+    case = data.case(target)
+    flipped = set()
+    for _ in range(8):
+        sample = make_sample(case, target, rng, click_centre_probability=1.0)
+        centre = np.full(3, 64)
+        centre[list(sample.flips)] = 63  # a flip mirrors index 64 to 127 - 64
+        assert sample.first_click == tuple(centre)
+        assert sample.label[sample.first_click]  # the click lies in the target
+        flipped.update(sample.flips)
+    assert flipped  # flips were exercised
+    assert make_sample(case, target, rng).first_click is None  # the official sampling has no fixed first click
+
+
+def test_interaction_starts_from_the_given_first_click(data):
+    rng = np.random.default_rng(5)
+    target = data.targets[0]
+    sample = make_sample(data.case(target), target, rng, click_centre_probability=1.0)
+    model = tiny_model()
+    with torch.no_grad():
+        embedding = model.image_encoder(sample.image)
+    outside = tuple(int(i) for i in np.argwhere(~sample.label)[0])
+    losses = []
+    for first_click in (sample.first_click, outside):
+        loss, _ = interact(model, embedding, sample.label, 1 + 1, np.random.default_rng(6), first_click=first_click)
+        losses.append(loss.item())
+    assert losses[0] != losses[1]  # the first click given is the one the decoder sees
+
+
 def test_flips_keep_image_label_and_clicks_together():
     raw = np.arange(128**3, dtype=np.int32).reshape((128,) * 3)
     label = raw % 7 == 0
@@ -275,6 +306,11 @@ def test_the_commands_parse(tmp_path):
         parser().parse_args(["finetune", "cases", "--out", "m.pth"])
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--epochs", "1"])
+    args = parser().parse_args(["train", "cases", "--out", "m.pth", "--click-centre-probability", "0.5"])
+    assert train_command.options_from_args(args, target_count=10).click_centre_probability == 0.5
+    args.click_centre_probability = 1.5
+    with pytest.raises(InputError, match="from 0 to 1"):
+        train_command.options_from_args(args, target_count=10)
 
 
 def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, tmp_path):

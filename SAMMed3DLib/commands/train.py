@@ -88,6 +88,13 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         "--min-voxels", type=int, default=1001, help="smallest target at 1.5 mm, in voxels (official: more than 1000)"
     )
     parser.add_argument("--jitter", type=int, default=16, help="random shift of the region centre, voxels (16)")
+    parser.add_argument(
+        "--click-centre-probability",
+        type=float,
+        default=0.0,
+        help="fraction of regions centred on their first click, as interactive sessions centre them "
+        "(not in the official recipe; 0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
     parser.add_argument(
@@ -110,6 +117,8 @@ def read_config(name: str) -> ModelConfig:
 
 
 def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOptions:
+    if not 0.0 <= args.click_centre_probability <= 1.0:
+        raise InputError(f"--click-centre-probability is {args.click_centre_probability}; give a value from 0 to 1.")
     samples_per_step = args.batch_size * args.accumulation
     steps = args.steps if args.steps is not None else 1000
     if args.epochs is not None:
@@ -124,6 +133,7 @@ def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOp
         clicks_per_sample=args.clicks_per_sample,
         min_voxels=args.min_voxels,
         jitter=args.jitter,
+        click_centre_probability=args.click_centre_probability,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
         seed=args.seed,
