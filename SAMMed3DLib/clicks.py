@@ -85,3 +85,17 @@ def simulate_click(
         return _draw(truth, random_state), 1
     index = _draw(errors, random_state)
     return index, int(false_negative[tuple(index)])
+
+
+def deepest_voxel_ijk(mask: np.ndarray) -> tuple[int, int, int]:
+    """The (I, J, K) voxel of a (K, J, I) mask farthest from its surface: an unambiguous click."""
+    distance = sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(
+            sitk.GetImageFromArray(mask.astype(np.uint8)),
+            insideIsPositive=True,
+            squaredDistance=False,
+            useImageSpacing=False,
+        )
+    )
+    k, j, i = np.unravel_index(int(np.argmax(np.where(mask, distance, -np.inf))), mask.shape)
+    return int(i), int(j), int(k)

@@ -1,11 +1,18 @@
 """Evaluate a model (default: the built-in demo model) on held-out phantoms with simulated clicks.
 
 Not a test: a script that prints a table and writes JSON. For every phantom seed (default 0..49, never used
-for training) and every organ and lesion label it runs the official ground-truth-driven protocol (spec 5.6):
-the region centred on the label's bounding box, clicks drawn from the errors of the previous prediction with
-NumPy's RandomState seeded 233 once per case, 1, 3 and 5 clicks, Dice on the original grid.
+for training) and every organ and lesion label it measures Dice on the original grid after 1, 3 and 5 clicks,
+with one of two protocols:
 
-    python Testing/evaluate_demo_model.py [--checkpoint FILE] [--seeds 0-49] [--out results.json]
+* official (default): the ground-truth-driven protocol (spec 5.6): the region centred on the label's bounding
+  box, clicks drawn from the errors of the previous prediction with NumPy's RandomState seeded 233 once per
+  case (separate runs for 1, 3 and 5 clicks, as the official script does);
+* session: what a user of the Slicer module or `sammed3d segment` gets: an interactive session whose first
+  click is the target's deepest voxel (its region is centred on that click, extended when the mask reaches a
+  face), later clicks drawn from the errors on the original grid with RandomState(233) per target.
+
+    python Testing/evaluate_demo_model.py [--checkpoint FILE] [--seeds 0-49] [--protocol official|session]
+                                          [--out results.json]
 """
 
 from __future__ import annotations
@@ -21,14 +28,22 @@ import numpy as np
 import torch
 
 from SAMMed3DLib.checkpoint import load_model
-from SAMMed3DLib.evaluate import evaluate_case
-from SAMMed3DLib.phantom import make_phantom
+from SAMMed3DLib.clicks import deepest_voxel_ijk, simulate_click
+from SAMMed3DLib.evaluate import OFFICIAL_SEED, evaluate_case, label_values
+from SAMMed3DLib.metrics import dice
+from SAMMed3DLib.phantom import Phantom, make_phantom
 from SAMMed3DLib.predictor import RegionPredictor
 from SAMMed3DLib.preprocess import PreparedVolume
 from SAMMed3DLib.published import DEMO_CHECKPOINT
+from SAMMed3DLib.session import Click, InteractiveSession
 from SAMMed3DLib.volume import Volume
 
 CLICK_COUNTS = (1, 3, 5)
+PROTOCOLS = {
+    "official": "bbox-centred region, clicks from errors (RandomState 233 per case), Dice on the original grid",
+    "session": "interactive session, first click at the deepest voxel (click-centred region), later clicks from "
+    "errors on the original grid (RandomState 233 per target), Dice on the original grid",
+}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -39,7 +54,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool) -> list[dict]:
+def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool, protocol: str = "official") -> list[dict]:
     predictor = RegionPredictor(load_model(checkpoint), cache_size=16)
     rows = []
     for seed in seeds:
@@ -47,6 +62,10 @@ def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool) -> list[dict]
         phantom = make_phantom(seed)
         image, label = Volume(phantom.image), Volume(phantom.label, name="label")
         prepared = PreparedVolume(image)
+        if protocol == "session":
+            rows += session_rows(predictor, phantom, label, prepared, accumulate)
+            print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+            continue
         for clicks in CLICK_COUNTS:  # separate runs, each seeded per case, as the official script does
             result = evaluate_case(
                 predictor, image, label, num_clicks=clicks, accumulate_clicks=accumulate, prepared=prepared
@@ -63,6 +82,34 @@ def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool) -> list[dict]
                     }
                 )
         print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def session_rows(
+    predictor: RegionPredictor, phantom: Phantom, label: Volume, prepared: PreparedVolume, accumulate: bool
+) -> list[dict]:
+    """The session protocol on one phantom: per target, Dice after each of CLICK_COUNTS clicks."""
+    rows = []
+    for value in label_values(label):
+        truth = label.array_kji == value
+        session = InteractiveSession(predictor, prepared, prompt_mode="accumulate" if accumulate else "newest")
+        random_state = np.random.RandomState(OFFICIAL_SEED)
+        ijk, positive = deepest_voxel_ijk(truth), True
+        for clicks in range(1, max(CLICK_COUNTS) + 1):
+            result = session.add_click(Click(tuple(label.ijk_to_ras_points([ijk])[0]), positive=positive))
+            if clicks in CLICK_COUNTS:
+                kind = "lesion" if value in phantom.lesion_hosts else "organ"
+                rows.append(
+                    {
+                        "seed": phantom.seed,
+                        "label": value,
+                        "kind": kind,
+                        "clicks": clicks,
+                        "dice": dice(result.mask, truth),
+                    }
+                )
+            index_kji, positive = simulate_click(result.mask > 0, truth, random_state=random_state)
+            ijk, positive = tuple(int(v) for v in index_kji[::-1]), bool(positive)
     return rows
 
 
@@ -94,19 +141,25 @@ def main() -> int:
         default="accumulate",
         help="pass all clicks so far (current official script) or only the newest (training style)",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("official", "session"),
+        default="official",
+        help="bbox-centred official protocol, or interactive sessions starting at the deepest voxel",
+    )
     parser.add_argument("--out", type=Path, default=Path("demo_model_evaluation.json"), help="JSON results file")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(max(1, args.threads))
     started = time.monotonic()
-    rows = evaluate(args.checkpoint, parse_seeds(args.seeds), args.prompt_mode == "accumulate")
+    rows = evaluate(args.checkpoint, parse_seeds(args.seeds), args.prompt_mode == "accumulate", args.protocol)
     summary = summarise(rows)
     print_table(summary)
     result = {
         "checkpoint": str(args.checkpoint),
         "seeds": args.seeds,
         "prompt_mode": args.prompt_mode,
-        "protocol": "bbox-centred region, clicks from errors (RandomState 233 per case), Dice on the original grid",
+        "protocol": PROTOCOLS[args.protocol],
         "seconds": round(time.monotonic() - started, 1),
         "summary": summary,
         "targets": rows,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 
-from SAMMed3DLib.clicks import simulate_click
+from SAMMed3DLib.clicks import deepest_voxel_ijk, simulate_click
 from SAMMed3DLib.errors import InputError
 
 
@@ -135,3 +135,9 @@ def test_ritm_without_errors_clicks_the_centre_negative():
     assert index.tolist() == [3, 4, 5] and label == 0
     with pytest.raises(InputError, match="unknown"):
         simulate_click(truth, truth, method="edge")
+
+
+def test_the_deepest_voxel_is_the_centre_of_a_ball_in_ijk_order():
+    k, j, i = np.ogrid[:21, :31, :41]
+    ball = (k - 10) ** 2 + (j - 12) ** 2 + (i - 30) ** 2 <= 36
+    assert deepest_voxel_ijk(ball) == (30, 12, 10)

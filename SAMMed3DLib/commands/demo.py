@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..batch import mask_image, segment_volume, write_mask
+from ..clicks import deepest_voxel_ijk
 from ..errors import InputError
 from ..metrics import dice
 from ..phantom import make_phantom, write_phantom
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     truth = labels == target
     if not truth.any():
         raise InputError(f"Label value {target} does not occur in the label map; pick one with --target.")
-    click_ijk = _deepest_voxel(truth)
+    click_ijk = deepest_voxel_ijk(truth)
     volume = Volume.from_sitk(image, name="image")
     predictor = predictor_from_args(args)
     started = time.perf_counter()
@@ -77,17 +78,3 @@ def _largest_label(labels: np.ndarray) -> int:
     if not len(values):
         raise InputError("The label map is empty; give a label map with at least one structure.")
     return int(values[np.argmax(counts)])
-
-
-def _deepest_voxel(mask: np.ndarray) -> tuple[int, int, int]:
-    """The (I, J, K) voxel of a (K, J, I) mask farthest from its surface: an unambiguous click."""
-    distance = sitk.GetArrayFromImage(
-        sitk.SignedMaurerDistanceMap(
-            sitk.GetImageFromArray(mask.astype(np.uint8)),
-            insideIsPositive=True,
-            squaredDistance=False,
-            useImageSpacing=False,
-        )
-    )
-    k, j, i = np.unravel_index(int(np.argmax(np.where(mask, distance, -np.inf))), mask.shape)
-    return int(i), int(j), int(k)
