@@ -71,18 +71,21 @@ def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool, protocol: str
                 predictor, image, label, num_clicks=clicks, accumulate_clicks=accumulate, prepared=prepared
             )
             for entry in result.labels:
-                kind = "lesion" if entry.value in phantom.lesion_hosts else "organ"
                 rows.append(
                     {
                         "seed": seed,
                         "label": entry.value,
-                        "kind": kind,
+                        "kind": target_kind(phantom, entry.value),
                         "clicks": clicks,
                         "dice": entry.dice_per_click[-1],
                     }
                 )
         print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return rows
+
+
+def target_kind(phantom: Phantom, value: int) -> str:
+    return "lesion" if value in phantom.lesion_hosts else "organ"
 
 
 def session_rows(
@@ -98,12 +101,11 @@ def session_rows(
         for clicks in range(1, max(CLICK_COUNTS) + 1):
             result = session.add_click(Click(tuple(label.ijk_to_ras_points([ijk])[0]), positive=positive))
             if clicks in CLICK_COUNTS:
-                kind = "lesion" if value in phantom.lesion_hosts else "organ"
                 rows.append(
                     {
                         "seed": phantom.seed,
                         "label": value,
-                        "kind": kind,
+                        "kind": target_kind(phantom, value),
                         "clicks": clicks,
                         "dice": dice(result.mask, truth),
                     }

@@ -55,11 +55,15 @@ def mask_change(exact: np.ndarray, reduced: np.ndarray) -> float:
     return 0.0 if union == 0 else 1.0 - np.count_nonzero(exact & reduced) / union
 
 
-def compare_case(exact: RecordingPredictor, reduced: RecordingPredictor, seed: int) -> list[dict]:
+def compare_case(
+    exact: RecordingPredictor,
+    reduced: RecordingPredictor,
+    seed: int,
+    image: Volume,
+    label: Volume,
+    prepared: PreparedVolume,
+) -> list[dict]:
     """One phantom: per label and click, the logit change, the mask change and both Dice values."""
-    phantom = make_phantom(seed)
-    image, label = Volume(phantom.image), Volume(phantom.label, name="label")
-    prepared = PreparedVolume(image)
     exact.logits.clear()
     reduced.logits.clear()
     first = evaluate_case(exact, image, label, num_clicks=CLICKS, prepared=prepared)
@@ -91,17 +95,20 @@ def compare_case(exact: RecordingPredictor, reduced: RecordingPredictor, seed: i
     return rows
 
 
-def embedding_change(device: torch.device, precision: str, seeds: list[int]) -> list[float]:
-    """Relative change (max |diff| / max |value|) of the full-size encoder's embedding, one region per seed."""
+def central_region_input(prepared: PreparedVolume, size: int) -> torch.Tensor:
+    """The network input of the region at the centre of the prepared volume."""
+    begin = np.array(prepared.canonical_shape) // 2 - size // 2
+    return prepared.region(tuple(int(b) for b in begin)).network_input()
+
+
+def embedding_change(device: torch.device, precision: str, region_inputs: list[torch.Tensor]) -> list[float]:
+    """Relative change (max |diff| / max |value|) of the full-size encoder's embedding, one per region."""
     torch.manual_seed(0)
     model = build_model()
     exact = RegionPredictor(model, device=device)
     reduced = RegionPredictor(model, device=device, precision=precision)
     changes = []
-    for seed in seeds:
-        prepared = PreparedVolume(Volume(make_phantom(seed).image))
-        centre = np.array(prepared.canonical_shape) // 2 - exact.input_size // 2
-        region_input = prepared.region(tuple(int(c) for c in centre)).network_input()
+    for region_input in region_inputs:
         reference = exact.embed(region_input)
         changes.append(((reduced.embed(region_input) - reference).abs().max() / reference.abs().max()).item())
     return changes
@@ -141,9 +148,15 @@ def main() -> int:
     model = load_model(args.checkpoint)
     exact = RecordingPredictor(model, device=device, cache_size=16)
     reduced = RecordingPredictor(model, device=device, precision=args.precision, cache_size=16)
-    rows = [row for seed in seeds for row in compare_case(exact, reduced, seed)]
+    rows, region_inputs = [], []
+    for seed in seeds:  # each phantom is generated and prepared once, for both measurements
+        phantom = make_phantom(seed)
+        image, label = Volume(phantom.image), Volume(phantom.label, name="label")
+        prepared = PreparedVolume(image)
+        rows += compare_case(exact, reduced, seed, image, label, prepared)
+        region_inputs.append(central_region_input(prepared, exact.input_size))
     print_table(rows)
-    changes = embedding_change(device, args.precision, seeds)
+    changes = embedding_change(device, args.precision, region_inputs)
     print(
         f"full-size encoder (random weights), embedding max |diff| / max |value|: "
         f"median {np.median(changes):.4f}, largest {max(changes):.4f} over {len(changes)} regions"
