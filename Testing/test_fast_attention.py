@@ -86,10 +86,10 @@ def test_large_logits_stay_finite_and_exact():
     torch.testing.assert_close(outputs["fast"], outputs["reference"], atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window_size", [14, 0])
-def test_gradients_match_reference(window_size):
-    """Training uses the fast path too."""
-    block = random_block(dim=32, heads=2, window_size=window_size, grid=8)
+@pytest.mark.parametrize("window_size, table_std", [(14, 0.5), (0, 0.5), (14, 30.0)])
+def test_gradients_match_reference(window_size, table_std):
+    """Training uses the fast path too; terms in the hundreds make some padding masses vanish (floored)."""
+    block = random_block(dim=32, heads=2, window_size=window_size, grid=8, table_std=table_std)
     x = torch.randn(1, 8, 8, 8, 32, generator=torch.Generator().manual_seed(4))
     gradients = {}
     for path in ("reference", "fast"):
@@ -99,7 +99,8 @@ def test_gradients_match_reference(window_size):
         block(leaf).square().sum().backward()
         gradients[path] = [leaf.grad, block.attn.rel_pos_h.grad, block.attn.qkv.weight.grad, block.attn.qkv.bias.grad]
     for fast, reference in zip(gradients["fast"], gradients["reference"]):
-        torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(fast).all()
+        torch.testing.assert_close(fast, reference, atol=1e-4 * max(1.0, reference.abs().max().item()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)

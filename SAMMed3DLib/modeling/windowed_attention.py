@@ -10,11 +10,11 @@ folded into a few extra softmax columns without approximation:
   (A depends on the query, B and C on its (qd, qh) row only: see `relative_position_terms`);
 * the padding set is the disjoint union {kw >= rw} u {kw < rw, kd >= rd} u {kw < rw, kd < rd, kh >= rh}
   for a real box rd x rh x rw; on each part, for a fixed kw, the sum of exp over kd and kh factorises
-  into logsumexp(B over its kd range) + logsumexp(C over its kh range).
+  into (sum of exp(B) over its kd range) x (sum of exp(C) over its kh range).
 
-So each (part, kw) pair becomes one column whose logit is the log of its total softmax mass and whose
-value is v_b: at most window + rw columns beside the real keys, and one ordinary softmax over them all
-is exact and numerically stable. Global blocks are the same computation with no padding.
+So each kw becomes one column whose logit is the log of its padding keys' total softmax mass and whose
+value is v_b: `window` columns beside the real keys, and one ordinary softmax over them all is exact
+up to float rounding. Global blocks are the same computation with no padding.
 """
 
 from __future__ import annotations
@@ -150,45 +150,37 @@ def _offset_view(products: torch.Tensor, axis: int, size: int) -> torch.Tensor:
 
 
 def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch.Tensor) -> torch.Tensor:
-    """Log of the summed exp(relative terms) of every padding key, one column per (part, kw).
+    """Log of the summed exp(relative terms) of every padding key, one column per kw.
 
     The content logit q.k_b (the same for every padding key) is added by the caller.
-    Returns (B*heads, rd*rh*rw, columns) in float32.
+    Returns (B*heads, rd*rh*rw, window) in float32.
     """
     _, rd, rh, rw, size = term_d.shape
-    h_real, h_pad = _split_logsumexp(term_h.float(), rd)  # (B*heads, rd, rh, kw): over kd < rd, kd >= rd
-    w_real, w_pad = _split_logsumexp(term_w.float(), rh)  # over kh < rh, kh >= rh
-    h_all = h_real if h_pad is None else torch.logaddexp(h_real, h_pad)
-    w_all = w_real if w_pad is None else torch.logaddexp(w_real, w_pad)
-    row_parts, kw_columns = [], []  # what each query row contributes, and the kw of each column
-    if rw < size:  # kw >= rw: any kd, any kh
-        row_parts.append((h_all + w_all)[..., rw:])
-        kw_columns += range(rw, size)
-    if h_pad is not None:  # kw < rw, kd >= rd: any kh
-        row_parts.append((h_pad + w_all)[..., :rw])
-        kw_columns += range(rw)
-    if w_pad is not None:  # kw < rw, kd < rd, kh >= rh
-        row_parts.append((h_real + w_pad)[..., :rw])
-        kw_columns += range(rw)
-    rows = torch.cat(row_parts, dim=-1)[:, :, :, None, :]
-    own_terms = term_d.float()[..., torch.tensor(kw_columns, device=term_d.device)]
-    return (rows + own_terms).flatten(1, 3)
+    # Per query row and kw, sums of exp over kd and over kh, each split into real and padding keys and
+    # shifted by its maximum over the whole axis. A padding sum can only underflow when it is below
+    # e^-87 of the largest key of its kw, which then outweighs it beyond float precision.
+    h_real, h_pad, h_max = _split_exp_sums(term_h.float(), rd)  # (B*heads, rd, rh, kw)
+    w_real, w_pad, w_max = _split_exp_sums(term_w.float(), rh)
+    w_all = w_real + w_pad
+    # For kw >= rw every (kd, kh) is padding; for kw < rw the padding keys are kd >= rd (any kh)
+    # and kd < rd, kh >= rh. Only sums of positive terms, so nothing cancels.
+    mass = torch.cat(
+        [(h_pad * w_all + h_real * w_pad)[..., :rw], ((h_real + h_pad) * w_all)[..., rw:]],
+        dim=-1,
+    )
+    # Floored at the smallest normal float: a vanished mass then gives a finite logit (no NaN gradient).
+    row_log_mass = mass.clamp_min_(torch.finfo(mass.dtype).tiny).log_() + h_max + w_max
+    return (term_d.float() + row_log_mass[:, :, :, None, :]).flatten(1, 3)
 
 
-def _split_logsumexp(terms: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logsumexp over dim 3 of terms[:, :, :, :split] and of terms[:, :, :, split:] (None when empty).
+def _split_exp_sums(terms: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of exp(terms - max) over dim 3 for indices < split and >= split, and the max.
 
-    Each half is shifted by its own maximum, so neither sum can overflow or vanish; done as one exp
-    over the whole tensor because these tensors are small and the number of operations dominates.
+    terms: (B*heads, rd, rh, L, kw); returns three (B*heads, rd, rh, kw) tensors.
     """
-    if split == terms.shape[3]:
-        return terms.logsumexp(dim=3), None
-    low, high = terms[:, :, :, :split], terms[:, :, :, split:]
-    low_max, high_max = low.amax(dim=3, keepdim=True), high.amax(dim=3, keepdim=True)
-    shifted = torch.cat([low - low_max, high - high_max], dim=3).exp_()
-    low_sum = shifted[:, :, :, :split].sum(dim=3).log_() + low_max.squeeze(3)
-    high_sum = shifted[:, :, :, split:].sum(dim=3).log_() + high_max.squeeze(3)
-    return low_sum, high_sum
+    top = terms.amax(dim=3, keepdim=True)
+    shifted = (terms - top).exp_()
+    return shifted[:, :, :, :split].sum(dim=3), shifted[:, :, :, split:].sum(dim=3), top.squeeze(3)
 
 
 def _padding_qkv(attn: Attention, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
