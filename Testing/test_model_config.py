@@ -10,7 +10,7 @@ from conftest import shared_path
 
 from SAMMed3DLib.config import ModelConfig, build_model, config_from_state_dict
 from SAMMed3DLib.errors import CheckpointError
-from SAMMed3DLib.modeling.image_encoder import add_relative_position_terms
+from SAMMed3DLib.modeling.image_encoder import PatchEmbed3D, add_relative_position_terms
 
 SMALL = ModelConfig(
     encoder_embed_dim=96,
@@ -66,3 +66,19 @@ def test_relative_position_terms_follow_the_official_broadcast():
         query = (qd * size + qh) * size + qw
         key = (kd * size + kh) * size + kw
         assert out[0, query, key].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_patch_embedding_equals_the_official_strided_convolution():
+    torch.manual_seed(0)
+    embed = PatchEmbed3D(patch_size=4, in_chans=2, embed_dim=8)
+    x = torch.randn(2, 2, 8, 12, 16)  # every axis a different number of patches
+    with torch.no_grad():
+        tokens = embed(x)
+        official = embed.proj(x).permute(0, 2, 3, 4, 1)
+    assert tokens.shape == (2, 2, 3, 4, 8) and tokens.is_contiguous()
+    torch.testing.assert_close(tokens, official, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_embedding_refuses_partial_patches():
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        PatchEmbed3D(patch_size=4, in_chans=1, embed_dim=8)(torch.zeros(1, 1, 8, 8, 10))

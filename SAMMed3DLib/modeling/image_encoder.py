@@ -81,15 +81,26 @@ class ImageEncoderViT3D(nn.Module):
 
 
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping cubic patches to tokens: (B, C_in, S, S, S) -> (B, S/p, S/p, S/p, dim)."""
+    """Non-overlapping cubic patches to tokens: (B, C_in, S, S, S) -> (B, S/p, S/p, S/p, dim).
+
+    The official strided convolution, computed as one matrix product over the flattened patches: the
+    same numbers up to float rounding, faster on the CPU (much faster under bfloat16 autocast, where
+    the 16^3-kernel convolution is slow) and tokens come out contiguous for every later token-wise op.
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Contiguous, so every later token-wise op (norms, residual adds) runs on plain memory.
-        return self.proj(x).permute(0, 2, 3, 4, 1).contiguous()
+        b, c, d, h, w = x.shape
+        p = self.proj.kernel_size[0]
+        if d % p or h % p or w % p:
+            raise ValueError(f"input sides {(d, h, w)} must be multiples of the patch size {p}")
+        # (B, C, D/p, p, H/p, p, W/p, p) -> (B, D/p, H/p, W/p, C, p, p, p): the weight's (C, p, p, p) order.
+        patches = x.view(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b, d // p, h // p, w // p, c * p**3)
+        return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
 
 
 class Block(nn.Module):
