@@ -66,12 +66,24 @@ def attend(attn: Attention, x: torch.Tensor, size: int, fused: bool = False) -> 
     fused: use `F.scaled_dot_product_attention` for the last steps instead of explicit matrices.
     """
     b, rd, rh, rw, dim = x.shape
-    n = rd * rh * rw
-    q, keys, values = _split_heads(attn.qkv(x.reshape(b, n, dim)), attn.num_heads)
-    padded = (rd, rh, rw) != (size, size, size)
+    qkv = attn.qkv(x.reshape(b, rd * rh * rw, dim))
+    # The projections follow any autocast; the attention itself runs in float32: its products are small,
+    # and reduced-precision element-wise work (the bias, the softmax) is slow on CPUs and less precise.
+    with torch.autocast(x.device.type, enabled=False):
+        out = _attend_float32(attn, qkv.float(), (rd, rh, rw), size, fused)
+    return _merge_heads(attn, out.to(qkv.dtype), b, (rd, rh, rw))
+
+
+def _attend_float32(
+    attn: Attention, qkv: torch.Tensor, grid: tuple[int, int, int], size: int, fused: bool
+) -> torch.Tensor:
+    """qkv (B, n, 3*dim) of the real tokens of a `grid` box -> attention output (B*heads, n, head_dim)."""
+    rd, rh, rw = grid
+    q, keys, values = _split_heads(qkv, attn.num_heads)
+    padded = grid != (size, size, size)
     q_pad = None
     if padded:
-        q_pad, k_pad, v_pad = _padding_qkv(attn, b, q)
+        q_pad, k_pad, v_pad = _padding_qkv(attn, qkv.shape[0], q)
     term_d, term_h, term_w = relative_position_terms(attn, q.view(-1, rd, rh, rw, q.shape[-1]), q_pad, size)
     masses = padding_log_masses(term_d, term_h, term_w) if padded else None
     if masses is not None:
@@ -80,29 +92,22 @@ def attend(attn: Attention, x: torch.Tensor, size: int, fused: bool = False) -> 
         values = torch.cat([values, v_pad.expand(-1, masses.shape[-1], -1)], dim=1)
     term_d = term_d[:, :, :, :, None, None, :rw]  # (B*heads, rd, rh, rw, 1, 1, kw)
     kd_kh_terms = (term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw])[:, :, :, None]
-    logits = _logits_bias(term_d, kd_kh_terms, masses, q.dtype)
+    logits = _logits_bias(term_d, kd_kh_terms, masses)
     if fused:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=logits, scale=attn.scale)
-    else:
-        # In place: the logits are a fresh tensor, and neither add nor cat needs it for the backward pass.
-        out = logits.baddbmm_(q, keys.transpose(-2, -1), alpha=attn.scale).softmax(dim=-1) @ values
-    return _merge_heads(attn, out, b, (rd, rh, rw))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=logits, scale=attn.scale)
+    # In place: the logits are a fresh tensor, and neither add nor cat needs it for the backward pass.
+    return logits.baddbmm_(q, keys.transpose(-2, -1), alpha=attn.scale).softmax(dim=-1) @ values
 
 
-def _logits_bias(
-    term_d: torch.Tensor, kd_kh_terms: torch.Tensor, masses: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """(h, n, n [+ columns]) relative-position bias of real keys, then the padding columns' log-masses.
-
-    In `dtype` (q's): under autocast the terms' dtype depends on how einsum was computed.
-    """
+def _logits_bias(term_d: torch.Tensor, kd_kh_terms: torch.Tensor, masses: torch.Tensor | None) -> torch.Tensor:
+    """(h, n, n [+ columns]) relative-position bias of real keys, then the padding columns' log-masses."""
     h, rd, rh, rw = term_d.shape[:4]
     n = rd * rh * rw
     if torch.is_grad_enabled() and (term_d.requires_grad or kd_kh_terms.requires_grad):
-        bias = (term_d + kd_kh_terms).reshape(h, n, n).to(dtype)  # out= below has no autograd
-        return bias if masses is None else torch.cat([bias, masses.to(dtype)], dim=-1)
+        bias = (term_d + kd_kh_terms).reshape(h, n, n)  # out= below has no autograd
+        return bias if masses is None else torch.cat([bias, masses], dim=-1)
     # Written into one buffer, so the (n, n) matrix is never copied.
-    logits = term_d.new_empty(h, n, n if masses is None else n + masses.shape[-1], dtype=dtype)
+    logits = term_d.new_empty(h, n, n if masses is None else n + masses.shape[-1])
     torch.add(term_d, kd_kh_terms, out=logits[:, :, :n].view(h, rd, rh, rw, rd, rh, rw))
     if masses is not None:
         logits[:, :, n:] = masses
@@ -128,7 +133,7 @@ def relative_position_terms(
         row_q = torch.cat([grid_q, q_pad.view(bh, 1, 1, 1, c).expand(bh, rd, rh, size - rw, c)], dim=3)
     # One product with all three tables (flipped); each term is then a view of it.
     rows = 2 * size - 1
-    tables = torch.cat([attn.rel_pos_d.flip(0), attn.rel_pos_h.flip(0), attn.rel_pos_w.flip(0)])
+    tables = torch.cat([attn.rel_pos_d.flip(0), attn.rel_pos_h.flip(0), attn.rel_pos_w.flip(0)]).to(row_q.dtype)
     products = (row_q @ tables.transpose(0, 1)).contiguous()  # (B*heads, rd, rh, size, 3 * rows)
     term_d = _offset_view(products[:, :, :, :rw, :rows], axis=1, size=size)
     term_h = _offset_view(products[..., rows : 2 * rows], axis=2, size=size)
@@ -153,14 +158,14 @@ def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch
     """Log of the summed exp(relative terms) of every padding key, one column per kw.
 
     The content logit q.k_b (the same for every padding key) is added by the caller.
-    Returns (B*heads, rd*rh*rw, window) in float32.
+    Returns (B*heads, rd*rh*rw, window).
     """
     _, rd, rh, rw, size = term_d.shape
     # Per query row and kw, sums of exp over kd and over kh, each split into real and padding keys and
     # shifted by its maximum over the whole axis. A padding sum can only underflow when it is below
     # e^-87 of the largest key of its kw, which then outweighs it beyond float precision.
-    h_real, h_pad, h_max = _split_exp_sums(term_h.float(), rd)  # (B*heads, rd, rh, kw)
-    w_real, w_pad, w_max = _split_exp_sums(term_w.float(), rh)
+    h_real, h_pad, h_max = _split_exp_sums(term_h, rd)  # (B*heads, rd, rh, kw)
+    w_real, w_pad, w_max = _split_exp_sums(term_w, rh)
     w_all = w_real + w_pad
     # For kw >= rw every (kd, kh) is padding; for kw < rw the padding keys are kd >= rd (any kh)
     # and kd < rd, kh >= rh. Only sums of positive terms, so nothing cancels.
@@ -170,7 +175,7 @@ def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch
     )
     # Floored at the smallest normal float: a vanished mass then gives a finite logit (no NaN gradient).
     row_log_mass = mass.clamp_min_(torch.finfo(mass.dtype).tiny).log_() + h_max + w_max
-    return (term_d.float() + row_log_mass[:, :, :, None, :]).flatten(1, 3)
+    return (term_d + row_log_mass[:, :, :, None, :]).flatten(1, 3)
 
 
 def _split_exp_sums(terms: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
