@@ -1,14 +1,15 @@
 """Speed and memory of every inference stage, on the default architecture with random weights.
 
-    python Testing/benchmark.py [--device cpu|cuda] [--runs N] [--precision float32|bfloat16|float16] [--large]
-                                [--threads N]
+    python Testing/benchmark.py [--device cpu|cuda] [--runs N] [--pairs N] [--large] [--threads N]
+                                [--precision float32|bfloat16|float16]
 
 Prints, per stage, the median wall time of N runs (after one warm-up run) and the fastest run (the
 better figure on a machine shared with other work), the peak resident memory of the process so far
 and, on CUDA, the median GPU time (CUDA events) and the stage's peak GPU memory.
 The yardstick is a plain 12-layer ViT-B (768-d, 12 heads, MLP 3072, pre-norm, no relative-position
 terms) over the same 512 tokens, built from plain torch ops in the same run: the encoder/yardstick
-ratio says how far the encoder is from the cost of an ordinary transformer of its size.
+ratio says how far the encoder is from the cost of an ordinary transformer of its size. The paired
+ratio (the figure to quote) times the two back to back, --pairs times, and takes the median.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per stage (median reported)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32", help="encoder autocast")
+    parser.add_argument(
+        "--pairs", type=int, default=15, help="back-to-back encoder/yardstick pairs for the paired ratio"
+    )
     parser.add_argument("--large", action="store_true", help="also prepare a 512x512x1000 CT (peak memory)")
     parser.add_argument("--threads", type=int, default=machine_cores(), help="torch threads (default: every core)")
     return parser.parse_args()
@@ -189,10 +193,13 @@ def main() -> None:
     volume, region = preprocessing_stages(arguments.runs)
     predictor = RegionPredictor(build_model(), device=device, precision=arguments.precision)
     encoder_times = encoder_stages(predictor, region.network_input(), arguments.runs)
-    yardstick_time = yardstick_stage(device, arguments.precision, arguments.runs)
+    yardstick = yardstick_step(device, arguments.precision)
+    yardstick_time = measure(yardstick, arguments.runs, device)
+    report("yardstick: plain ViT-B, 512 tokens", yardstick_time)
     click_stages(predictor, region.network_input(), region, volume, arguments.runs)
     session_stages(predictor, volume, arguments.runs)
     print_ratios(encoder_times, yardstick_time)
+    print_paired_ratio(lambda: predictor.embed(region.network_input()), yardstick, arguments.pairs, device)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
 
 
@@ -221,7 +228,8 @@ def encoder_stages(predictor: RegionPredictor, region_input: torch.Tensor, runs:
     return times
 
 
-def yardstick_stage(device: torch.device, precision: str, runs: int) -> Timing:
+def yardstick_step(device: torch.device, precision: str) -> Callable[[], torch.Tensor]:
+    """One forward pass of the yardstick over 512 random tokens, under the encoder's autocast."""
     tokens = torch.randn(1, 512, 768, device=device)
     yardstick = yardstick_vit_b(device)
     dtype = PRECISIONS[precision]
@@ -230,9 +238,7 @@ def yardstick_stage(device: torch.device, precision: str, runs: int) -> Timing:
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             return yardstick(tokens)
 
-    timing = measure(run, runs, device)
-    report("yardstick: plain ViT-B, 512 tokens", timing)
-    return timing
+    return run
 
 
 def click_stages(
@@ -290,6 +296,36 @@ def print_ratios(encoder_times: dict[str, Timing], yardstick_time: Timing) -> No
     for path, timing in encoder_times.items():
         print(f"encoder ({path}) / yardstick: {ratio(timing, yardstick_time)}")
     print(f"reference / fast encoder: {ratio(encoder_times['reference'], encoder_times['fast'])}")
+
+
+def print_paired_ratio(
+    encoder: Callable[[], object], yardstick: Callable[[], object], pairs: int, device: torch.device
+) -> None:
+    """Median of encoder/yardstick wall-time ratios over back-to-back pairs (one warm-up pair).
+
+    Each pair runs within a second or two, so a shared machine's slow drifts in speed, which move the
+    separately measured medians above, largely cancel."""
+    ratios = []
+    for pair in range(pairs + 1):
+        encoder_s = wall_time(encoder, device)
+        yardstick_s = wall_time(yardstick, device)
+        if pair:
+            ratios.append(encoder_s / yardstick_s)
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(
+        f"encoder (fast) / yardstick, {pairs} back-to-back pairs: median {statistics.median(ratios):.3f} "
+        f"(quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f})"
+    )
+
+
+def wall_time(step: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
