@@ -8,7 +8,7 @@ import torch
 from conftest import shared_path
 
 from SAMMed3DLib.checkpoint import load_model
-from SAMMed3DLib.modeling import ImageEncoderViT3D
+from SAMMed3DLib.modeling import ImageEncoderViT3D, windowed_attention
 from SAMMed3DLib.modeling.image_encoder import Block
 
 FAST_PATHS = ("fast", "fused")
@@ -66,6 +66,15 @@ def test_odd_configurations_match_reference(window_size, grid):
     outputs = block_outputs(block, x, ("reference",) + FAST_PATHS)
     for path in FAST_PATHS:
         np.testing.assert_allclose(outputs[path].numpy(), outputs["reference"].numpy(), atol=1e-5, rtol=0, err_msg=path)
+
+
+def test_heads_in_uneven_steps_match_reference():
+    """CPU inference attends a few heads at a time: 2 x 5 = 10 heads is not a multiple of the step."""
+    assert (2 * 5) % windowed_attention.CPU_HEADS_PER_STEP != 0
+    block = random_block(dim=40, heads=5, window_size=14, grid=8, seed=7)
+    x = torch.randn(2, 8, 8, 8, 40, generator=torch.Generator().manual_seed(8))
+    outputs = block_outputs(block, x, ("reference", "fast"))
+    np.testing.assert_allclose(outputs["fast"].numpy(), outputs["reference"].numpy(), atol=1e-5, rtol=0)
 
 
 def test_without_qkv_bias_padding_tokens_project_to_zero():
