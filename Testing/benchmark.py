@@ -60,7 +60,10 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--large", action="store_true", help="also prepare a 512x512x1000 CT (peak memory)")
     parser.add_argument("--threads", type=int, default=machine_cores(), help="torch threads (default: every core)")
-    return parser.parse_args()
+    arguments = parser.parse_args()
+    if arguments.pairs < 2:
+        parser.error("--pairs must be at least 2 (its quartiles need two ratios)")
+    return arguments
 
 
 def machine_cores() -> int:
