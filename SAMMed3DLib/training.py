@@ -226,9 +226,14 @@ def region_begin(
 ) -> np.ndarray:
     """Official bbox-centred begin with +-jitter voxels, or (sometimes) centred on a random foreground voxel."""
     if rng.random() < foreground_centre_probability:
-        voxels = np.argwhere(binary)
-        return voxels[rng.integers(len(voxels))] - ROI_SIZE // 2
+        return begin_on_random_voxel(binary, rng)
     return begin_for_label_bbox(binary) + rng.integers(-jitter, jitter + 1, size=3)
+
+
+def begin_on_random_voxel(binary: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Begin of the region centred on a voxel of `binary` drawn uniformly at random."""
+    voxels = np.argwhere(binary)
+    return voxels[rng.integers(len(voxels))] - ROI_SIZE // 2
 
 
 def flip_region(raw: np.ndarray, label: np.ndarray, axes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -250,8 +255,7 @@ def make_sample(
     binary = case.targets == target.number
     first_click = None
     if click_centre_probability > 0 and rng.random() < click_centre_probability:
-        voxels = np.argwhere(binary)
-        begin = voxels[rng.integers(len(voxels))] - ROI_SIZE // 2
+        begin = begin_on_random_voxel(binary, rng)
         first_click = np.full(3, ROI_SIZE // 2)
     else:
         begin = region_begin(binary, rng, jitter, foreground_centre_probability)
