@@ -71,21 +71,15 @@ def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool, protocol: str
                 predictor, image, label, num_clicks=clicks, accumulate_clicks=accumulate, prepared=prepared
             )
             for entry in result.labels:
-                rows.append(
-                    {
-                        "seed": seed,
-                        "label": entry.value,
-                        "kind": target_kind(phantom, entry.value),
-                        "clicks": clicks,
-                        "dice": entry.dice_per_click[-1],
-                    }
-                )
+                rows.append(target_row(phantom, entry.value, clicks, entry.dice_per_click[-1]))
         print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return rows
 
 
-def target_kind(phantom: Phantom, value: int) -> str:
-    return "lesion" if value in phantom.lesion_hosts else "organ"
+def target_row(phantom: Phantom, value: int, clicks: int, dice_value: float) -> dict:
+    """One result: a target of a phantom, whether it is a lesion or an organ, and its Dice after `clicks`."""
+    kind = "lesion" if value in phantom.lesion_hosts else "organ"
+    return {"seed": phantom.seed, "label": value, "kind": kind, "clicks": clicks, "dice": dice_value}
 
 
 def session_rows(
@@ -101,15 +95,7 @@ def session_rows(
         for clicks in range(1, max(CLICK_COUNTS) + 1):
             result = session.add_click(Click(tuple(label.ijk_to_ras_points([ijk])[0]), positive=positive))
             if clicks in CLICK_COUNTS:
-                rows.append(
-                    {
-                        "seed": phantom.seed,
-                        "label": value,
-                        "kind": target_kind(phantom, value),
-                        "clicks": clicks,
-                        "dice": dice(result.mask, truth),
-                    }
-                )
+                rows.append(target_row(phantom, value, clicks, dice(result.mask, truth)))
             index_kji, positive = simulate_click(result.mask > 0, truth, random_state=random_state)
             ijk, positive = tuple(int(v) for v in index_kji[::-1]), bool(positive)
     return rows
