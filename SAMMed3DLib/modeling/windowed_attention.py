@@ -2,7 +2,7 @@
 
 A windowed block of the official encoder zero-pads the 8^3 token grid to a 14^3 window and attends
 over all 2,744 positions. Here only the real tokens are computed as queries, and the padding keys are
-folded into a few extra softmax columns without approximation:
+folded into one extra softmax column without approximation:
 
 * every padding token has the same key k_b and value v_b (the qkv biases: the projection of zero),
   so a query's padding logits differ only through the relative-position terms;
@@ -12,9 +12,11 @@ folded into a few extra softmax columns without approximation:
   for a real box rd x rh x rw; on each part, for a fixed kw, the sum of exp over kd and kh factorises
   into (sum of exp(B) over its kd range) x (sum of exp(C) over its kh range).
 
-So each kw becomes one column whose logit is the log of its padding keys' total softmax mass and whose
-value is v_b: `window` columns beside the real keys, and one ordinary softmax over them all is exact
-up to float rounding. Global blocks are the same computation with no padding.
+So all padding keys together become one column whose logit is the log of their total softmax mass (a
+log-sum-exp over kw of the per-kw masses) and whose value is v_b; one ordinary softmax over the real keys
+and that column is exact up to float rounding. Global blocks are the same computation with no padding.
+For the real keys, A[kw] enters through the matrix product (rw extra query and key channels) and B + C,
+the same for the rw queries of a row, is added row by row: no add is broadcast over short innermost axes.
 """
 
 from __future__ import annotations
@@ -87,55 +89,73 @@ def _attend_float32(
     if padded:
         q_pad, k_pad, v_pad = _padding_qkv(attn, qkv.shape[0], q)
     term_d, term_h, term_w = relative_position_terms(attn, q.view(-1, rd, rh, rw, q.shape[-1]), q_pad, size)
-    masses = padding_log_masses(term_d, term_h, term_w) if padded else None
-    if masses is not None:
-        # One extra key per padding column, all equal to the padding key and value.
-        keys = torch.cat([keys, k_pad.expand(-1, masses.shape[-1], -1)], dim=1)
-        values = torch.cat([values, v_pad.expand(-1, masses.shape[-1], -1)], dim=1)
-    term_d = term_d[:, :, :, :, None, None, :rw]  # (B*heads, rd, rh, rw, 1, 1, kw)
-    kd_kh_terms = (term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw])[:, :, :, None]
+    padding_mass = padding_log_mass(term_d, term_h, term_w) if padded else None
+    q, keys = _with_key_column_channels(q * attn.scale, keys, term_d[..., :rw])
+    if padding_mass is not None:
+        # The padding column's key and value: the padding token's (no key-column channel: the log-mass
+        # already holds the relative-position terms).
+        keys = torch.cat([keys, torch.cat([k_pad, k_pad.new_zeros(*k_pad.shape[:-1], rw)], dim=-1)], dim=1)
+        values = torch.cat([values, v_pad], dim=1)
+    # The rest of the bias depends on the query's (qd, qh) row only: (B*heads, rd, rh, rd*rh*rw).
+    row_bias = (term_h[:, :, :, :rd, None, :rw] + term_w[:, :, :, None, :rh, :rw]).flatten(3)
     if not fused and not torch.is_grad_enabled() and q.device.type == "cpu":
-        return _attend_cache_sized(q, keys, values, term_d, kd_kh_terms, masses, attn.scale)
-    logits = _logits_bias(term_d, kd_kh_terms, masses)
+        return _attend_cache_sized(q, keys, values, row_bias, padding_mass)
+    bias = _bias_matrix(row_bias, padding_mass, rw)
     if fused:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=logits, scale=attn.scale)
-    # In place: the logits are a fresh tensor, and neither add nor cat needs it for the backward pass.
-    return logits.baddbmm_(q, keys.transpose(-2, -1), alpha=attn.scale).softmax(dim=-1) @ values
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
+    return torch.baddbmm(bias, q, keys.transpose(-2, -1)).softmax(dim=-1) @ values
+
+
+def _with_key_column_channels(
+    q: torch.Tensor, keys: torch.Tensor, column_terms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys with rw extra channels whose product is the term A[kw] of every real key.
+
+    The query carries its A[0..rw-1], the key a one-hot of its kw, so the matrix product adds the only
+    bias term that varies within a query row (an add broadcast over kd and kh is several times slower).
+    q: (B*heads, n, c) scaled queries; keys: (B*heads, n, c) real keys, kw fastest;
+    column_terms: (B*heads, rd, rh, rw, rw) A[kw] of each query. Returns (B*heads, n, c + rw) twice.
+    """
+    bh, n, _ = q.shape
+    rw = column_terms.shape[-1]
+    key_columns = torch.eye(rw, dtype=keys.dtype, device=keys.device).repeat(n // rw, 1)
+    return (
+        torch.cat([q, column_terms.reshape(bh, n, rw)], dim=-1),
+        torch.cat([keys, key_columns.expand(bh, n, rw)], dim=-1),
+    )
 
 
 def _attend_cache_sized(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    term_d: torch.Tensor,
-    kd_kh_terms: torch.Tensor,
-    masses: torch.Tensor | None,
-    scale: float,
+    row_bias: torch.Tensor,
+    padding_mass: torch.Tensor | None,
 ) -> torch.Tensor:
     """The same attention, CPU inference only: a few heads at a time, so that each block of logits
-    (about 1 MB a head at full size) is written, softmaxed and read back while it is still in cache."""
+    (about 1 MB a head at full size) is written, biased, softmaxed and read back while still in cache."""
     out = q.new_empty(q.shape[0], q.shape[1], values.shape[-1])
     for start in range(0, q.shape[0], CPU_HEADS_PER_STEP):
         heads = slice(start, start + CPU_HEADS_PER_STEP)
-        logits = _logits_bias(term_d[heads], kd_kh_terms[heads], None if masses is None else masses[heads])
-        logits.baddbmm_(q[heads], keys[heads].transpose(-2, -1), alpha=scale)
+        logits = torch.bmm(q[heads], keys[heads].transpose(-2, -1))
+        _add_bias_(logits, row_bias[heads], None if padding_mass is None else padding_mass[heads])
         torch.bmm(torch.softmax(logits, dim=-1, out=logits), values[heads], out=out[heads])
     return out
 
 
-def _logits_bias(term_d: torch.Tensor, kd_kh_terms: torch.Tensor, masses: torch.Tensor | None) -> torch.Tensor:
-    """(h, n, n [+ columns]) relative-position bias of real keys, then the padding columns' log-masses."""
-    h, rd, rh, rw = term_d.shape[:4]
-    n = rd * rh * rw
-    if torch.is_grad_enabled() and (term_d.requires_grad or kd_kh_terms.requires_grad):
-        bias = (term_d + kd_kh_terms).reshape(h, n, n)  # out= below has no autograd
-        return bias if masses is None else torch.cat([bias, masses], dim=-1)
-    # Written into one buffer, so the (n, n) matrix is never copied.
-    logits = term_d.new_empty(h, n, n if masses is None else n + masses.shape[-1])
-    torch.add(term_d, kd_kh_terms, out=logits[:, :, :n].view(h, rd, rh, rw, rd, rh, rw))
-    if masses is not None:
-        logits[:, :, n:] = masses
-    return logits
+def _add_bias_(logits: torch.Tensor, row_bias: torch.Tensor, padding_mass: torch.Tensor | None) -> None:
+    """In place: logits (h, n, n [+ 1]) += the row bias of the real keys and the padding log-mass."""
+    h, rd, rh, n = row_bias.shape
+    logits[:, :, :n].view(h, rd, rh, -1, n).add_(row_bias[:, :, :, None])
+    if padding_mass is not None:
+        logits[:, :, n:].add_(padding_mass)
+
+
+def _bias_matrix(row_bias: torch.Tensor, padding_mass: torch.Tensor | None, rw: int) -> torch.Tensor:
+    """(h, n, n [+ 1]): the row bias repeated over the rw queries of each row, then the padding log-mass."""
+    h, rd, rh, n = row_bias.shape
+    bias = row_bias[:, :, :, None].expand(h, rd, rh, rw, n).reshape(h, n, n)
+    return bias if padding_mass is None else torch.cat([bias, padding_mass], dim=-1)
 
 
 def relative_position_terms(
@@ -178,11 +198,11 @@ def _offset_view(products: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return products.as_strided(shape, strides, products.storage_offset() + size - 1)
 
 
-def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch.Tensor) -> torch.Tensor:
-    """Log of the summed exp(relative terms) of every padding key, one column per kw.
+def padding_log_mass(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch.Tensor) -> torch.Tensor:
+    """Log of the summed exp(relative terms) of all padding keys of each real query.
 
     The content logit q.k_b (the same for every padding key) is added by the caller.
-    Returns (B*heads, rd*rh*rw, window).
+    Returns (B*heads, rd*rh*rw, 1).
     """
     _, rd, rh, rw, size = term_d.shape
     # Per query row and kw, sums of exp over kd and over kh, each split into real and padding keys and
@@ -199,7 +219,7 @@ def padding_log_masses(term_d: torch.Tensor, term_h: torch.Tensor, term_w: torch
     )
     # Floored at the smallest normal float: a vanished mass then gives a finite logit (no NaN gradient).
     row_log_mass = mass.clamp_min_(torch.finfo(mass.dtype).tiny).log_() + h_max + w_max
-    return (term_d + row_log_mass[:, :, :, None, :]).flatten(1, 3)
+    return torch.logsumexp(term_d + row_log_mass[:, :, :, None, :], dim=-1, keepdim=True).flatten(1, 3)
 
 
 def _split_exp_sums(terms: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
