@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from . import geometry
 from .errors import InputError
@@ -22,6 +23,9 @@ from .preprocess import ROI_SIZE, Region
 from .volume import Volume
 
 Box = tuple[slice, slice, slice]
+# The flat index of box voxels whose centre lies outside the region: one past the region's voxels,
+# where `Footprint.paste` keeps a zero.
+OUTSIDE_REGION = ROI_SIZE**3
 
 
 class _ItkGrid:
@@ -72,8 +76,10 @@ def _candidate_box(region: Region, volume: Volume) -> Box | None:
     return tuple(slice(int(low[a]), int(high[a])) for a in (2, 1, 0))
 
 
-def _tight_box(inside: np.ndarray, box: Box) -> Box:
-    """The smallest box around the True voxels of `inside` (given over `box`), in volume coordinates."""
+def tight_box(inside: np.ndarray, box: Box) -> Box:
+    """The smallest box around the True voxels of `inside` (given over `box`), in volume coordinates.
+
+    Three reductions along the axes: several times faster than `np.nonzero` on millions of voxels."""
     starts = []
     for axis in range(3):
         others = tuple(a for a in range(3) if a != axis)
@@ -104,7 +110,7 @@ class Footprint:
     It depends only on the two grids, so it is computed once per region and reused for every click."""
 
     box: Box
-    flat_index: np.ndarray  # int32, box shape; 0 where outside
+    flat_index: np.ndarray  # int32, box shape; OUTSIDE_REGION where outside
     inside: np.ndarray  # bool, box shape
 
     def paste(self, region_mask: np.ndarray) -> np.ndarray:
@@ -112,9 +118,11 @@ class Footprint:
         mask = np.asarray(region_mask)
         if mask.shape != (ROI_SIZE,) * 3:
             raise InputError(f"A region mask must be {ROI_SIZE}^3 voxels, got shape {mask.shape}.")
-        values = np.take(np.ravel(mask), self.flat_index) != 0
-        values &= self.inside
-        return values.astype(np.uint8)
+        values = np.zeros(OUTSIDE_REGION + 1, dtype=np.uint8)
+        np.not_equal(mask.reshape(-1), 0, out=values[:OUTSIDE_REGION].view(np.bool_))
+        # torch gathers with the int32 index as it is (numpy would first widen it, a copy per click).
+        index = torch.from_numpy(self.flat_index.reshape(-1))
+        return torch.index_select(torch.from_numpy(values), 0, index).numpy().reshape(self.inside.shape)
 
 
 _EMPTY_BOX: Box = (slice(0, 0),) * 3
@@ -146,12 +154,12 @@ def region_footprint(region: Region, volume: Volume) -> Footprint:
         inside &= axis_index >= 0
         flat_index *= ROI_SIZE
         flat_index += axis_index
-    np.putmask(flat_index, ~inside, 0)
+    np.putmask(flat_index, ~inside, OUTSIDE_REGION)
     shape = tuple(b.stop - b.start for b in box)
     flat_index, inside = flat_index.reshape(shape), inside.reshape(shape)
     if not inside.any():
         return empty
-    tight = _tight_box(inside, box)
+    tight = tight_box(inside, box)
     local = tuple(slice(t.start - b.start, t.stop - b.start) for t, b in zip(tight, box))
     return Footprint(tight, np.ascontiguousarray(flat_index[local]), np.ascontiguousarray(inside[local]))
 

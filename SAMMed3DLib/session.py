@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .postprocess import Footprint, region_footprint
+from .postprocess import Footprint, region_footprint, tight_box
 from .predictor import RegionPredictor
 from .preprocess import PreparedVolume, Region
 
@@ -294,10 +294,8 @@ class InteractiveSession:
             return None
         union = _union_box(candidates)
         before = previous[union] if previous is not None else np.zeros_like(mask[union])
-        differs = np.nonzero(before != mask[union])
-        if not differs[0].size:
-            return None
-        return tuple(slice(s.start + int(d.min()), s.start + int(d.max()) + 1) for s, d in zip(union, differs))
+        differs = before != mask[union]
+        return tight_box(differs, union) if differs.any() else None
 
 
 def _paste_nearest_region(
