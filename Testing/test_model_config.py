@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import shared_path
 
 from SAMMed3DLib.config import ModelConfig, build_model, config_from_state_dict
 from SAMMed3DLib.errors import CheckpointError
 from SAMMed3DLib.modeling.image_encoder import PatchEmbed3D, add_relative_position_terms
+from SAMMed3DLib.modeling.mask_decoder import DoublingConvTranspose3d
 
 SMALL = ModelConfig(
     encoder_embed_dim=96,
@@ -77,6 +79,21 @@ def test_patch_embedding_equals_the_official_strided_convolution():
         official = embed.proj(x).permute(0, 2, 3, 4, 1)
     assert tokens.shape == (2, 2, 3, 4, 8) and tokens.is_contiguous()
     torch.testing.assert_close(tokens, official, atol=1e-5, rtol=1e-5)
+
+
+def test_doubling_transposed_convolution_equals_the_official_one_with_its_gradients():
+    torch.manual_seed(0)
+    conv = DoublingConvTranspose3d(6, 5)
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)  # every axis a different size
+    ours = conv(x)
+    official = F.conv_transpose3d(x, conv.weight, conv.bias, stride=2)
+    assert ours.shape == (2, 5, 6, 8, 10)
+    torch.testing.assert_close(ours, official, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (x, conv.weight, conv.bias), upstream)
+    official_grads = torch.autograd.grad(official, (x, conv.weight, conv.bias), upstream)
+    for mine, theirs in zip(ours_grads, official_grads):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_patch_embedding_refuses_partial_patches():

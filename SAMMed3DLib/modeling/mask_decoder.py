@@ -33,10 +33,10 @@ class MaskDecoder3D(nn.Module):
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose3d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            DoublingConvTranspose3d(transformer_dim, transformer_dim // 4),
             LayerNorm3d(transformer_dim // 4),
             nn.GELU(),
-            nn.ConvTranspose3d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            DoublingConvTranspose3d(transformer_dim // 4, transformer_dim // 8),
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
@@ -93,6 +93,27 @@ class MaskDecoder3D(nn.Module):
         b, c, d, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.reshape(b, c, d * h * w)).reshape(b, -1, d, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+
+class DoublingConvTranspose3d(nn.ConvTranspose3d):
+    """The official 2x2x2, stride-2 transposed convolution: (B, C_in, D, H, W) -> (B, C_out, 2D, 2H, 2W).
+
+    Its kernels do not overlap, so it is one matrix product per input voxel followed by a reshuffle of
+    each voxel's 2x2x2 outputs: the same numbers up to float rounding, about twice as fast on the CPU.
+    Same parameters and state-dict keys as `nn.ConvTranspose3d`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = x.shape
+        out = self.out_channels
+        voxels = x.permute(0, 2, 3, 4, 1).reshape(-1, c)
+        # Weight (C_in, C_out, 2, 2, 2): every output channel's 8 kernel taps share its bias.
+        y = torch.addmm(self.bias.repeat_interleave(8), voxels, self.weight.reshape(c, out * 8))
+        y = y.view(b, d, h, w, out, 2, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return y.reshape(b, out, 2 * d, 2 * h, 2 * w)
 
 
 class MLP(nn.Module):
