@@ -8,9 +8,9 @@ from typing import Callable, Hashable, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .modeling import Sam3D
+from .modeling.upsampling import upsample_trilinear
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class RegionPredictor:
         """Low-resolution logits -> uint8 region mask (S, S, S), as the official pipeline thresholds."""
         with torch.inference_mode():
             size = (self.input_size,) * 3
-            upsampled = F.interpolate(logits.float(), size=size, mode="trilinear", align_corners=False)
+            upsampled = upsample_trilinear(logits.float(), size)
             return (torch.sigmoid(upsampled) > 0.5)[0, 0].to(torch.uint8).cpu().numpy()
 
     def _with_cpu_fallback(self, step: Callable):

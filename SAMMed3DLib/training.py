@@ -36,6 +36,7 @@ from .errors import CheckpointError, InputError
 from .manifest import manifest_rows
 from .metrics import dice
 from .modeling import Sam3D
+from .modeling.upsampling import upsample_trilinear
 from .preprocess import ROI_SIZE, PreparedVolume, begin_for_label_bbox, crop_with_zero_padding, normalise_intensities
 from .volume import Volume
 
@@ -334,7 +335,7 @@ def interact(
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        upsampled = F.interpolate(low_res.float(), size=size, mode="trilinear", align_corners=False)
+        upsampled = upsample_trilinear(low_res.float(), size)
         total = total + dice_ce_loss(upsampled, target)
         previous_logits = low_res
         previous_mask = (upsampled > 0)[0, 0].detach().cpu().numpy()
