@@ -11,6 +11,7 @@ from conftest import shared_path
 
 from SAMMed3DLib.config import ModelConfig, build_model, config_from_state_dict
 from SAMMed3DLib.errors import CheckpointError
+from SAMMed3DLib.modeling.common import LayerNorm3d
 from SAMMed3DLib.modeling.image_encoder import PatchEmbed3D, add_relative_position_terms
 from SAMMed3DLib.modeling.mask_decoder import DoublingConvTranspose3d
 
@@ -94,6 +95,16 @@ def test_doubling_transposed_convolution_equals_the_official_one_with_its_gradie
     official_grads = torch.autograd.grad(official, (x, conv.weight, conv.bias), upstream)
     for mine, theirs in zip(ours_grads, official_grads):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_norm_3d_takes_float16_activations_beyond_256_in_float32():
+    torch.manual_seed(0)
+    norm = LayerNorm3d(16)
+    x = torch.randn(1, 16, 2, 3, 4) * 300  # squares beyond float16's 65504
+    expected = norm(x)
+    half = norm(x.half())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, expected, atol=2e-3, rtol=2e-3)
 
 
 def test_patch_embedding_refuses_partial_patches():

@@ -29,7 +29,10 @@ class LayerNorm3d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The operation order matches the official layer so results agree bit for bit.
+        """(B, C, D, H, W) -> same shape; float32 whatever the input (float32 input: the official numbers)."""
+        # Under autocast the input can be float16, whose squares overflow above 256 (65504 at most): the
+        # variance is taken in float32. The operation order matches the official layer bit for bit.
+        x = x.float()
         mean = x.mean(1, keepdim=True)
         variance = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) / torch.sqrt(variance + self.eps)
