@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA check in one run, for a machine with an NVIDIA GPU and a CUDA build of PyTorch:
-# the CUDA tests, the benchmark in float32 and bfloat16, and the change bfloat16 makes to logits and Dice.
+# the CUDA tests, the benchmark in float32 and bfloat16, and the change bfloat16 and float16 make to
+# logits and Dice.
 # Run from the repository root; results are printed and written under $OUT (default ./gpu_check).
 #
 #   bash Testing/gpu_check.sh
@@ -22,5 +23,7 @@ python3 -m pytest Testing -q -p no:cacheprovider -k cuda -rs 2>&1 | tee "$out/cu
 for precision in float32 bfloat16; do
     python3 Testing/benchmark.py --device cuda --runs 10 --precision "$precision" 2>&1 | tee "$out/benchmark_$precision.txt"
 done
-python3 Testing/precision_check.py --device cuda --precision bfloat16 --seeds 0-9 \
-    --out "$out/precision_bfloat16.json" 2>&1 | tee "$out/precision_bfloat16.txt"
+for precision in bfloat16 float16; do
+    python3 Testing/precision_check.py --device cuda --precision "$precision" --seeds 0-9 \
+        --out "$out/precision_$precision.json" 2>&1 | tee "$out/precision_$precision.txt"
+done
