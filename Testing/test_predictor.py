@@ -87,6 +87,20 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
         load_predictor(None, device="cuda")
 
 
+def test_network_runs_with_tf32_convolutions_off_and_the_setting_is_put_back(model):
+    seen = []
+    for module in (model.image_encoder, model.prompt_encoder):
+        module.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    predictor = RegionPredictor(model)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        predictor.decode(predictor.embed(_volume_input()), np.array([[64, 64, 64]]), np.array([1]))
+        assert seen == [False, False]
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_path_matches_cpu(model):
     cpu = RegionPredictor(model)
