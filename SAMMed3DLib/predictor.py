@@ -124,7 +124,7 @@ class RegionPredictor:
 
     def _with_cpu_fallback(self, step: Callable):
         try:
-            with float32_convolutions():
+            with _float32_convolutions():
                 return step()
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
@@ -140,7 +140,7 @@ class RegionPredictor:
 
 
 @contextmanager
-def float32_convolutions() -> Iterator[None]:
+def _float32_convolutions() -> Iterator[None]:
     """cuDNN runs float32 convolutions in TF32 unless told otherwise (a 10-bit mantissa: embeddings moved
     by up to 2e-3 against the CPU on an H200). Float32 here means float32 on every device; the setting is
     put back afterwards, as the user's session may rely on it."""
