@@ -89,8 +89,10 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 
 def test_network_runs_with_tf32_convolutions_off_and_the_setting_is_put_back(model):
     seen = []
-    for module in (model.image_encoder, model.prompt_encoder):
+    hooks = [
         module.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+        for module in (model.image_encoder, model.prompt_encoder)
+    ]
     predictor = RegionPredictor(model)
     torch.backends.cudnn.allow_tf32 = True
     try:
@@ -99,6 +101,8 @@ def test_network_runs_with_tf32_convolutions_off_and_the_setting_is_put_back(mod
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32 = True
+        for hook in hooks:
+            hook.remove()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
