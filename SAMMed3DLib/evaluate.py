@@ -33,12 +33,13 @@ class SimulatedClick:
 
 @dataclass
 class LabelResult:
-    """One label value: its region, the clicks drawn, and Dice on the original grid after each click."""
+    """One label value: its region, the clicks drawn, and Dice and mask size on the original grid after each click."""
 
     value: int
     region_begin: tuple[int, int, int]
     clicks: list[SimulatedClick] = field(default_factory=list)
     dice_per_click: list[float] = field(default_factory=list)
+    voxels_per_click: list[int] = field(default_factory=list)
     iou_per_click: list[float] = field(default_factory=list)
     region_mask: Optional[np.ndarray] = None
 
@@ -142,6 +143,7 @@ class _ProtocolRun:
         if not region_label.any():  # the official code returns an empty mask without drawing a click
             patch, box = paste_region_mask(region_mask, region, prepared.volume)
             result.dice_per_click = [_dice_of_patch(patch, box, truth, truth_count)] * self.num_clicks
+            result.voxels_per_click = [0] * self.num_clicks
             result.region_mask = region_mask
             return result, patch, box
         if recorded is not None and len(recorded) < self.num_clicks:
@@ -164,6 +166,7 @@ class _ProtocolRun:
             region_mask = self.predictor.upsample_to_mask(logits)
             patch, box = paste_region_mask(region_mask, region, prepared.volume)
             result.dice_per_click.append(_dice_of_patch(patch, box, truth, truth_count))
+            result.voxels_per_click.append(int(np.count_nonzero(patch)))
             result.iou_per_click.append(iou)
         result.region_mask = region_mask
         return result, patch, box

@@ -2,7 +2,8 @@
 
 Not a test: a script that prints a table and writes JSON. For every phantom seed (default 0..49, never used
 for training) and every organ and lesion label it measures Dice on the original grid after 1, 3 and 5 clicks,
-with one of two protocols:
+and how large the mask is against the truth (a median ratio far above 1 for lesions means their masks take in
+the host organ; below 1 for organs, that they stop short), with one of two protocols:
 
 * official (default): the ground-truth-driven protocol (spec 5.6): the region centred on the label's bounding
   box, clicks drawn from the errors of the previous prediction with NumPy's RandomState seeded 233 once per
@@ -71,15 +72,30 @@ def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool, protocol: str
                 predictor, image, label, num_clicks=clicks, accumulate_clicks=accumulate, prepared=prepared
             )
             for entry in result.labels:
-                rows.append(target_row(phantom, entry.value, clicks, entry.dice_per_click[-1]))
+                truth_voxels = int(np.count_nonzero(label.array_kji == entry.value))
+                rows.append(
+                    target_row(
+                        phantom, entry.value, clicks, entry.dice_per_click[-1], entry.voxels_per_click[-1], truth_voxels
+                    )
+                )
         print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return rows
 
 
-def target_row(phantom: Phantom, value: int, clicks: int, dice_value: float) -> dict:
-    """One result: a target of a phantom, whether it is a lesion or an organ, and its Dice after `clicks`."""
+def target_row(
+    phantom: Phantom, value: int, clicks: int, dice_value: float, mask_voxels: int, truth_voxels: int
+) -> dict:
+    """One result: a target of a phantom, whether it is a lesion or an organ, its Dice after `clicks`, and how
+    large the mask is against the truth (mask voxels / truth voxels on the original grid)."""
     kind = "lesion" if value in phantom.lesion_hosts else "organ"
-    return {"seed": phantom.seed, "label": value, "kind": kind, "clicks": clicks, "dice": dice_value}
+    return {
+        "seed": phantom.seed,
+        "label": value,
+        "kind": kind,
+        "clicks": clicks,
+        "dice": dice_value,
+        "volume_ratio": mask_voxels / truth_voxels,
+    }
 
 
 def session_rows(
@@ -95,28 +111,38 @@ def session_rows(
         for clicks in range(1, max(CLICK_COUNTS) + 1):
             result = session.add_click(Click(tuple(label.ijk_to_ras_points([ijk])[0]), positive=positive))
             if clicks in CLICK_COUNTS:
-                rows.append(target_row(phantom, value, clicks, dice(result.mask, truth)))
+                mask_voxels, truth_voxels = int(np.count_nonzero(result.mask)), int(np.count_nonzero(truth))
+                rows.append(target_row(phantom, value, clicks, dice(result.mask, truth), mask_voxels, truth_voxels))
             index_kji, positive = simulate_click(result.mask > 0, truth, random_state=random_state)
             ijk, positive = tuple(int(v) for v in index_kji[::-1]), bool(positive)
     return rows
 
 
 def summarise(rows: list[dict]) -> dict:
+    """Per click count and kind: mean Dice and the median volume ratio (above 1: masks too large)."""
     summary = {}
     for clicks in CLICK_COUNTS:
         entry = {}
         for kind in ("all", "organ", "lesion"):
-            scores = [r["dice"] for r in rows if r["clicks"] == clicks and kind in ("all", r["kind"])]
-            entry[kind] = {"mean": float(np.mean(scores)) if scores else None, "count": len(scores)}
+            chosen = [r for r in rows if r["clicks"] == clicks and kind in ("all", r["kind"])]
+            entry[kind] = {
+                "mean": float(np.mean([r["dice"] for r in chosen])) if chosen else None,
+                "median_volume_ratio": float(np.median([r["volume_ratio"] for r in chosen])) if chosen else None,
+                "count": len(chosen),
+            }
         summary[str(clicks)] = entry
     return summary
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'clicks':>6}  {'all':>14}  {'organs':>14}  {'lesions':>14}")
+    print("mean Dice (median mask volume / true volume)")
+    print(f"{'clicks':>6}  {'all':>22}  {'organs':>22}  {'lesions':>22}")
     for clicks, entry in summary.items():
-        cells = [f"{entry[k]['mean']:.3f} (n={entry[k]['count']})" for k in ("all", "organ", "lesion")]
-        print(f"{clicks:>6}  " + "  ".join(f"{cell:>14}" for cell in cells))
+        cells = [
+            f"{entry[k]['mean']:.3f} ({entry[k]['median_volume_ratio']:.2f}) n={entry[k]['count']}"
+            for k in ("all", "organ", "lesion")
+        ]
+        print(f"{clicks:>6}  " + "  ".join(f"{cell:>22}" for cell in cells))
 
 
 def main() -> int:

@@ -101,6 +101,10 @@ def test_p1_official_one_click(predictor, synthetic):
         "P1_official_1click_pred.nii.gz",
     )
     assert sorted(result.dice()) == [1, 2] and all(len(d) == 1 for d in result.dice().values())
+    # Later labels overwrite earlier ones in the merged mask, so only the last keeps every voxel it predicted.
+    first, last = result.labels
+    assert last.voxels_per_click == [np.count_nonzero(result.mask == last.value)] and last.voxels_per_click[0] > 0
+    assert first.voxels_per_click[0] >= np.count_nonzero(result.mask == first.value) > 0
 
 
 def test_p3_official_three_clicks_replayed(predictor, synthetic):
@@ -144,6 +148,7 @@ def test_label_lost_by_resampling_gives_an_empty_prediction_without_clicks(predi
     result = evaluate_case(predictor, image, Volume.from_array(labels, affine), num_clicks=2)
     (only,) = result.labels
     assert only.value == 4 and only.clicks == [] and only.dice_per_click == [0.0, 0.0]
+    assert only.voxels_per_click == [0, 0]
     assert not result.mask.any()
 
 
