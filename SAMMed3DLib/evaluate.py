@@ -54,9 +54,9 @@ class EvaluationResult:
         return {result.value: list(result.dice_per_click) for result in self.labels}
 
 
-def _dice_of_patch(patch: np.ndarray, box, truth: np.ndarray, truth_count: int) -> float:
-    """Dice of a prediction that is zero outside `box` against a full-grid truth."""
-    total = int(np.count_nonzero(patch)) + truth_count
+def _dice_of_patch(patch: np.ndarray, patch_count: int, box, truth: np.ndarray, truth_count: int) -> float:
+    """Dice of a prediction that is zero outside `box` (`patch_count` voxels set) against a full-grid truth."""
+    total = patch_count + truth_count
     if total == 0:
         return 1.0
     return 2.0 * int(np.count_nonzero(np.logical_and(patch, truth[box]))) / total
@@ -142,7 +142,7 @@ class _ProtocolRun:
         region_mask = np.zeros(region_label.shape, dtype=np.uint8)
         if not region_label.any():  # the official code returns an empty mask without drawing a click
             patch, box = paste_region_mask(region_mask, region, prepared.volume)
-            result.dice_per_click = [_dice_of_patch(patch, box, truth, truth_count)] * self.num_clicks
+            result.dice_per_click = [_dice_of_patch(patch, 0, box, truth, truth_count)] * self.num_clicks
             result.voxels_per_click = [0] * self.num_clicks
             result.region_mask = region_mask
             return result, patch, box
@@ -165,8 +165,9 @@ class _ProtocolRun:
             logits, iou = self.predictor.decode(embedding, np.array(points), np.array(labels), logits)
             region_mask = self.predictor.upsample_to_mask(logits)
             patch, box = paste_region_mask(region_mask, region, prepared.volume)
-            result.dice_per_click.append(_dice_of_patch(patch, box, truth, truth_count))
-            result.voxels_per_click.append(int(np.count_nonzero(patch)))
+            patch_count = int(np.count_nonzero(patch))
+            result.dice_per_click.append(_dice_of_patch(patch, patch_count, box, truth, truth_count))
+            result.voxels_per_click.append(patch_count)
             result.iou_per_click.append(iou)
         result.region_mask = region_mask
         return result, patch, box

@@ -67,16 +67,15 @@ def evaluate(checkpoint: Path, seeds: list[int], accumulate: bool, protocol: str
             rows += session_rows(predictor, phantom, label, prepared, accumulate)
             print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
             continue
+        truth_voxels = np.bincount(label.array_kji.ravel())
         for clicks in CLICK_COUNTS:  # separate runs, each seeded per case, as the official script does
             result = evaluate_case(
                 predictor, image, label, num_clicks=clicks, accumulate_clicks=accumulate, prepared=prepared
             )
             for entry in result.labels:
-                truth_voxels = int(np.count_nonzero(label.array_kji == entry.value))
+                dice_value, mask_voxels = entry.dice_per_click[-1], entry.voxels_per_click[-1]
                 rows.append(
-                    target_row(
-                        phantom, entry.value, clicks, entry.dice_per_click[-1], entry.voxels_per_click[-1], truth_voxels
-                    )
+                    target_row(phantom, entry.value, clicks, dice_value, mask_voxels, int(truth_voxels[entry.value]))
                 )
         print(f"seed {seed}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return rows
@@ -105,13 +104,14 @@ def session_rows(
     rows = []
     for value in label_values(label):
         truth = label.array_kji == value
+        truth_voxels = int(np.count_nonzero(truth))
         session = InteractiveSession(predictor, prepared, prompt_mode="accumulate" if accumulate else "newest")
         random_state = np.random.RandomState(OFFICIAL_SEED)
         ijk, positive = deepest_voxel_ijk(truth), True
         for clicks in range(1, max(CLICK_COUNTS) + 1):
             result = session.add_click(Click(tuple(label.ijk_to_ras_points([ijk])[0]), positive=positive))
             if clicks in CLICK_COUNTS:
-                mask_voxels, truth_voxels = int(np.count_nonzero(result.mask)), int(np.count_nonzero(truth))
+                mask_voxels = int(np.count_nonzero(result.mask))
                 rows.append(target_row(phantom, value, clicks, dice(result.mask, truth), mask_voxels, truth_voxels))
             index_kji, positive = simulate_click(result.mask > 0, truth, random_state=random_state)
             ijk, positive = tuple(int(v) for v in index_kji[::-1]), bool(positive)
