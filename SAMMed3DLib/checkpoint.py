@@ -41,11 +41,16 @@ ALLOWED_DTYPE_MODULE = "numpy.dtypes."
 # CVPR-2025 checkpoints add box-corner embeddings that the main model does not use.
 TOLERATED_EXTRA_KEYS = ("prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight")
 
+# Top-level flag of checkpoints trained with alternative masks for a lone first click (see Sam3D); other
+# SAM-Med3D tools read only `model_state_dict` and ignore it.
+FIRST_CLICK_MULTIMASK_KEY = "first_click_multimask"
+
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Sam3D:
     """Build the network described by a checkpoint file, load its weights strictly, eval mode."""
-    state = read_state_dict(path)
-    model = model_from_state_dict(state, source=str(path))
+    content = _read_file(path)
+    model = model_from_state_dict(_state_dict_of(content, Path(path)), source=str(path))
+    model.first_click_multimask = isinstance(content, Mapping) and content.get(FIRST_CLICK_MULTIMASK_KEY) is True
     return model.to(device)
 
 
@@ -66,11 +71,18 @@ def model_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "the 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint file, whichever accepted layout it has."""
+    return _state_dict_of(_read_file(path), Path(path))
+
+
+def _read_file(path: PathLike) -> object:
     require_supported_torch()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file {path} does not exist: check the path or pick another file.")
-    content = _safe_torch_load(path)
+    return _safe_torch_load(path)
+
+
+def _state_dict_of(content: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(content, Mapping) and "model_state_dict" in content:
         content = content["model_state_dict"]
     if (
@@ -173,5 +185,7 @@ def _check_keys(model: Sam3D, state: Mapping[str, torch.Tensor], source: str) ->
 def save_checkpoint(path: PathLike, model: Sam3D, **training_state: object) -> None:
     """Write a checkpoint in the official training layout, whole or not at all."""
     content = {"model_state_dict": model.state_dict(), **training_state}
+    if model.first_click_multimask:
+        content[FIRST_CLICK_MULTIMASK_KEY] = True
     with atomic_destination(path) as temporary:
         torch.save(content, temporary)

@@ -79,7 +79,8 @@ class RegionPredictor:
         points: (N, 3) region voxel indices in (a0, a1, a2) order (N may be 0: a mask-only step);
         labels: (N,) 1 positive / 0 negative; previous_logits: (1, 1, 32, 32, 32) or None, which
         means the all-zero mask the official pipeline starts with.
-        Returns low-resolution logits (1, 1, 32, 32, 32) and the predicted IoU.
+        Returns low-resolution logits (1, 1, 32, 32, 32) and the predicted IoU; for a lone positive first
+        click of a model trained with alternative masks, those of the alternative with the highest IoU.
         """
         return self._with_cpu_fallback(lambda: self._decode(embedding, points, labels, previous_logits))
 
@@ -91,6 +92,7 @@ class RegionPredictor:
         previous_logits: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, float]:
         prompt_encoder = self.model.prompt_encoder
+        multimask = self.answers_with_alternatives(labels, previous_logits)
         with torch.inference_mode():
             if previous_logits is None:
                 previous_logits = torch.zeros((1, 1, *prompt_encoder.mask_input_size), device=self.device)
@@ -105,9 +107,15 @@ class RegionPredictor:
                 image_pe=self._image_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
-                multimask_output=False,
+                multimask_output=multimask,
             )
-        return logits, float(iou[0, 0])
+        picked = int(iou[0].argmax())
+        return logits[:, picked : picked + 1], float(iou[0, picked])
+
+    def answers_with_alternatives(self, labels: np.ndarray, previous_logits: Optional[torch.Tensor]) -> bool:
+        """Whether this step uses the three alternative masks: a lone positive first click, for models
+        trained that way (`Sam3D.first_click_multimask`); the one with the highest predicted IoU is kept."""
+        return self.model.first_click_multimask and previous_logits is None and len(labels) == 1 and int(labels[0]) == 1
 
     def _image_pe(self) -> torch.Tensor:
         if self._dense_pe is None or self._dense_pe.device != self.device:

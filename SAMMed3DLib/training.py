@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO, Union
 
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, model_from_state_dict, save_checkpoint
+from .checkpoint import FIRST_CLICK_MULTIMASK_KEY, load_model, model_from_state_dict, save_checkpoint
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError
 from .manifest import manifest_rows
 from .metrics import dice
-from .modeling import Sam3D
+from .modeling import MaskDecoder3D, Sam3D
 from .modeling.upsampling import upsample_trilinear
 from .preprocess import ROI_SIZE, PreparedVolume, begin_for_label_bbox, crop_with_zero_padding, normalise_intensities
 from .volume import Volume
@@ -286,6 +286,39 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice_loss.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
+def ambiguity_loss(logits: torch.Tensor, target: torch.Tensor, predicted_iou: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """SAM's loss for alternative masks: DiceCE of the best of logits (1, M, S, S, S) against target (1, 1, S, S, S),
+    plus the squared error of predicted_iou (1, M) against each mask's measured IoU. Returns it and the best index.
+    """
+    losses = torch.stack([dice_ce_loss(logits[:, i : i + 1], target) for i in range(logits.shape[1])])
+    best = int(losses.argmin())
+    with torch.no_grad():
+        masks, truth = logits[0] > 0, target[0] > 0.5
+        intersection = (masks & truth).flatten(1).sum(1).float()
+        union = (masks | truth).flatten(1).sum(1).float()
+        measured = intersection / union.clamp(min=1.0)
+    return losses[best] + F.mse_loss(predicted_iou[0].float(), measured), best
+
+
+def seed_multimask_outputs(decoder: MaskDecoder3D, generator: torch.Generator, noise: float = 0.05) -> None:
+    """Start the three alternative outputs as perturbed copies of the single-mask output (token 0).
+
+    Models trained with single masks only (all official ones) leave the alternatives untrained; copies start
+    them from a working mask, and the noise lets the best-of-three loss pull them apart.
+    """
+    with torch.no_grad():
+        source_token = decoder.mask_tokens.weight[0]
+        source_mlp = decoder.output_hypernetworks_mlps[0].state_dict()
+        for index in range(1, decoder.num_mask_tokens):
+            decoder.mask_tokens.weight[index] = source_token + noise * source_token.std() * torch.randn(
+                source_token.shape, generator=generator
+            )
+            mlp = decoder.output_hypernetworks_mlps[index]
+            mlp.load_state_dict(source_mlp)
+            for parameter in mlp.parameters():
+                parameter.add_(noise * parameter.std() * torch.randn(parameter.shape, generator=generator))
+
+
 # ------------------------------------------------------------------------------------------ interaction
 
 
@@ -304,10 +337,13 @@ def interact(
     steps: int,
     rng: np.random.Generator,
     first_click: Optional[tuple[int, int, int]] = None,
+    first_click_multimask: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Simulated interaction on one region; returns the loss summed over steps and the last step's Dice.
 
     first_click: the first (positive) click's region index, when the region was centred on it.
+    first_click_multimask: the first click's step trains the three alternative masks (best-of-three loss
+    plus IoU prediction) and passes on the one with the highest predicted IoU, as inference picks it.
     """
     device = embedding.device
     target = torch.from_numpy(label.astype(np.float32))[None, None].to(device)
@@ -327,16 +363,23 @@ def interact(
         if step not in no_point:
             coords = torch.tensor(point, dtype=torch.float32, device=device).view(1, 1, 3)
             points = (coords, torch.tensor([[float(point_label)]], device=device))
+        multimask = first_click_multimask and step == 0 and points is not None
         sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=previous_logits)
-        low_res, _ = model.mask_decoder(
+        low_res, predicted_iou = model.mask_decoder(
             image_embeddings=embedding,
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=False,
+            multimask_output=multimask,
         )
         upsampled = upsample_trilinear(low_res.float(), size)
-        total = total + dice_ce_loss(upsampled, target)
+        if multimask:
+            loss, _ = ambiguity_loss(upsampled, target, predicted_iou)
+            picked = int(predicted_iou[0].argmax())
+            low_res, upsampled = low_res[:, picked : picked + 1], upsampled[:, picked : picked + 1]
+        else:
+            loss = dice_ce_loss(upsampled, target)
+        total = total + loss
         previous_logits = low_res
         previous_mask = (upsampled > 0)[0, 0].detach().cpu().numpy()
     return total, dice(previous_mask, label)
@@ -358,6 +401,7 @@ class TrainingOptions:
     jitter: int = 16
     foreground_centre_probability: float = 0.3
     click_centre_probability: float = 0.0  # not official: regions centred on the first click, as sessions do
+    first_click_multimask: bool = False  # not official: SAM's three alternative masks for a lone first click
     flip: bool = True
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
@@ -437,6 +481,9 @@ class Trainer:
     """Owns model, optimiser, scheduler and data; `run()` trains to `options.steps` with checkpoints."""
 
     def __init__(self, model: Sam3D, data: TrainingData, options: TrainingOptions, out: PathLike):
+        if model.first_click_multimask and not options.first_click_multimask:
+            log.info("The starting weights answer a first click with alternative masks: training those too.")
+            options = replace(options, first_click_multimask=True)
         self.options = options
         self.device = torch.device(options.device)
         self.model = model.to(self.device).train()
@@ -449,6 +496,9 @@ class Trainer:
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.state = TrainingState()
+        if options.first_click_multimask and not model.first_click_multimask:
+            seed_multimask_outputs(model.mask_decoder, torch.Generator().manual_seed(options.seed))
+            model.first_click_multimask = True
 
     # -- one optimiser step
     def train_step(self) -> tuple[float, float]:
@@ -472,6 +522,7 @@ class Trainer:
                         options.clicks_per_sample,
                         rng,
                         first_click=sample.first_click,
+                        first_click_multimask=options.first_click_multimask,
                     )
                 loss = loss + sample_loss
                 losses.append(sample_loss.item() / options.clicks_per_sample)
@@ -580,7 +631,10 @@ def model_for_training(
 ) -> Sam3D:
     """The network to train: the architecture of `resume`, else the weights of `checkpoint`, else `config`."""
     if resume is not None:
-        return model_from_state_dict(read_training_checkpoint(resume)["model_state_dict"], source=str(resume))
+        content = read_training_checkpoint(resume)
+        model = model_from_state_dict(content["model_state_dict"], source=str(resume))
+        model.first_click_multimask = content.get(FIRST_CLICK_MULTIMASK_KEY) is True
+        return model
     if checkpoint is not None:
         return load_model(checkpoint)
     return build_model(config or ModelConfig())

@@ -68,6 +68,17 @@ class _RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_the_first_click_multimask_flag_survives_saving_and_official_files_lack_it(tmp_path, tiny_checkpoint):
+    model = load_model(tiny_checkpoint)
+    assert not model.first_click_multimask
+    save_checkpoint(tmp_path / "single.pth", model)
+    assert "first_click_multimask" not in torch.load(tmp_path / "single.pth", weights_only=True)
+    model.first_click_multimask = True
+    save_checkpoint(tmp_path / "multi.pth", model)
+    assert load_model(tmp_path / "multi.pth").first_click_multimask
+    assert not load_model(shared_path("fixtures/checkpoints/official_format_small.pth")).first_click_multimask
+
+
 def test_malicious_pickle_is_refused_and_never_executed(tmp_path, tiny_checkpoint):
     marker = tmp_path / "pwned"
     state = torch.load(tiny_checkpoint, weights_only=True)

@@ -51,6 +51,35 @@ def test_decode_without_points_is_a_mask_only_step(model):
     assert mask.shape == (128, 128, 128) and mask.dtype == np.uint8
 
 
+def test_a_lone_first_click_takes_the_alternative_with_the_highest_iou_when_the_model_was_trained_so(model):
+    multimask_model = copy.deepcopy(model)
+    multimask_model.first_click_multimask = True
+    predictor, single = RegionPredictor(multimask_model), RegionPredictor(model)
+    embedding = predictor.embed(_volume_input())
+    click = np.array([[64, 64, 64]])
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(
+            points=(torch.tensor(click[None], dtype=torch.float32), torch.tensor([[1.0]])),
+            boxes=None,
+            masks=torch.zeros(1, 1, 32, 32, 32),  # the all-zero mask a first step starts from
+        )
+        alternatives, ious = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    best = int(ious[0].argmax())
+
+    logits, iou = predictor.decode(embedding, click, np.array([1]))
+    torch.testing.assert_close(logits, alternatives[:, best : best + 1])
+    assert iou == pytest.approx(float(ious[0, best]))
+    single_logits, _ = single.decode(embedding, click, np.array([1]))
+    assert not torch.equal(logits, single_logits)
+
+    for points, labels, previous in ((click, np.array([0]), None), (click, np.array([1]), logits)):
+        # a negative first click, or any later step, uses the single-mask output as always
+        torch.testing.assert_close(
+            predictor.decode(embedding, points, labels, previous)[0],
+            single.decode(embedding, points, labels, previous)[0],
+        )
+
+
 class _RunsOutOfGpuMemoryOnce(RegionPredictor):
     """Pretends to sit on a GPU whose memory runs out at the first encoder run."""
 

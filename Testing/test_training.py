@@ -20,6 +20,7 @@ from SAMMed3DLib.training import (
     Trainer,
     TrainingData,
     TrainingOptions,
+    ambiguity_loss,
     dice_ce_loss,
     find_cases,
     flip_region,
@@ -28,6 +29,7 @@ from SAMMed3DLib.training import (
     mask_only_steps,
     model_for_training,
     read_training_checkpoint,
+    seed_multimask_outputs,
 )
 
 TINY = ModelConfig(
@@ -220,6 +222,72 @@ def test_the_loss_goes_down_on_one_fixed_sample(data):
     assert losses[-1] < 0.8 * losses[0]
 
 
+# ---------------------------------------------------------------------------- alternative masks
+
+
+def cube_target() -> torch.Tensor:
+    target = torch.zeros(1, 1, 8, 8, 8)
+    target[..., 2:6, 2:6, 2:6] = 1
+    return target
+
+
+def test_the_ambiguity_loss_trains_the_best_mask_and_the_iou_prediction():
+    target = cube_target()
+    empty, right, everything = -20 * torch.ones_like(target), (target * 2 - 1) * 20, 20 * torch.ones_like(target)
+    logits = torch.cat([empty, everything, right], dim=1).requires_grad_()
+    measured_iou = torch.tensor([[0.0, 64 / 512, 1.0]])
+    loss, best = ambiguity_loss(logits, target, measured_iou)
+    assert best == 2
+    torch.testing.assert_close(loss, dice_ce_loss(right, target))  # exact IoU predictions add nothing
+    loss.backward()
+    assert logits.grad[:, :2].abs().sum() == 0 and logits.grad[:, 2].abs().sum() > 0
+
+    wrong_iou = torch.tensor([[1.0, 1.0, 0.0]])
+    worse, _ = ambiguity_loss(logits.detach(), target, wrong_iou)
+    torch.testing.assert_close(worse - loss.detach(), torch.tensor((1 + (1 - 64 / 512) ** 2 + 1) / 3))
+
+
+def test_seeded_alternatives_start_close_to_the_single_mask_but_differ(data):
+    model = tiny_model()
+    seed_multimask_outputs(model.mask_decoder, torch.Generator().manual_seed(0))
+    sample = make_sample(data.case(data.targets[0]), data.targets[0], np.random.default_rng(0), flip=False)
+    with torch.no_grad():
+        embedding = model.image_encoder(sample.image)
+        sparse, dense = model.prompt_encoder(
+            points=(torch.tensor([[[64.0, 64.0, 64.0]]]), torch.tensor([[1.0]])), boxes=None, masks=None
+        )
+        masks, _ = model.mask_decoder.predict_masks(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense)
+    single, alternatives = masks[0, 0].flatten(), masks[0, 1:].flatten(1)
+    for alternative in alternatives:
+        assert not torch.equal(alternative, single)
+        assert torch.corrcoef(torch.stack([alternative, single]))[0, 1] > 0.9
+
+
+def test_multimask_training_trains_the_iou_head_and_marks_the_checkpoint(data, tmp_path):
+    model = tiny_model()
+    iou_head = [value.clone() for value in model.mask_decoder.iou_prediction_head.parameters()]
+    trainer = Trainer(model, data, tiny_options(first_click_multimask=True), tmp_path / "multi.pth")
+    trainer.run()
+    changed = [
+        not torch.equal(before, after)
+        for before, after in zip(iou_head, model.mask_decoder.iou_prediction_head.parameters())
+    ]
+    assert all(changed)
+    assert load_model(tmp_path / "multi.pth").first_click_multimask
+    resumed = model_for_training(resume=tmp_path / "multi.pth")
+    assert resumed.first_click_multimask
+    continued = Trainer(resumed, data, tiny_options(steps=3), tmp_path / "more.pth")
+    assert continued.options.first_click_multimask  # a model answering with alternatives keeps training them
+
+
+def test_single_mask_training_leaves_the_iou_head_alone(data, tmp_path):
+    model = tiny_model()
+    iou_head = [value.clone() for value in model.mask_decoder.iou_prediction_head.parameters()]
+    Trainer(model, data, tiny_options(weight_decay=0.0), tmp_path / "single.pth").run()
+    assert all(torch.equal(b, a) for b, a in zip(iou_head, model.mask_decoder.iou_prediction_head.parameters()))
+    assert not load_model(tmp_path / "single.pth").first_click_multimask
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 
 
@@ -307,7 +375,10 @@ def test_the_commands_parse(tmp_path):
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--epochs", "1"])
     args = parser().parse_args(["train", "cases", "--out", "m.pth", "--click-centre-probability", "0.5"])
-    assert train_command.options_from_args(args, target_count=10).click_centre_probability == 0.5
+    options = train_command.options_from_args(args, target_count=10)
+    assert options.click_centre_probability == 0.5 and not options.first_click_multimask
+    args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c", "--first-click-multimask"])
+    assert train_command.options_from_args(args, target_count=10).first_click_multimask
     args.click_centre_probability = 1.5
     with pytest.raises(InputError, match="from 0 to 1"):
         train_command.options_from_args(args, target_count=10)

@@ -95,6 +95,12 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         help="fraction of regions centred on their first click, as interactive sessions centre them "
         "(not in the official recipe; 0)",
     )
+    parser.add_argument(
+        "--first-click-multimask",
+        action="store_true",
+        help="train SAM's three alternative masks for a lone first click, picked by predicted IoU at inference "
+        "(not in the official recipe; the checkpoint records it)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
     parser.add_argument(
@@ -134,6 +140,7 @@ def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOp
         min_voxels=args.min_voxels,
         jitter=args.jitter,
         click_centre_probability=args.click_centre_probability,
+        first_click_multimask=args.first_click_multimask,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
         seed=args.seed,

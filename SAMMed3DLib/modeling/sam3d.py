@@ -10,7 +10,12 @@ from .prompt_encoder import PromptEncoder3D
 
 
 class Sam3D(nn.Module):
-    """Holds the three parts; callers use them directly, as every official 3D code path does."""
+    """Holds the three parts; callers use them directly, as every official 3D code path does.
+
+    first_click_multimask: the weights were trained to answer a lone first click with the decoder's three
+    alternative masks, to be picked by predicted IoU (SAM's answer to ambiguous clicks). Official SAM-Med3D
+    checkpoints are not; their single-mask output is always used.
+    """
 
     mask_threshold: float = 0.0
 
@@ -21,3 +26,4 @@ class Sam3D(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.first_click_multimask = False
