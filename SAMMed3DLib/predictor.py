@@ -92,7 +92,7 @@ class RegionPredictor:
         previous_logits: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, float]:
         prompt_encoder = self.model.prompt_encoder
-        multimask = self.answers_with_alternatives(labels, previous_logits)
+        multimask = self._answers_with_alternatives(labels, previous_logits)
         with torch.inference_mode():
             if previous_logits is None:
                 previous_logits = torch.zeros((1, 1, *prompt_encoder.mask_input_size), device=self.device)
@@ -112,7 +112,7 @@ class RegionPredictor:
         picked = int(iou[0].argmax())
         return logits[:, picked : picked + 1], float(iou[0, picked])
 
-    def answers_with_alternatives(self, labels: np.ndarray, previous_logits: Optional[torch.Tensor]) -> bool:
+    def _answers_with_alternatives(self, labels: np.ndarray, previous_logits: Optional[torch.Tensor]) -> bool:
         """Whether this step uses the three alternative masks: a lone positive first click, for models
         trained that way (`Sam3D.first_click_multimask`); the one with the highest predicted IoU is kept."""
         return self.model.first_click_multimask and previous_logits is None and len(labels) == 1 and int(labels[0]) == 1

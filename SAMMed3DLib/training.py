@@ -286,18 +286,17 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice_loss.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
-def ambiguity_loss(logits: torch.Tensor, target: torch.Tensor, predicted_iou: torch.Tensor) -> tuple[torch.Tensor, int]:
+def ambiguity_loss(logits: torch.Tensor, target: torch.Tensor, predicted_iou: torch.Tensor) -> torch.Tensor:
     """SAM's loss for alternative masks: DiceCE of the best of logits (1, M, S, S, S) against target (1, 1, S, S, S),
-    plus the squared error of predicted_iou (1, M) against each mask's measured IoU. Returns it and the best index.
+    plus the squared error of predicted_iou (1, M) against each mask's measured IoU.
     """
     losses = torch.stack([dice_ce_loss(logits[:, i : i + 1], target) for i in range(logits.shape[1])])
-    best = int(losses.argmin())
     with torch.no_grad():
         masks, truth = logits[0] > 0, target[0] > 0.5
         intersection = (masks & truth).flatten(1).sum(1).float()
         union = (masks | truth).flatten(1).sum(1).float()
         measured = intersection / union.clamp(min=1.0)
-    return losses[best] + F.mse_loss(predicted_iou[0].float(), measured), best
+    return losses.min() + F.mse_loss(predicted_iou[0].float(), measured)
 
 
 def seed_multimask_outputs(decoder: MaskDecoder3D, generator: torch.Generator, noise: float = 0.05) -> None:
@@ -306,17 +305,19 @@ def seed_multimask_outputs(decoder: MaskDecoder3D, generator: torch.Generator, n
     Models trained with single masks only (all official ones) leave the alternatives untrained; copies start
     them from a working mask, and the noise lets the best-of-three loss pull them apart.
     """
+
+    def perturbation(like: torch.Tensor) -> torch.Tensor:
+        return noise * like.std() * torch.randn(like.shape, generator=generator).to(like.device)
+
     with torch.no_grad():
         source_token = decoder.mask_tokens.weight[0]
         source_mlp = decoder.output_hypernetworks_mlps[0].state_dict()
         for index in range(1, decoder.num_mask_tokens):
-            decoder.mask_tokens.weight[index] = source_token + noise * source_token.std() * torch.randn(
-                source_token.shape, generator=generator
-            )
+            decoder.mask_tokens.weight[index] = source_token + perturbation(source_token)
             mlp = decoder.output_hypernetworks_mlps[index]
             mlp.load_state_dict(source_mlp)
             for parameter in mlp.parameters():
-                parameter.add_(noise * parameter.std() * torch.randn(parameter.shape, generator=generator))
+                parameter.add_(perturbation(parameter))
 
 
 # ------------------------------------------------------------------------------------------ interaction
@@ -374,7 +375,7 @@ def interact(
         )
         upsampled = upsample_trilinear(low_res.float(), size)
         if multimask:
-            loss, _ = ambiguity_loss(upsampled, target, predicted_iou)
+            loss = ambiguity_loss(upsampled, target, predicted_iou)
             picked = int(predicted_iou[0].argmax())
             low_res, upsampled = low_res[:, picked : picked + 1], upsampled[:, picked : picked + 1]
         else:
