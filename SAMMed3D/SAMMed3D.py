@@ -1669,11 +1669,6 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
     do not depend on the model at all.
     """
 
-    SHAPE_KJI = (40, 48, 56)
-    SPACING_IJK = (1.2, 1.0, 1.6)
-    CENTER_IJK = (30, 22, 18)
-    RADIUS_MM = 10.0
-
     def setUp(self) -> None:
         if not SAMMed3DLogic.torchAvailable():
             self.skipTest("PyTorch is not installed (PyTorch extension)")
@@ -1703,14 +1698,17 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
     # Scene ------------------------------------------------------------------------------------
 
-    def _ijkToRas(self) -> np.ndarray:
-        angleA, angleB = np.radians(25.0), np.radians(-15.0)
-        rotZ = np.array([[np.cos(angleA), -np.sin(angleA), 0], [np.sin(angleA), np.cos(angleA), 0], [0, 0, 1]])
-        rotX = np.array([[1, 0, 0], [0, np.cos(angleB), -np.sin(angleB)], [0, np.sin(angleB), np.cos(angleB)]])
-        matrix = np.eye(4)
-        matrix[:3, :3] = rotZ @ rotX @ np.diag(self.SPACING_IJK)
-        matrix[:3, 3] = (-30.0, 20.0, -15.0)
-        return matrix
+    @staticmethod
+    def _centerIjk() -> tuple[int, int, int]:
+        from SAMMed3DLib.synthetic import CENTER_IJK
+
+        return CENTER_IJK
+
+    @staticmethod
+    def _ijkToRas() -> np.ndarray:
+        from SAMMed3DLib.synthetic import oblique_ijk_to_ras
+
+        return oblique_ijk_to_ras()
 
     def _parentToWorld(self) -> np.ndarray:
         angle = np.radians(30.0)
@@ -1719,22 +1717,23 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         matrix[:3, 3] = (10.0, -20.0, 5.0)
         return matrix
 
-    def _sphereMask(self, centerIjk: Sequence[float]) -> np.ndarray:
-        k, j, i = np.meshgrid(*(np.arange(n) for n in self.SHAPE_KJI), indexing="ij")
-        offsets = np.stack([i - centerIjk[0], j - centerIjk[1], k - centerIjk[2]], axis=-1).astype(float)
-        distances = np.linalg.norm(offsets @ self._ijkToRas()[:3, :3].T, axis=-1)
-        return (distances <= self.RADIUS_MM).astype(np.uint8)
+    @staticmethod
+    def _sphereMask(centerIjk: Sequence[float]) -> np.ndarray:
+        from SAMMed3DLib.synthetic import sphere_mask
+
+        return sphere_mask(centerIjk)
 
     def _createScene(self):
         """(volume node, sphere mask KJI, sphere centre in world RAS)."""
-        rng = np.random.default_rng(233)
-        sphere = self._sphereMask(self.CENTER_IJK)
-        voxels = (rng.normal(-700.0, 40.0, self.SHAPE_KJI) + 1000.0 * sphere).astype(np.int16)
+        from SAMMed3DLib.synthetic import bright_sphere_image
+
+        sphere = self._sphereMask(self._centerIjk())
+        voxels = bright_sphere_image()
         volumeNode = slicer.util.addVolumeFromArray(voxels, self._ijkToRas(), name="SAMMed3D test volume")
         transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SAMMed3D test transform")
         transformNode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(self._parentToWorld()))
         volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
-        centerLocal = self._ijkToRas() @ np.array([*self.CENTER_IJK, 1.0])
+        centerLocal = self._ijkToRas() @ np.array([*self._centerIjk(), 1.0])
         centerWorld = (self._parentToWorld() @ centerLocal)[:3]
         return volumeNode, sphere, centerWorld
 
@@ -1783,12 +1782,12 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         self.delayDisplay("World points -> volume-local RAS -> voxel")
         volumeNode, sphere, centerWorld = self._createScene()
         clicks = self.logic.clicksFromPrompts(volumeNode, [(True, tuple(centerWorld)), (False, tuple(centerWorld + 5))])
-        expectedLocal = (self._ijkToRas() @ np.array([*self.CENTER_IJK, 1.0]))[:3]
+        expectedLocal = (self._ijkToRas() @ np.array([*self._centerIjk(), 1.0]))[:3]
         np.testing.assert_allclose(clicks[0].ras, expectedLocal, atol=1e-6)
         self.assertTrue(clicks[0].positive)
         self.assertFalse(clicks[1].positive)
         volume = self.logic.volumeFromNode(volumeNode)
-        np.testing.assert_allclose(volume.ras_to_ijk([clicks[0].ras])[0], self.CENTER_IJK, atol=1e-6)
+        np.testing.assert_allclose(volume.ras_to_ijk([clicks[0].ras])[0], self._centerIjk(), atol=1e-6)
         np.testing.assert_allclose(self.logic.volumeToWorld(volumeNode, [clicks[0].ras])[0], centerWorld, atol=1e-6)
 
     def test_WritingUndoAndOtherSegments(self) -> None:
@@ -1797,7 +1796,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         logic = self.logic
         segmentationNode = logic.ensureSegmentation(volumeNode)
         other = logic.addSegment(segmentationNode, "other")
-        slab = np.zeros(self.SHAPE_KJI, np.uint8)
+        slab = np.zeros_like(sphere)
         slab[:, :, 25:40] = 1
         logic.applyResult(self._fakeResult(slab), segmentationNode, other, volumeNode)
         target = logic.addSegment(segmentationNode, "target")
@@ -1806,7 +1805,8 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, target, volumeNode), sphere)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)
 
-        moved = self._sphereMask((self.CENTER_IJK[0] - 6, self.CENTER_IJK[1] + 3, self.CENTER_IJK[2]))
+        i, j, k = self._centerIjk()
+        moved = self._sphereMask((i - 6, j + 3, k))
         logic.applyResult(self._fakeResult(moved, sphere), segmentationNode, target, volumeNode)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, target, volumeNode), moved)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SAMMed3DLib import synthetic
+from SAMMed3DLib.batch import segment_volume
 from SAMMed3DLib.checkpoint import load_model
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.config import ModelConfig, config_from_state_dict
@@ -60,3 +62,10 @@ def test_the_demo_command_writes_the_mask_and_reports_its_dice(tmp_path, capsys)
     measured = dice(mask > 0, labels == target)
     assert reported == pytest.approx(measured, abs=5e-4) and measured > 0.2
     assert (tmp_path / "preview.png").stat().st_size > 0
+
+
+def test_the_demo_model_finds_the_bright_sphere_of_the_slicer_self_test(demo_model):
+    sphere = synthetic.sphere_mask(synthetic.CENTER_IJK).astype(bool)
+    volume = Volume.from_array(synthetic.bright_sphere_image(), synthetic.oblique_ijk_to_ras())
+    result = segment_volume(RegionPredictor(demo_model), volume, [(synthetic.CENTER_IJK, True)], space="ijk")
+    assert dice(result.mask > 0, sphere) > 0.5  # what SAMMed3DTest.test_SegmentFromWorldPoints asserts in Slicer
