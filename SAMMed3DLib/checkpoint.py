@@ -48,10 +48,14 @@ FIRST_CLICK_MULTIMASK_KEY = "first_click_multimask"
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Sam3D:
     """Build the network described by a checkpoint file, load its weights strictly, eval mode."""
-    content = _read_file(path)
+    return model_from_checkpoint(_read_file(path), path).to(device)
+
+
+def model_from_checkpoint(content: object, path: PathLike) -> Sam3D:
+    """The network of a checkpoint file's loaded content, with the alternative-masks flag it records."""
     model = model_from_state_dict(_state_dict_of(content, Path(path)), source=str(path))
     model.first_click_multimask = isinstance(content, Mapping) and content.get(FIRST_CLICK_MULTIMASK_KEY) is True
-    return model.to(device)
+    return model
 
 
 def model_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> Sam3D:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import FIRST_CLICK_MULTIMASK_KEY, load_model, model_from_state_dict, save_checkpoint
+from .checkpoint import load_model, model_from_checkpoint, save_checkpoint
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError
@@ -632,10 +632,7 @@ def model_for_training(
 ) -> Sam3D:
     """The network to train: the architecture of `resume`, else the weights of `checkpoint`, else `config`."""
     if resume is not None:
-        content = read_training_checkpoint(resume)
-        model = model_from_state_dict(content["model_state_dict"], source=str(resume))
-        model.first_click_multimask = content.get(FIRST_CLICK_MULTIMASK_KEY) is True
-        return model
+        return model_from_checkpoint(read_training_checkpoint(resume), resume)
     if checkpoint is not None:
         return load_model(checkpoint)
     return build_model(config or ModelConfig())
