@@ -286,9 +286,11 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice_loss.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
-def ambiguity_loss(logits: torch.Tensor, target: torch.Tensor, predicted_iou: torch.Tensor) -> torch.Tensor:
+def ambiguity_loss(
+    logits: torch.Tensor, target: torch.Tensor, predicted_iou: torch.Tensor, iou_weight: float = 1.0
+) -> torch.Tensor:
     """SAM's loss for alternative masks: DiceCE of the best of logits (1, M, S, S, S) against target (1, 1, S, S, S),
-    plus the squared error of predicted_iou (1, M) against each mask's measured IoU.
+    plus iou_weight (SAM: 1) times the squared error of predicted_iou (1, M) against each mask's measured IoU.
     """
     losses = torch.stack([dice_ce_loss(logits[:, i : i + 1], target) for i in range(logits.shape[1])])
     with torch.no_grad():
@@ -296,7 +298,7 @@ def ambiguity_loss(logits: torch.Tensor, target: torch.Tensor, predicted_iou: to
         intersection = (masks & truth).flatten(1).sum(1).float()
         union = (masks | truth).flatten(1).sum(1).float()
         measured = intersection / union.clamp(min=1.0)
-    return losses.min() + F.mse_loss(predicted_iou[0].float(), measured)
+    return losses.min() + iou_weight * F.mse_loss(predicted_iou[0].float(), measured)
 
 
 def seed_multimask_outputs(decoder: MaskDecoder3D, generator: torch.Generator, noise: float = 0.05) -> None:
@@ -339,12 +341,14 @@ def interact(
     rng: np.random.Generator,
     first_click: Optional[tuple[int, int, int]] = None,
     first_click_multimask: bool = False,
+    iou_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, float]:
     """Simulated interaction on one region; returns the loss summed over steps and the last step's Dice.
 
     first_click: the first (positive) click's region index, when the region was centred on it.
     first_click_multimask: the first click's step trains the three alternative masks (best-of-three loss
-    plus IoU prediction) and passes on the one with the highest predicted IoU, as inference picks it.
+    plus IoU prediction, weighted by iou_loss_weight) and passes on the one with the highest predicted IoU, as
+    inference picks it.
     """
     device = embedding.device
     target = torch.from_numpy(label.astype(np.float32))[None, None].to(device)
@@ -375,7 +379,7 @@ def interact(
         )
         upsampled = upsample_trilinear(low_res.float(), size)
         if multimask:
-            loss = ambiguity_loss(upsampled, target, predicted_iou)
+            loss = ambiguity_loss(upsampled, target, predicted_iou, iou_loss_weight)
             picked = int(predicted_iou[0].argmax())
             low_res, upsampled = low_res[:, picked : picked + 1], upsampled[:, picked : picked + 1]
         else:
@@ -403,6 +407,7 @@ class TrainingOptions:
     foreground_centre_probability: float = 0.3
     click_centre_probability: float = 0.0  # not official: regions centred on the first click, as sessions do
     first_click_multimask: bool = False  # not official: SAM's three alternative masks for a lone first click
+    iou_loss_weight: float = 1.0  # weight of the alternatives' IoU-prediction error (SAM: 1)
     flip: bool = True
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
@@ -524,6 +529,7 @@ class Trainer:
                         rng,
                         first_click=sample.first_click,
                         first_click_multimask=options.first_click_multimask,
+                        iou_loss_weight=options.iou_loss_weight,
                     )
                 loss = loss + sample_loss
                 losses.append(sample_loss.item() / options.clicks_per_sample)

@@ -243,7 +243,10 @@ def test_the_ambiguity_loss_trains_the_best_mask_and_the_iou_prediction():
 
     wrong_iou = torch.tensor([[1.0, 1.0, 0.0]])
     worse = ambiguity_loss(logits.detach(), target, wrong_iou)
-    torch.testing.assert_close(worse - loss.detach(), torch.tensor((1 + (1 - 64 / 512) ** 2 + 1) / 3))
+    squared_error = torch.tensor((1 + (1 - 64 / 512) ** 2 + 1) / 3)
+    torch.testing.assert_close(worse - loss.detach(), squared_error)
+    weighted = ambiguity_loss(logits.detach(), target, wrong_iou, iou_weight=10.0)
+    torch.testing.assert_close(weighted - loss.detach(), 10 * squared_error)
 
 
 def test_seeded_alternatives_start_close_to_the_single_mask_but_differ(data):
@@ -279,12 +282,14 @@ def test_multimask_training_trains_the_iou_head_and_marks_the_checkpoint(data, t
     assert continued.options.first_click_multimask  # a model answering with alternatives keeps training them
 
 
-def test_single_mask_training_leaves_the_iou_head_alone(data, tmp_path):
+@pytest.mark.parametrize("multimask, iou_loss_weight", [(False, 1.0), (True, 0.0)])
+def test_without_an_iou_loss_the_iou_head_is_left_alone(data, tmp_path, multimask, iou_loss_weight):
     model = tiny_model()
     iou_head = [value.clone() for value in model.mask_decoder.iou_prediction_head.parameters()]
-    Trainer(model, data, tiny_options(weight_decay=0.0), tmp_path / "single.pth").run()
+    options = tiny_options(weight_decay=0.0, first_click_multimask=multimask, iou_loss_weight=iou_loss_weight)
+    Trainer(model, data, options, tmp_path / "trained.pth").run()
     assert all(torch.equal(b, a) for b, a in zip(iou_head, model.mask_decoder.iou_prediction_head.parameters()))
-    assert not load_model(tmp_path / "single.pth").first_click_multimask
+    assert load_model(tmp_path / "trained.pth").first_click_multimask == multimask
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -377,8 +382,14 @@ def test_the_commands_parse(tmp_path):
     options = train_command.options_from_args(args, target_count=10)
     assert options.click_centre_probability == 0.5 and not options.first_click_multimask
     args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c", "--first-click-multimask"])
-    assert train_command.options_from_args(args, target_count=10).first_click_multimask
-    args.click_centre_probability = 1.5
+    options = train_command.options_from_args(args, target_count=10)
+    assert options.first_click_multimask and options.iou_loss_weight == 1.0
+    args.iou_loss_weight = 10.0
+    assert train_command.options_from_args(args, target_count=10).iou_loss_weight == 10.0
+    args.iou_loss_weight = -1.0
+    with pytest.raises(InputError, match="--iou-loss-weight is -1.0; give a value of 0 or more"):
+        train_command.options_from_args(args, target_count=10)
+    args.iou_loss_weight, args.click_centre_probability = 1.0, 1.5
     with pytest.raises(InputError, match="from 0 to 1"):
         train_command.options_from_args(args, target_count=10)
 

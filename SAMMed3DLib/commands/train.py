@@ -101,6 +101,12 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         help="train SAM's three alternative masks for a lone first click, picked by predicted IoU at inference "
         "(not in the official recipe; the checkpoint records it)",
     )
+    parser.add_argument(
+        "--iou-loss-weight",
+        type=float,
+        default=1.0,
+        help="weight of the alternative masks' IoU-prediction error in the loss (SAM: 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
     parser.add_argument(
@@ -125,6 +131,8 @@ def read_config(name: str) -> ModelConfig:
 def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOptions:
     if not 0.0 <= args.click_centre_probability <= 1.0:
         raise InputError(f"--click-centre-probability is {args.click_centre_probability}; give a value from 0 to 1.")
+    if args.iou_loss_weight < 0:
+        raise InputError(f"--iou-loss-weight is {args.iou_loss_weight}; give a value of 0 or more.")
     samples_per_step = args.batch_size * args.accumulation
     steps = args.steps if args.steps is not None else 1000
     if args.epochs is not None:
@@ -141,6 +149,7 @@ def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOp
         jitter=args.jitter,
         click_centre_probability=args.click_centre_probability,
         first_click_multimask=args.first_click_multimask,
+        iou_loss_weight=args.iou_loss_weight,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
         seed=args.seed,
