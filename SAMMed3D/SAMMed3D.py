@@ -1672,6 +1672,9 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
     def setUp(self) -> None:
         if not SAMMed3DLogic.torchAvailable():
             self.skipTest("PyTorch is not installed (PyTorch extension)")
+        from SAMMed3DLib import synthetic  # the package imports torch, so only after the check above
+
+        self.synthetic = synthetic
         slicer.mrmlScene.Clear()
         self.logic = SAMMed3DLogic()
 
@@ -1698,18 +1701,6 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
     # Scene ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _centerIjk() -> tuple[int, int, int]:
-        from SAMMed3DLib.synthetic import CENTER_IJK
-
-        return CENTER_IJK
-
-    @staticmethod
-    def _ijkToRas() -> np.ndarray:
-        from SAMMed3DLib.synthetic import oblique_ijk_to_ras
-
-        return oblique_ijk_to_ras()
-
     def _parentToWorld(self) -> np.ndarray:
         angle = np.radians(30.0)
         matrix = np.eye(4)
@@ -1717,23 +1708,17 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         matrix[:3, 3] = (10.0, -20.0, 5.0)
         return matrix
 
-    @staticmethod
-    def _sphereMask(centerIjk: Sequence[float]) -> np.ndarray:
-        from SAMMed3DLib.synthetic import sphere_mask
-
-        return sphere_mask(centerIjk)
-
     def _createScene(self):
         """(volume node, sphere mask KJI, sphere centre in world RAS)."""
-        from SAMMed3DLib.synthetic import bright_sphere_image
-
-        sphere = self._sphereMask(self._centerIjk())
-        voxels = bright_sphere_image()
-        volumeNode = slicer.util.addVolumeFromArray(voxels, self._ijkToRas(), name="SAMMed3D test volume")
+        synthetic = self.synthetic
+        sphere = synthetic.sphere_mask(synthetic.CENTER_IJK)
+        volumeNode = slicer.util.addVolumeFromArray(
+            synthetic.bright_sphere_image(), synthetic.oblique_ijk_to_ras(), name="SAMMed3D test volume"
+        )
         transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SAMMed3D test transform")
         transformNode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(self._parentToWorld()))
         volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
-        centerLocal = self._ijkToRas() @ np.array([*self._centerIjk(), 1.0])
+        centerLocal = synthetic.oblique_ijk_to_ras() @ np.array([*synthetic.CENTER_IJK, 1.0])
         centerWorld = (self._parentToWorld() @ centerLocal)[:3]
         return volumeNode, sphere, centerWorld
 
@@ -1782,12 +1767,12 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         self.delayDisplay("World points -> volume-local RAS -> voxel")
         volumeNode, sphere, centerWorld = self._createScene()
         clicks = self.logic.clicksFromPrompts(volumeNode, [(True, tuple(centerWorld)), (False, tuple(centerWorld + 5))])
-        expectedLocal = (self._ijkToRas() @ np.array([*self._centerIjk(), 1.0]))[:3]
+        expectedLocal = (self.synthetic.oblique_ijk_to_ras() @ np.array([*self.synthetic.CENTER_IJK, 1.0]))[:3]
         np.testing.assert_allclose(clicks[0].ras, expectedLocal, atol=1e-6)
         self.assertTrue(clicks[0].positive)
         self.assertFalse(clicks[1].positive)
         volume = self.logic.volumeFromNode(volumeNode)
-        np.testing.assert_allclose(volume.ras_to_ijk([clicks[0].ras])[0], self._centerIjk(), atol=1e-6)
+        np.testing.assert_allclose(volume.ras_to_ijk([clicks[0].ras])[0], self.synthetic.CENTER_IJK, atol=1e-6)
         np.testing.assert_allclose(self.logic.volumeToWorld(volumeNode, [clicks[0].ras])[0], centerWorld, atol=1e-6)
 
     def test_WritingUndoAndOtherSegments(self) -> None:
@@ -1805,8 +1790,8 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, target, volumeNode), sphere)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)
 
-        i, j, k = self._centerIjk()
-        moved = self._sphereMask((i - 6, j + 3, k))
+        i, j, k = self.synthetic.CENTER_IJK
+        moved = self.synthetic.sphere_mask((i - 6, j + 3, k))
         logic.applyResult(self._fakeResult(moved, sphere), segmentationNode, target, volumeNode)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, target, volumeNode), moved)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)
