@@ -1712,14 +1712,15 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         """(volume node, sphere mask KJI, sphere centre in world RAS)."""
         synthetic = self.synthetic
         sphere = synthetic.sphere_mask(synthetic.CENTER_IJK)
+        ijkToRas, parentToWorld = synthetic.oblique_ijk_to_ras(), self._parentToWorld()
         volumeNode = slicer.util.addVolumeFromArray(
-            synthetic.bright_sphere_image(), synthetic.oblique_ijk_to_ras(), name="SAMMed3D test volume"
+            synthetic.bright_sphere_image(), ijkToRas, name="SAMMed3D test volume"
         )
         transformNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SAMMed3D test transform")
-        transformNode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(self._parentToWorld()))
+        transformNode.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(parentToWorld))
         volumeNode.SetAndObserveTransformNodeID(transformNode.GetID())
-        centerLocal = synthetic.oblique_ijk_to_ras() @ np.array([*synthetic.CENTER_IJK, 1.0])
-        centerWorld = (self._parentToWorld() @ centerLocal)[:3]
+        centerLocal = ijkToRas @ np.array([*synthetic.CENTER_IJK, 1.0])
+        centerWorld = (parentToWorld @ centerLocal)[:3]
         return volumeNode, sphere, centerWorld
 
     def _useTestModel(self) -> bool:
