@@ -393,6 +393,24 @@ def interact(
 # ------------------------------------------------------------------------------------------- training
 
 
+# (option, lowest, highest or None) for the options a slip of the keyboard could make meaningless; checked when
+# options are made, so a bad value fails at once, not after the cases are prepared.
+OPTION_RANGES = (
+    ("steps", 1, None),
+    ("lr_encoder", 0, None),
+    ("lr_decoder", 0, None),
+    ("weight_decay", 0, None),
+    ("batch_size", 1, None),
+    ("accumulation", 1, None),
+    ("clicks_per_sample", 2, None),  # the last step gets no click: one step alone would train without any
+    ("jitter", 0, None),
+    ("click_centre_probability", 0, 1),
+    ("iou_loss_weight", 0, None),
+    ("warmup_steps", 0, None),
+    ("checkpoint_every", 1, None),
+)
+
+
 @dataclass
 class TrainingOptions:
     steps: int = 1000
@@ -415,6 +433,14 @@ class TrainingOptions:
     seed: int = 0
     checkpoint_every: int = 100
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name, low, high in OPTION_RANGES:
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                wanted = f"from {low} to {high}" if high is not None else f"of {low} or more"
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{name} ({flag}) is {value}; give a value {wanted}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

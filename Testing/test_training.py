@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -373,25 +374,48 @@ def test_the_commands_parse(tmp_path):
     assert train_command.read_config(args.config) == train_command.CONFIGS["small"]
     args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c.pth", "--epochs", "2"])
     assert args.epochs == 2 and args.lr_decoder == 8e-5 and args.config is None
-    assert train_command.options_from_args(args, target_count=10).steps == 20
+    options = train_command.options_from_args(args)
+    assert train_command.steps_for_epochs(args.epochs, 10, options) == 20
+    assert train_command.steps_for_epochs(2, 10, replace(options, batch_size=2, accumulation=2)) == 5
     with pytest.raises(SystemExit):
         parser().parse_args(["finetune", "cases", "--out", "m.pth"])
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--epochs", "1"])
     args = parser().parse_args(["train", "cases", "--out", "m.pth", "--click-centre-probability", "0.5"])
-    options = train_command.options_from_args(args, target_count=10)
+    options = train_command.options_from_args(args)
     assert options.click_centre_probability == 0.5 and not options.first_click_multimask
     args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c", "--first-click-multimask"])
-    options = train_command.options_from_args(args, target_count=10)
+    options = train_command.options_from_args(args)
     assert options.first_click_multimask and options.iou_loss_weight == 1.0
     args.iou_loss_weight = 10.0
-    assert train_command.options_from_args(args, target_count=10).iou_loss_weight == 10.0
-    args.iou_loss_weight = -1.0
-    with pytest.raises(InputError, match="--iou-loss-weight is -1.0; give a value of 0 or more"):
-        train_command.options_from_args(args, target_count=10)
-    args.iou_loss_weight, args.click_centre_probability = 1.0, 1.5
-    with pytest.raises(InputError, match="from 0 to 1"):
-        train_command.options_from_args(args, target_count=10)
+    assert train_command.options_from_args(args).iou_loss_weight == 10.0
+    args.epochs = 0.0
+    with pytest.raises(InputError, match="--epochs is 0.0; give a number of passes above 0"):
+        train_command.options_from_args(args)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"iou_loss_weight": -1.0}, r"iou_loss_weight \(--iou-loss-weight\) is -1.0; give a value of 0 or more"),
+        ({"click_centre_probability": 1.5}, r"--click-centre-probability\) is 1.5; give a value from 0 to 1"),
+        ({"clicks_per_sample": 1}, r"--clicks-per-sample\) is 1; give a value of 2 or more"),
+        ({"steps": 0}, r"--steps\) is 0"),
+        ({"batch_size": 0}, r"--batch-size\) is 0"),
+        ({"lr_encoder": -1e-4}, r"--lr-encoder\) is -0.0001"),
+    ],
+)
+def test_a_meaningless_option_is_refused_with_its_name_and_range(change, message):
+    with pytest.raises(InputError, match=message):
+        tiny_options(**change)
+
+
+def test_a_bad_option_fails_before_any_case_is_read(tmp_path, capsys):
+    argv = ["train", str(tmp_path / "no_cases_here"), "--out", str(tmp_path / "m.pth"), "--clicks-per-sample", "0"]
+    args = parser().parse_args(argv)
+    with pytest.raises(InputError, match="--clicks-per-sample"):
+        args.func(args)
+    assert "Preparing" not in capsys.readouterr().out
 
 
 def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -128,17 +129,12 @@ def read_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOptions:
-    if not 0.0 <= args.click_centre_probability <= 1.0:
-        raise InputError(f"--click-centre-probability is {args.click_centre_probability}; give a value from 0 to 1.")
-    if args.iou_loss_weight < 0:
-        raise InputError(f"--iou-loss-weight is {args.iou_loss_weight}; give a value of 0 or more.")
-    samples_per_step = args.batch_size * args.accumulation
-    steps = args.steps if args.steps is not None else 1000
-    if args.epochs is not None:
-        steps = max(1, math.ceil(args.epochs * target_count / samples_per_step))
+def options_from_args(args: argparse.Namespace) -> TrainingOptions:
+    """Training options from the command line, checked before any case is read (--epochs sets steps later)."""
+    if args.epochs is not None and args.epochs <= 0:
+        raise InputError(f"--epochs is {args.epochs}; give a number of passes above 0.")
     return TrainingOptions(
-        steps=steps,
+        steps=args.steps if args.steps is not None else 1000,
         lr_encoder=args.lr_encoder,
         lr_decoder=args.lr_decoder,
         weight_decay=args.weight_decay,
@@ -158,12 +154,19 @@ def options_from_args(args: argparse.Namespace, target_count: int) -> TrainingOp
     )
 
 
+def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions) -> int:
+    """Optimiser steps that show every target `epochs` times (at least one step)."""
+    return max(1, math.ceil(epochs * target_count / (options.batch_size * options.accumulation)))
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
+    options = options_from_args(args)
     cases = find_cases(args.data)
     print(f"Preparing {len(cases)} case(s) (cached in {args.cache}) ...", flush=True)
     data = TrainingData(cases, CaseCache(args.cache), min_voxels=args.min_voxels)
-    options = options_from_args(args, len(data.targets))
+    if args.epochs is not None:
+        options = replace(options, steps=steps_for_epochs(args.epochs, len(data.targets), options))
     config = read_config(args.config) if args.config else None
     model = model_for_training(config=config, checkpoint=args.checkpoint, resume=args.resume)
     trainer = Trainer(model, data, options, args.out)
