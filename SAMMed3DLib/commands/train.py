@@ -84,7 +84,9 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
     parser.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (50)")
     parser.add_argument("--batch-size", type=int, default=1, help="regions per forward pass (1)")
     parser.add_argument("--accumulation", type=int, default=1, help="forward passes per optimiser step (1)")
-    parser.add_argument("--clicks-per-sample", type=int, default=6, help="interaction steps per region (official 11)")
+    parser.add_argument(
+        "--clicks-per-sample", type=int, default=6, help="interaction steps per region, 2 or more (official 11)"
+    )
     parser.add_argument(
         "--min-voxels", type=int, default=1001, help="smallest target at 1.5 mm, in voxels (official: more than 1000)"
     )
