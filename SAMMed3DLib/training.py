@@ -442,6 +442,11 @@ class TrainingOptions:
                 flag = "--" + name.replace("_", "-")
                 raise InputError(f"{name} ({flag}) is {value}; give a value {wanted}.")
 
+    @property
+    def samples_per_step(self) -> int:
+        """Regions per optimiser step: batch size times accumulation."""
+        return self.batch_size * self.accumulation
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -560,8 +565,7 @@ class Trainer:
                 loss = loss + sample_loss
                 losses.append(sample_loss.item() / options.clicks_per_sample)
                 dices.append(sample_dice)
-            scale = options.batch_size * options.accumulation
-            self.scaler.scale(loss / scale).backward()
+            self.scaler.scale(loss / options.samples_per_step).backward()
         if options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.max_grad_norm)
@@ -614,7 +618,7 @@ class Trainer:
         save_checkpoint(
             path,
             self.model,
-            epoch=self.state.step * self.samples_per_step // max(1, len(self.data.targets)),
+            epoch=self.state.step * self.options.samples_per_step // max(1, len(self.data.targets)),
             step=self.state.step,
             optimizer_state_dict=self.optimizer.state_dict(),
             lr_scheduler_state_dict=self.scheduler.state_dict(),
@@ -624,10 +628,6 @@ class Trainer:
             best_dice=self.state.best_dice,
             training_options=self.options.to_dict(),
         )
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.options.batch_size * self.options.accumulation
 
     def resume(self, path: PathLike) -> None:
         """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count."""

@@ -158,7 +158,7 @@ def options_from_args(args: argparse.Namespace) -> TrainingOptions:
 
 def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions) -> int:
     """Optimiser steps that show every target `epochs` times (at least one step)."""
-    return max(1, math.ceil(epochs * target_count / (options.batch_size * options.accumulation)))
+    return max(1, math.ceil(epochs * target_count / options.samples_per_step))
 
 
 def run(args: argparse.Namespace) -> int:
