@@ -176,6 +176,13 @@ class SAMMed3DParameterNode:
 #
 
 
+class NoModelLoadedError(RuntimeError):
+    """Raised on the worker thread, which must not call Qt (translation included): the panel words it."""
+
+    def __init__(self) -> None:
+        super().__init__("No model is loaded: choose a model under Model and try again.")
+
+
 @dataclass
 class _Job:
     """A future the panel waits for, and what to do with it on the main thread."""
@@ -197,6 +204,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[SAMMed3DParameterNode] = None
         self._parameterNodeGuiTag = None
         self._jobs: deque[_Job] = deque()
+        self._generation = 0  # bumped when a segment is finished: results of older requests are dropped
         self._shortcuts: list = []
         self._placementOrder: list[tuple[bool, str]] = []
         self._appliedPrompts: tuple = ()
@@ -300,8 +308,14 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._generation += 1  # results still being computed belong to the closing scene
         self._forgetPromptState()
+        self._blockedPlaceWidget = None
         self._shownInputs = None
+        self.logic.endSession()
+        history = self.logic.historyIfStarted()
+        if history:
+            history.clear()  # node ids start again in the next scene: old steps could match its segments
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -491,6 +505,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.logic.ensureSegmentation(node.inputVolume, node.segmentation)
         if self._currentSegmentKey() is None:
+            self.logic.endSession()  # the session's mask so far went to a segment that is gone: write all of it
             node.currentSegmentId = self.logic.addSegment(node.segmentation)
 
     def onSegmentSelectionChanged(self, selected=None, deselected=None) -> None:
@@ -515,10 +530,13 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAccept(self) -> None:
         self._finishSegment(completed=True)
-        self._setStatus(_("Segment kept. Place an include point to refine it or start a new segment."))
+        self._setStatus(
+            _("Segment kept. Start a new segment (N); points placed on this one again segment it anew (Ctrl+Z undoes).")
+        )
 
     def _finishSegment(self, completed: bool = False) -> None:
         """Keep the mask, remove the points and start a fresh session for whatever comes next."""
+        self._generation += 1
         key = self._currentSegmentKey()
         history = self.logic.historyIfStarted()
         if key and history:
@@ -607,17 +625,21 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._submitted = (prompts, not preview)
         firstOfSession = not self.logic.sessionStarted
         future = self.logic.requestSegmentation(volumeNode, clicks, self._parameterNode.promptMode.value, preview)
-        key = self._currentSegmentKey()
+        key, generation = self._currentSegmentKey(), self._generation
         label = _("Computing the image embedding (first click of a region)...") if firstOfSession else _("Updating...")
         if firstOfSession:
             self._blockPrompts()
-        self._addJob(future, lambda f: self._onResult(f, key, prompts, preview, firstOfSession), label, firstOfSession)
 
-    def _onResult(self, future, key, prompts, preview: bool, unblock: bool) -> None:
+        def onDone(finished) -> None:
+            self._onResult(finished, key, prompts, preview, firstOfSession, generation)
+
+        self._addJob(future, onDone, label, firstOfSession)
+
+    def _onResult(self, future, key, prompts, preview: bool, unblock: bool, generation: int) -> None:
         if unblock:
             self._unblockPrompts()
-        if future.cancelled():
-            return
+        if future.cancelled() or generation != self._generation:
+            return  # cancelled, or made for a segment, volume or scene the user has since left
         try:
             result = future.result()
         except Exception as error:
@@ -628,18 +650,25 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentationNode, segmentId = self.logic.nodesOfKey(key)
         if segmentationNode is None or node.inputVolume is None:
             return
-        # No message box for a failed drag preview (it would interrupt the drag); the error is still logged.
-        with slicer.util.tryWithErrorDisplay(_("Could not write the segment."), show=not preview, waitCursor=True):
-            self.logic.applyResult(
-                result,
-                segmentationNode,
-                segmentId,
-                node.inputVolume,
-                overwriteOthers=node.overwriteOtherSegments,
-                promptsBefore=self._appliedPrompts,
-                promptsAfter=prompts,
-                preview=preview,
-            )
+        try:
+            # No message box for a failed drag preview (it would interrupt the drag); the error is still logged.
+            with slicer.util.tryWithErrorDisplay(_("Could not write the segment."), show=not preview, waitCursor=True):
+                self.logic.applyResult(
+                    result,
+                    segmentationNode,
+                    segmentId,
+                    node.inputVolume,
+                    overwriteOthers=node.overwriteOtherSegments,
+                    promptsBefore=self._appliedPrompts,
+                    promptsAfter=prompts,
+                    preview=preview,
+                )
+        except Exception:
+            # The segment now differs from the session's mask, which later results are compared with: start a
+            # fresh session, whose first result rewrites the segment whole (what was written is undoable).
+            self.logic.endSession()
+            self._submitted = None
+            raise
         self._appliedPrompts, self._appliedFinal = prompts, not preview
         if self._submitted == (prompts, not preview):
             self._submitted = None
@@ -848,10 +877,11 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         future = self.logic.requestSegmentation(
             self._parameterNode.inputVolume, clicks, self._parameterNode.promptMode.value, coalesce=False
         )
-        self._addJob(future, self._onResynced, _("Restoring the model state..."))
+        generation = self._generation
+        self._addJob(future, lambda f: self._onResynced(f, generation), _("Restoring the model state..."))
 
-    def _onResynced(self, future) -> None:
-        if future.cancelled():
+    def _onResynced(self, future, generation: int) -> None:
+        if future.cancelled() or generation != self._generation:
             return
         try:
             result = future.result()
@@ -895,10 +925,14 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._waitCursorShown = False
 
     def _showError(self, message: str, error: Exception, quiet: bool = False) -> None:
-        logging.error(f"SAM-Med3D: {message} {error}")
-        self._setStatus(f"{message} {error}")
+        if isinstance(error, NoModelLoadedError):
+            detail = _("No model is loaded: choose a model under Model and try again.")
+        else:
+            detail = str(error)
+        logging.error(f"SAM-Med3D: {message} {detail}")
+        self._setStatus(f"{message} {detail}")
         if not quiet and not slicer.app.testingEnabled():
-            slicer.util.errorDisplay(f"{message}\n\n{error}")
+            slicer.util.errorDisplay(f"{message}\n\n{detail}")
 
     # Shortcuts --------------------------------------------------------------------------------
 
@@ -1210,7 +1244,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         prepared = preparedFuture.result()
         engine = self._engine
         if engine.predictor is None:
-            raise RuntimeError(_("No model is loaded: choose a model under Model and try again."))
+            raise NoModelLoadedError()
         session = engine.session
         if (
             session is None
@@ -1289,16 +1323,34 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     # Reading and writing segment voxels -------------------------------------------------------
 
+    def _labelmapShift(self, labelmap, segmentationNode, volumeNode) -> Optional[tuple[int, int, int]]:
+        """(i, j, k) with labelmap index = volume index + shift, or None when the grids differ."""
+        from SAMMed3DLib.transforms import lattice_offset
+
+        labelmapToSegmentation = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(labelmapToSegmentation)
+        return lattice_offset(
+            self._volumeIjkToSegmentation(volumeNode, segmentationNode),
+            slicer.util.arrayFromVTKMatrix(labelmapToSegmentation),
+        )
+
+    def segmentBox(self, segmentationNode, segmentId: str, volumeNode):
+        """A (K, J, I) box of the volume's grid outside which the segment has no voxels (None: none inside)."""
+        from SAMMed3DLib.transforms import intersect_boxes, shift_box, vtk_extent_to_box
+
+        labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+        allocated = vtk_extent_to_box(labelmap.GetExtent()) if labelmap is not None else None
+        if allocated is None:
+            return None
+        whole = vtk_extent_to_box(volumeNode.GetImageData().GetExtent())
+        shift = self._labelmapShift(labelmap, segmentationNode, volumeNode)
+        if shift is None:  # another grid: the segment may be anywhere on the volume's
+            return whole
+        return intersect_boxes(shift_box(allocated, [-s for s in shift]), whole)
+
     def readSegmentPatch(self, segmentationNode, segmentId: str, box, volumeNode) -> np.ndarray:
         """The segment's voxels (0/1, uint8) inside a (K, J, I) box of the volume's grid."""
-        from SAMMed3DLib.transforms import (
-            box_shape,
-            intersect_boxes,
-            lattice_offset,
-            relative_box,
-            shift_box,
-            vtk_extent_to_box,
-        )
+        from SAMMed3DLib.transforms import box_shape, intersect_boxes, relative_box, shift_box, vtk_extent_to_box
 
         patch = np.zeros(box_shape(box), np.uint8)
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
@@ -1308,12 +1360,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         allocated = vtk_extent_to_box(labelmap.GetExtent())
         if allocated is None:
             return patch
-        labelmapToSegmentation = vtk.vtkMatrix4x4()
-        labelmap.GetImageToWorldMatrix(labelmapToSegmentation)
-        shift = lattice_offset(
-            self._volumeIjkToSegmentation(volumeNode, segmentationNode),
-            slicer.util.arrayFromVTKMatrix(labelmapToSegmentation),
-        )
+        shift = self._labelmapShift(labelmap, segmentationNode, volumeNode)
         if shift is None:  # another grid: let Slicer resample the segment onto the volume (slow, exact)
             whole = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
             return (whole[tuple(box)] > 0).astype(np.uint8)
@@ -1385,27 +1432,45 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         promptsAfter: Any = None,
         preview: bool = False,
     ):
-        """Write a `SessionResult` into one segment (only inside `result.changed`) and record it for undo.
+        """Write a `SessionResult` into one segment and record it for undo.
 
+        Only voxels inside `result.changed` are written, except for the first result of a session: that one
+        replaces the segment whole (it may hold voxels from before the session, which the session never saw).
         Other segments are changed only with `overwriteOthers`, and then only where the new mask is.
-        Returns the recorded `HistoryStep`.
+        Returns the recorded `HistoryStep`; what was written before a failure is recorded too.
         """
         from SAMMed3DLib.segment_history import HistoryStep
 
+        box = self._boxToWrite(result, segmentationNode, segmentId, volumeNode)
         changes = []
-        if result.changed is not None:
-            box = tuple(result.changed)
-            patch = (result.mask[box] > 0).astype(np.uint8)
-            changes = self._writeTracked(segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers)
-        step = HistoryStep(self.segmentKey(segmentationNode, segmentId), tuple(changes), promptsBefore, promptsAfter)
-        self.history.record(step, preview=preview)
+        try:
+            if box is not None:
+                patch = (result.mask[box] > 0).astype(np.uint8)
+                self._writeTracked(segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes)
+        finally:
+            key = self.segmentKey(segmentationNode, segmentId)
+            step = HistoryStep(key, tuple(c for c in changes if c is not None), promptsBefore, promptsAfter)
+            self.history.record(step, preview=preview)
         return step
 
-    def _writeTracked(self, segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers) -> list:
-        """Write a patch, erasing it from other segments when asked; returns the `PatchChange`s."""
+    def _boxToWrite(self, result, segmentationNode, segmentId: str, volumeNode):
+        """`result.changed`, grown over the segment's present voxels for a session's first result."""
+        from SAMMed3DLib.transforms import union_box
+
+        boxes = [tuple(result.changed)] if result.changed is not None else []
+        if result.first and result.clicks:
+            present = self.segmentBox(segmentationNode, segmentId, volumeNode)
+            boxes += [present] if present is not None else []
+        if not boxes:
+            return None
+        return union_box(*boxes) if len(boxes) == 2 else boxes[0]
+
+    def _writeTracked(self, segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes) -> None:
+        """Write a patch, erasing it from other segments when asked, appending each `PatchChange` (or None) to
+        `changes` before its write: undo only reverts voxels that reached the new state, so a write that
+        fails part-way is still undone exactly as far as it got."""
         from SAMMed3DLib.segment_history import patch_change
 
-        changes = []
         others = [i for i in segmentationNode.GetSegmentation().GetSegmentIDs() if i != segmentId]
         with slicer.util.RenderBlocker(), _KeepClosedSurface(segmentationNode):
             if overwriteOthers:
@@ -1414,9 +1479,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                     if not np.any(before & patch):
                         continue
                     after = before & (1 - patch)
-                    self.writeSegmentPatch(segmentationNode, other, box, after, volumeNode, current=before)
                     changes.append(patch_change(self.segmentKey(segmentationNode, other), box, before, after))
+                    self.writeSegmentPatch(segmentationNode, other, box, after, volumeNode, current=before)
             before = self.readSegmentPatch(segmentationNode, segmentId, box, volumeNode)
+            changes.append(patch_change(self.segmentKey(segmentationNode, segmentId), box, before, patch))
             self.writeSegmentPatch(
                 segmentationNode,
                 segmentId,
@@ -1426,12 +1492,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                 current=before,
                 overwritable=others if overwriteOthers else (),
             )
-            changes.append(patch_change(self.segmentKey(segmentationNode, segmentId), box, before, patch))
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic
         if segmentationsLogic.GetSegmentStatus(segment) == segmentationsLogic.NotStarted:
             segmentationsLogic.SetSegmentStatus(segment, segmentationsLogic.InProgress)
-        return [change for change in changes if change is not None]
 
     def undo(self, segmentationNode, segmentId: str, volumeNode):
         """Revert the segment's last step (its own voxels first, then others it overwrote); the step or None."""
@@ -1688,6 +1752,8 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         for test in (
             self.test_PointsMapThroughParentTransform,
             self.test_WritingUndoAndOtherSegments,
+            self.test_NewSessionReplacesTheSegment,
+            self.test_FailedWriteIsUndoable,
             self.test_SegmentFromWorldPoints,
             self.test_MovingAPointChangesTheResult,
             self.test_BatchContinuesPastFailures,
@@ -1754,13 +1820,24 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         return (voxels > 0).astype(np.uint8)
 
     @staticmethod
-    def _fakeResult(mask: np.ndarray, previous: Optional[np.ndarray] = None):
-        """A `SessionResult` with a known mask, `changed` bounding its difference from `previous`."""
+    def _fakeResult(mask: np.ndarray, previous: Optional[np.ndarray] = None, first: bool = False):
+        """A `SessionResult` with a known mask, `changed` bounding its difference from `previous`
+        (`first`: the first result of a session, after one click)."""
         from SAMMed3DLib.segment_history import differing_box
-        from SAMMed3DLib.session import SessionResult
+        from SAMMed3DLib.session import Click, SessionResult
 
         changed = differing_box(np.zeros_like(mask) if previous is None else previous, mask)
-        return SessionResult(clicks=(), mask=mask, iou=1.0, regions=[], timings={}, changed=changed)
+        clicks = (Click((0.0, 0.0, 0.0)),) if first else ()
+        return SessionResult(clicks=clicks, mask=mask, iou=1.0, regions=[], timings={}, changed=changed, first=first)
+
+    def _segmentWithSlab(self, volumeNode, sphere: np.ndarray):
+        """A segmentation with one segment holding a slab that reaches far beyond the sphere's box."""
+        segmentationNode = self.logic.ensureSegmentation(volumeNode)
+        segmentId = self.logic.addSegment(segmentationNode, "slab")
+        slab = np.zeros_like(sphere)
+        slab[:, :, 25:40] = 1
+        self.logic.applyResult(self._fakeResult(slab), segmentationNode, segmentId, volumeNode)
+        return segmentationNode, segmentId, slab
 
     # Tests ------------------------------------------------------------------------------------
 
@@ -1780,11 +1857,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Box-limited writes, undo/redo, other segments protected")
         volumeNode, sphere, centerWorld = self._createScene()
         logic = self.logic
-        segmentationNode = logic.ensureSegmentation(volumeNode)
-        other = logic.addSegment(segmentationNode, "other")
-        slab = np.zeros_like(sphere)
-        slab[:, :, 25:40] = 1
-        logic.applyResult(self._fakeResult(slab), segmentationNode, other, volumeNode)
+        segmentationNode, other, slab = self._segmentWithSlab(volumeNode, sphere)
         target = logic.addSegment(segmentationNode, "target")
 
         logic.applyResult(self._fakeResult(sphere), segmentationNode, target, volumeNode)
@@ -1811,6 +1884,37 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, target, volumeNode), moved)
         self.assertEqual(int(self._segmentArray(segmentationNode, overwriting, volumeNode).sum()), 0)
+
+    def test_NewSessionReplacesTheSegment(self) -> None:
+        self.delayDisplay("A session's first result replaces the segment whole; undo brings it back")
+        volumeNode, sphere, centerWorld = self._createScene()
+        logic = self.logic
+        segmentationNode, segmentId, slab = self._segmentWithSlab(volumeNode, sphere)
+        logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), sphere)
+        logic.undo(segmentationNode, segmentId, volumeNode)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), slab)
+
+    def test_FailedWriteIsUndoable(self) -> None:
+        self.delayDisplay("A write that fails part-way is recorded as far as it got")
+        volumeNode, sphere, centerWorld = self._createScene()
+        logic = self.logic
+        segmentationNode, other, slab = self._segmentWithSlab(volumeNode, sphere)
+        target = logic.addSegment(segmentationNode, "target")
+        writeSegmentPatch = logic.writeSegmentPatch
+
+        def failingForTarget(node, segmentId, *arguments, **options):
+            if segmentId == target:
+                raise RuntimeError("simulated failure")
+            writeSegmentPatch(node, segmentId, *arguments, **options)
+
+        logic.writeSegmentPatch = failingForTarget
+        with self.assertRaises(RuntimeError):
+            logic.applyResult(self._fakeResult(sphere), segmentationNode, target, volumeNode, overwriteOthers=True)
+        logic.writeSegmentPatch = writeSegmentPatch
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab & (1 - sphere))
+        logic.undo(segmentationNode, target, volumeNode)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)
 
     def test_SegmentFromWorldPoints(self) -> None:
         self.delayDisplay("One call from the console API")

@@ -48,6 +48,9 @@ class SessionResult:
     regions: list[Region]
     timings: dict[str, float]
     changed: Optional[KJI]  # bounding box of voxels that differ from the previous result
+    # The session's first result (or a preview before it): `changed` then compares with an empty mask, so a
+    # caller writing into a segment that had voxels before must clear those outside `changed` itself.
+    first: bool = False
 
 
 @dataclass
@@ -269,6 +272,7 @@ class InteractiveSession:
         timings["paste"] += time.perf_counter() - started
         changed = self._changed_box(mask, boxes)
         result = SessionResult(
+            first=self._last is None,
             clicks=clicks,
             mask=mask,
             iou=runs[0].iou if runs else float("nan"),

@@ -148,6 +148,19 @@ def test_changed_box_bounds_every_difference(tiny_model, volume, prepared):
     assert all(s.stop - s.start == int(np.ptp(np.nonzero(differs)[a])) + 1 for a, s in enumerate(two.changed))
 
 
+def test_only_the_first_result_of_a_session_compares_with_an_empty_mask(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared, regions="1")
+    preview = session.preview([Click(_ras(volume, (45, 40, 20)))])
+    one = session.add_click(Click(_ras(volume, (45, 40, 20))))
+    two = session.add_click(Click(_ras(volume, (50, 42, 21)), positive=False))
+    assert preview.first and not one.first and not two.first  # the preview was the session's first result
+    fresh = _session(tiny_model, prepared, regions="1").set_clicks(two.clicks)
+    assert fresh.first and np.array_equal(fresh.mask, two.mask)
+    inside = np.zeros(fresh.mask.shape, dtype=bool)
+    inside[fresh.changed] = True
+    assert fresh.mask.any() and not (fresh.mask.astype(bool) & ~inside).any()  # changed covers the whole mask
+
+
 def test_prompt_modes_differ_and_accumulate_passes_all_clicks(tiny_model, volume, prepared):
     clicks = [Click(_ras(volume, (45, 40, 20))), Click(_ras(volume, (52, 44, 22)), positive=False)]
     newest = _session(tiny_model, prepared, regions="1").set_clicks(clicks)

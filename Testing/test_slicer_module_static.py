@@ -77,6 +77,19 @@ def test_module_defines_the_classes_slicer_looks_for():
     assert {"SAMMed3D", "SAMMed3DWidget", "SAMMed3DLogic", "SAMMed3DTest", "SAMMed3DParameterNode"} <= classes
 
 
+def test_the_self_test_runs_every_test_it_defines():
+    """Slicer calls `runTest` only: a test method it does not list would never run."""
+    test_class = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "SAMMed3DTest")
+    methods = {n.name: n for n in test_class.body if isinstance(n, ast.FunctionDef)}
+    defined = {name for name in methods if name.startswith("test_")}
+    listed = {
+        n.attr
+        for n in ast.walk(methods["runTest"])
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+    }
+    assert defined and defined <= listed, f"not run by runTest: {sorted(defined - listed)}"
+
+
 def test_module_imports_neither_torch_nor_the_engine_at_load_time():
     """The module must load (and offer to install PyTorch) before PyTorch exists."""
     top_level = set()
