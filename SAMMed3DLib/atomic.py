@@ -1,4 +1,5 @@
-"""Writing files whole or not at all: write beside the target, then rename it into place."""
+"""Writing files whole or not at all (write beside the target, then rename it into place), and only where a
+write destroys nothing the user did not ask to replace."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterable, Iterator, Union
+
+from .errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -31,3 +34,24 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
     with atomic_destination(path) as temporary:
         temporary.write_text(text, encoding=encoding)
     return Path(path)
+
+
+def check_output_path(path: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False) -> Path:
+    """`path`, once it is known that writing it loses nothing: it is none of `inputs`, it does not exist
+    unless `overwrite`, and no file stands where its folder should be. Checked before any work starts."""
+    path = Path(path)
+    resolved = path.resolve()
+    if any(resolved == Path(source).resolve() for source in inputs):
+        raise InputError(f"The output {path} is one of the input files; choose another output path.")
+    if path.is_dir():
+        raise InputError(f"The output {path} is a folder; give a file name inside it.")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; choose another output path, or pass --overwrite to replace it.")
+    for folder in resolved.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"Cannot write {path}: {folder} is a file, not a folder.")
+            if not os.access(folder, os.W_OK):
+                raise InputError(f"Cannot write {path}: the folder {folder} is not writable.")
+            break
+    return path

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from SAMMed3DLib.atomic import atomic_destination, write_text_atomic
+from SAMMed3DLib.atomic import atomic_destination, check_output_path, write_text_atomic
+from SAMMed3DLib.errors import InputError
 
 
 def test_text_lands_whole_with_default_permissions(tmp_path):
@@ -28,3 +29,19 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("disk full")
     assert path.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
+
+
+def test_output_checks_protect_inputs_and_existing_files(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    image.write_text("scan")
+    with pytest.raises(InputError, match="one of the input files"):
+        check_output_path(tmp_path / "sub" / ".." / "ct.nii.gz", inputs=[image], overwrite=True)
+    with pytest.raises(InputError, match="--overwrite"):
+        check_output_path(image)
+    assert check_output_path(image, overwrite=True) == image
+    assert check_output_path(tmp_path / "new" / "mask.nii.gz") == tmp_path / "new" / "mask.nii.gz"
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_output_path(image / "mask.nii.gz")
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_path(tmp_path)
+    assert image.read_text() == "scan"
