@@ -12,6 +12,9 @@ from .errors import SAMMed3DError
 # Each command module defines `register(subparsers)` that adds its parser and sets `func`.
 COMMAND_MODULES: tuple[str, ...] = ("demo", "segment", "batch", "evaluate", "phantom", "train")
 
+# Options whose value is a point, which starts with '-' when its first coordinate is negative.
+POINT_OPTIONS = ("--pos", "--neg")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sammed3d", description="SAM-Med3D promptable 3D segmentation.")
@@ -21,13 +24,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def attach_point_values(argv: Sequence[str]) -> list[str]:
+    """'--pos -86,-203,382' as '--pos=-86,-203,382': argparse would read the value for an unknown option."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1] in POINT_OPTIONS and token.startswith("-") and not token.startswith("--"):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)  # point options are parsed, and checked, here
+        args = parser.parse_args(attach_point_values(sys.argv[1:] if argv is None else argv))  # points checked here
         return int(args.func(args) or 0)
     except SAMMed3DError as error:
         print(f"sammed3d: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a disk that filled up, a folder that went away: no traceback, the reason
+        print(f"sammed3d: error: {error}; check the path, its permissions and the free space.", file=sys.stderr)
         return 2
 
 

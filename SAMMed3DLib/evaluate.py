@@ -47,7 +47,7 @@ class LabelResult:
 @dataclass
 class EvaluationResult:
     labels: list[LabelResult]
-    mask: np.ndarray  # merged label map on the original grid, (K, J, I) uint8
+    mask: np.ndarray  # merged label map on the original grid, (K, J, I), uint8 unless a value needs more
 
     def dice(self) -> dict[int, list[float]]:
         """Dice per label value, one entry per click count (1, 2, ...)."""
@@ -104,9 +104,9 @@ def evaluate_case(
         click_method=click_method,
         accumulate_clicks=accumulate_clicks,
     )
-    merged = np.zeros(image.shape_kji, dtype=np.uint8)
-    results = []
     present = label_values(label)
+    merged = np.zeros(image.shape_kji, dtype=_label_dtype(present))
+    results = []
     missing = sorted(set(values or ()) - set(present))
     if missing:
         raise InputError(f"Label values {missing} do not occur in the label map; it has {present}.")
@@ -116,6 +116,11 @@ def evaluate_case(
         paste_into(merged, patch, box, value)
         results.append(result)
     return EvaluationResult(labels=results, mask=merged)
+
+
+def _label_dtype(values: Sequence[int]) -> np.dtype:
+    """The smallest integer type that holds every label value (uint8 for the usual 1-255)."""
+    return np.result_type(np.uint8, *(np.min_scalar_type(value) for value in values))
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import SimpleITK as sitk
 
-from .atomic import atomic_destination
+from .atomic import atomic_destination, check_output_path
 from .errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -62,15 +62,27 @@ def image_suffix(path: PathLike) -> str:
     return suffixes[-1]
 
 
-def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
-    """Write `image` to `path` through a temporary file in the same folder, then rename it into place,
-    so readers never see a half-written file; the temporary file is removed if writing fails."""
-    target = Path(path)
+def check_image_output(path: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False) -> Path:
+    """An image output path checked before any work starts: a single-file format, and a write that loses
+    nothing (see `check_output_path`)."""
+    _writable_suffix(Path(path))
+    return check_output_path(path, inputs, overwrite)
+
+
+def _writable_suffix(target: Path) -> str:
     suffix = image_suffix(target)
     if not suffix:
         raise InputError(f"Output path {target} has no file extension; use e.g. .nii.gz, .nrrd or .mha.")
     if suffix.lower() in _TWO_FILE_SUFFIXES:
         raise InputError(f"Output format {suffix} stores two files and cannot be written atomically; use .nii.gz.")
+    return suffix
+
+
+def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
+    """Write `image` to `path` through a temporary file in the same folder, then rename it into place,
+    so readers never see a half-written file; the temporary file is removed if writing fails."""
+    target = Path(path)
+    suffix = _writable_suffix(target)
     try:
         with atomic_destination(target, suffix) as temporary:
             sitk.WriteImage(image, str(temporary), True)

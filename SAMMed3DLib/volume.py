@@ -15,6 +15,8 @@ from .imageio import PathLike, read_image
 POINT_SPACES = ("ras", "lps", "ijk")
 # A point this far (in voxels) outside the outer voxel faces still counts as inside (float noise).
 _INSIDE_TOLERANCE = 1e-6
+# Voxel-to-RAS matrices this close (mm, or mm per voxel) describe one grid: header rounding, not another grid.
+GRID_TOLERANCE_MM = 1e-3
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _POINT_PATTERN = re.compile(rf"^\s*[\[(]?\s*({_NUMBER})\s*[,;\s]\s*({_NUMBER})\s*[,;\s]\s*({_NUMBER})\s*[\])]?\s*$")
@@ -125,6 +127,16 @@ class Volume:
             raise InputError(
                 f"Point ({shown}) {space.upper()} lies outside {self.name}, which spans {self.extent_text()}; "
                 "place the point inside the volume."
+            )
+
+    def check_same_grid(self, other: Volume) -> None:
+        """Raise unless `other` (a label map) has this volume's voxels: same size and voxel positions."""
+        fix = "they must share one voxel grid: give the label map made on this image"
+        if other.size_ijk != self.size_ijk:
+            raise InputError(f"{other.name} has {other.size_ijk} voxels but {self.name} has {self.size_ijk}; {fix}.")
+        if not np.allclose(other.ijk_to_ras, self.ijk_to_ras, atol=GRID_TOLERANCE_MM):
+            raise InputError(
+                f"{other.name} and {self.name} have the same size but different origins, spacings or directions; {fix}."
             )
 
     def ras_bounds(self) -> tuple[np.ndarray, np.ndarray]:

@@ -51,6 +51,16 @@ def test_segment_writes_a_mask_with_the_image_geometry(tmp_path, checkpoint, ima
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
 
 
+def test_points_with_negative_coordinates_need_no_equals_sign(tmp_path, checkpoint, image_path):
+    """RAS points left of or behind the origin start with '-', which argparse would take for an option."""
+    by_index, by_ras = tmp_path / "ijk.nii.gz", tmp_path / "ras.nii.gz"
+    assert _segment(image_path, checkpoint, by_index, "--pos", "25,30,15", "--neg", "20,30,15", "--regions", "1") == 0
+    ras = ["--pos", "-47.5,-25,50", "--neg", "-40,-25,50", "--regions", "1"]  # the same voxels (origin 10,-20,5 LPS)
+    assert main(["segment", str(image_path), "--checkpoint", str(checkpoint), "--out", str(by_ras), *ras]) == 0
+    masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for path in (by_index, by_ras)]
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+
 def test_clicks_keep_command_line_order():
     import argparse
 
@@ -151,3 +161,65 @@ def test_evaluate_command_reproduces_the_official_run(tmp_path, capsys):
     assert sorted(report["labels"]) == ["1", "2", "5"]
     assert len(report["mean_dice"]) == 1 and len(report["labels"]["5"]["clicks"]) == 1
     assert "mean" in capsys.readouterr().out
+
+
+def test_segment_never_writes_over_its_input_or_an_existing_file(tmp_path, checkpoint, image_path, capsys):
+    image = tmp_path / "ct.nii.gz"
+    image.write_bytes(image_path.read_bytes())
+    assert _segment(image, checkpoint, image, "--pos", "25,30,15", "--overwrite") == 2
+    assert "one of the input files" in capsys.readouterr().err
+    assert image.read_bytes() == image_path.read_bytes()
+    existing = tmp_path / "mask.nii.gz"
+    existing.write_text("an earlier result")
+    absent = tmp_path / "absent.pth"  # the output is checked before the model loads: no checkpoint error
+    assert _segment(image, absent, existing, "--pos", "25,30,15") == 2
+    assert "--overwrite" in capsys.readouterr().err and existing.read_text() == "an earlier result"
+    assert _segment(image, checkpoint, existing, "--pos", "25,30,15", "--overwrite") == 0
+    assert sitk.ReadImage(str(existing)).GetSize() == sitk.ReadImage(str(image)).GetSize()
+
+
+def _label_file(folder, image_path, size_change: int = 0, shift_mm: float = 0.0):
+    image = sitk.ReadImage(str(image_path))
+    size = list(image.GetSize())
+    size[0] += size_change
+    label = sitk.Image(size, sitk.sitkUInt8)
+    label.SetSpacing(image.GetSpacing())
+    label.SetDirection(image.GetDirection())
+    label.SetOrigin([image.GetOrigin()[0] + shift_mm, *image.GetOrigin()[1:]])
+    label[25, 30, 15] = 1
+    path = folder / f"label_{size_change}_{shift_mm}.nii.gz"
+    sitk.WriteImage(label, str(path))
+    return path
+
+
+@pytest.mark.parametrize("size_change, shift_mm", [(-2, 0.0), (0, 30.0)])
+def test_demo_refuses_a_label_map_on_another_grid(tmp_path, image_path, size_change, shift_mm, capsys):
+    label = _label_file(tmp_path, image_path, size_change, shift_mm)
+    out = tmp_path / "demo"
+    assert main(["demo", "--image", str(image_path), "--label", str(label), "--out", str(out)]) == 2
+    assert "must share one voxel grid" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_refuses_an_empty_label_map_before_loading_a_model(tmp_path, image_path, capsys):
+    empty = tmp_path / "empty.nii.gz"
+    sitk.WriteImage(sitk.Image(sitk.ReadImage(str(image_path)).GetSize(), sitk.sitkUInt8), str(empty))
+    arguments = ["evaluate", str(image_path), str(empty), "--out", str(tmp_path / "pred.nii.gz")]
+    assert main([*arguments, "--checkpoint", str(tmp_path / "absent.pth")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_phantom_keeps_a_case_already_in_its_folder(tmp_path, capsys):
+    (tmp_path / "label.nii.gz").write_text("someone's labels")
+    assert main(["phantom", "--seed", "0", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "label.nii.gz").read_text() == "someone's labels"
+
+
+def test_an_operating_system_error_is_one_sentence_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def disk_full(*arguments, **options):
+        raise OSError(28, "No space left on device", str(tmp_path / "image.nii.gz"))
+
+    monkeypatch.setattr("SAMMed3DLib.commands.phantom.make_phantom", disk_full)
+    assert main(["phantom", "--seed", "0", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sammed3d: error: [Errno 28] No space left on device") and "Traceback" not in error

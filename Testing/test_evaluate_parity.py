@@ -107,6 +107,14 @@ def test_p1_official_one_click(predictor, synthetic):
     assert first.voxels_per_click[0] >= np.count_nonzero(result.mask == first.value) > 0
 
 
+def test_label_values_above_255_keep_their_value_in_the_merged_map(predictor, synthetic):
+    labels = synthetic.label.array_kji.astype(np.uint16) * 300  # values 300 and 600, same structures
+    relabelled = Volume.from_array(labels, synthetic.label.ijk_to_ras, name="label")
+    result = evaluate_case(predictor, synthetic.image, relabelled, num_clicks=1, prepared=synthetic.prepared)
+    plain = evaluate_case(predictor, synthetic.image, synthetic.label, num_clicks=1, prepared=synthetic.prepared)
+    assert result.mask.dtype == np.uint16 and np.array_equal(result.mask, plain.mask.astype(np.uint16) * 300)
+
+
 def test_p3_official_three_clicks_replayed(predictor, synthetic):
     recorded = {
         facts["category"]: [(c["roi_index"], c["label"]) for c in facts["clicks"]]

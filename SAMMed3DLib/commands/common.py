@@ -27,6 +27,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+
+
 def predictor_from_args(args: argparse.Namespace) -> RegionPredictor:
     progress = TerminalProgress(f"Downloading {args.checkpoint}")
     try:

@@ -35,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     image, label = _inputs(args, out)
     labels = sitk.GetArrayFromImage(label)
     target = args.target if args.target is not None else _largest_label(labels)
@@ -66,7 +65,10 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
     if args.image:
         if not args.label:
             raise InputError("--image needs --label (the truth to click in and compare with).")
-        return Volume.from_file(args.image).image, Volume.from_file(args.label).image
+        image, label = Volume.from_file(args.image), Volume.from_file(args.label)
+        image.check_same_grid(label)
+        out.mkdir(parents=True, exist_ok=True)
+        return image.image, label.image
     phantom = make_phantom(args.seed)
     image_path, label_path = write_phantom(phantom, out)
     print(f"Generated phantom seed {args.seed}: {image_path}, {label_path}")

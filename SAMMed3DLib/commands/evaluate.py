@@ -7,12 +7,13 @@ import json
 
 import numpy as np
 
-from ..atomic import write_text_atomic
+from ..atomic import check_output_path, write_text_atomic
 from ..batch import write_mask
 from ..errors import InputError
-from ..evaluate import OFFICIAL_SEED, EvaluationResult, evaluate_case
+from ..evaluate import OFFICIAL_SEED, EvaluationResult, evaluate_case, label_values
+from ..imageio import check_image_output
 from ..volume import Volume
-from .common import add_model_options, predictor_from_args, report_fallback
+from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,12 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="merged predicted label map, e.g. pred.nii.gz")
     parser.add_argument("--report", help="JSON report with Dice per label per click count and the clicks used")
+    add_overwrite_option(parser)
     add_model_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = [args.image, args.label]
+    check_image_output(args.out, inputs, args.overwrite)
+    if args.report:
+        check_output_path(args.report, inputs, args.overwrite)
     image, label = Volume.from_file(args.image), Volume.from_file(args.label)
+    if not label_values(label):
+        raise InputError(f"{args.label} is empty (all zero); give a label map with at least one structure.")
     values = _parse_values(args.labels)
     predictor = predictor_from_args(args)
     result = evaluate_case(

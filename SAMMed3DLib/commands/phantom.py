@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..phantom import DEFAULT_MAX_VOXELS, make_phantom, write_phantom
+from ..atomic import check_output_path
+from ..phantom import DEFAULT_MAX_VOXELS, IMAGE_FILE, LABEL_FILE, LABELS_JSON, make_phantom, write_phantom
+from .common import add_overwrite_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,10 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_VOXELS,
         help=f"largest voxel count; fewer gives a coarser grid with the same anatomy (default {DEFAULT_MAX_VOXELS})",
     )
+    add_overwrite_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in (IMAGE_FILE, LABEL_FILE, LABELS_JSON):  # the folder may hold a case of the user's
+        check_output_path(args.out / name, overwrite=args.overwrite)
     phantom = make_phantom(args.seed, max_voxels=args.max_voxels)
     image_path, label_path = write_phantom(phantom, args.out)
     size = "x".join(str(n) for n in phantom.image.GetSize())

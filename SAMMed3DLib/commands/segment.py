@@ -8,9 +8,10 @@ import numpy as np
 
 from ..batch import segment_volume, write_mask
 from ..errors import InputError
+from ..imageio import check_image_output
 from ..session import PROMPT_MODES, REGION_MODES
 from ..volume import POINT_SPACES, Volume, parse_point
-from .common import add_model_options, predictor_from_args, report_fallback
+from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback
 
 
 class OrderedClick(argparse.Action):
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--regions", default="auto", choices=REGION_MODES, help="'1' = the official click-centred result only"
     )
+    add_overwrite_option(parser)
     add_model_options(parser)
     parser.set_defaults(func=run, clicks=[])
 
@@ -40,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not any(positive for _, positive in args.clicks):
         raise InputError("No positive click was given: add one with --pos X,Y,Z.")
+    check_image_output(args.out, inputs=[args.image], overwrite=args.overwrite)
     volume = Volume.from_file(args.image)
     predictor = predictor_from_args(args)
     result = segment_volume(predictor, volume, args.clicks, args.space, args.prompt_mode, args.regions)
