@@ -47,11 +47,20 @@ def check_output_path(path: PathLike, inputs: Iterable[PathLike] = (), overwrite
         raise InputError(f"The output {path} is a folder; give a file name inside it.")
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists; choose another output path, or pass --overwrite to replace it.")
-    for folder in resolved.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"Cannot write {path}: {folder} is a file, not a folder.")
-            if not os.access(folder, os.W_OK):
-                raise InputError(f"Cannot write {path}: the folder {folder} is not writable.")
-            break
+    check_output_folder(path.parent)
     return path
+
+
+def check_output_folder(folder: PathLike) -> Path:
+    """`folder`, once it is known that it is, or can be made, a writable folder: no file stands where it or
+    one of its parents should be, and the nearest existing one is writable."""
+    folder = Path(folder)
+    resolved = folder.resolve()
+    for existing in (resolved, *resolved.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise InputError(f"Cannot write into {folder}: {existing} is a file, not a folder.")
+            if not os.access(existing, os.W_OK):
+                raise InputError(f"Cannot write into {folder}: the folder {existing} is not writable.")
+            break
+    return folder

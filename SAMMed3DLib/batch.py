@@ -2,35 +2,50 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import check_output_folder
 from .errors import InputError, SAMMed3DError
-from .imageio import PathLike, write_image_atomic
+from .imageio import PathLike, check_image_output, image_suffix, write_image_atomic
 from .manifest import manifest_rows
 from .predictor import RegionPredictor
 from .preprocess import prepare
 from .session import Click, InteractiveSession, SessionResult
 from .volume import POINT_SPACES, Volume, parse_point
 
+Point = tuple[float, float, float]
+
+# A CSV manifest's header must name these; 'negative', 'space' and 'out' may be left out.
+CSV_COLUMNS = ("image", "positive")
+
 
 @dataclass
 class Case:
-    """One volume and its clicks, in the order they are applied."""
+    """One volume and its clicks, in the order they are applied. `problem` says why a manifest entry cannot be
+    segmented; such a case is reported as failed without running."""
 
-    image: Path
-    clicks: list[tuple[tuple[float, float, float], bool]]
+    image: Optional[Path]
+    clicks: list[tuple[Point, bool]]
     space: str = "ras"
     out: Optional[Path] = None
+    problem: Optional[str] = None
 
     @property
     def name(self) -> str:
-        return self.image.name.split(".")[0]
+        """The image's name without its image extension: 'ct.v1' for ct.v1.nii.gz."""
+        if self.image is None:
+            return "(no image)"
+        return self.image.name[: len(self.image.name) - len(image_suffix(self.image))] or self.image.name
 
 
 @dataclass
@@ -58,71 +73,169 @@ def segment_volume(
     regions: str = "auto",
 ) -> SessionResult:
     """Apply `clicks` ((point, positive) in `space`) in order to one volume; the last mask is returned."""
-    if not clicks:
-        raise InputError("No clicks were given: add at least one positive point.")
+    if not any(positive for _, positive in clicks):  # negative clicks alone do not say what to segment
+        raise InputError("No positive click was given: add at least one positive point.")
     ras = volume.points_to_ras([point for point, _ in clicks], space)
     session = InteractiveSession(predictor, prepare(volume), prompt_mode=prompt_mode, regions=regions)
     return session.set_clicks([Click(tuple(p), positive) for p, (_, positive) in zip(ras.tolist(), clicks)])
 
 
 def mask_image(mask_kji: np.ndarray, volume: Volume) -> sitk.Image:
-    """A uint8 mask as an image with the volume's geometry."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(mask_kji, dtype=np.uint8))
+    """A mask (bool or uint8, written as uint8) or a label map (its integer type kept) as an image with the
+    volume's geometry."""
+    array = np.asarray(mask_kji)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == np.bool_ else None))
     image.CopyInformation(volume.image)
     return image
 
 
 def write_mask(mask_kji: np.ndarray, volume: Volume, path: PathLike) -> Path:
-    """Write a mask with the volume's geometry, whole or not at all."""
+    """Write a mask or label map with the volume's geometry, whole or not at all."""
     return write_image_atomic(mask_image(mask_kji, volume), path)
 
 
 def read_manifest(path: PathLike) -> list[Case]:
     """Cases from a CSV (columns image, positive, negative[, space, out]; points 'x,y,z' joined by ';')
     or a JSON list of {"image", "clicks": [{"point": [x, y, z], "positive": true}, ...] | "positive"/"negative",
-    "space", "out"}. Relative paths are relative to the manifest's folder."""
+    "space", "out"}. Relative paths are relative to the manifest's folder. A file that cannot be read as a
+    whole is an InputError; an entry that cannot be used becomes a case with a `problem` naming the entry
+    (CSV rows and JSON entries are counted from 1, the CSV header not included)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Manifest {path} does not exist: give a .csv or .json file listing images and clicks.")
     if path.suffix.lower() not in (".csv", ".json"):
         raise InputError(f"Manifest {path} must be a .csv or .json file.")
-    entries = manifest_rows(path)
+    entries = manifest_rows(path, columns=CSV_COLUMNS)
     if not entries:
         raise InputError(f"Manifest {path} lists no cases.")
-    return [_case_from_entry(entry, path.parent, number) for number, entry in enumerate(entries, start=1)]
+    kind = "row" if path.suffix.lower() == ".csv" else "entry"
+    return [
+        _case_from_entry(entry, path.parent, f"Manifest {kind} {number}")
+        for number, entry in enumerate(entries, start=1)
+    ]
 
 
-def _case_from_entry(entry: dict, folder: Path, number: int) -> Case:
-    if not isinstance(entry, dict) or not entry.get("image"):
-        raise InputError(f"Manifest entry {number} has no 'image': give each case an image path.")
-    if "clicks" in entry:
-        clicks = [(_point(c["point"]), bool(c.get("positive", True))) for c in entry["clicks"]]
-    else:
-        clicks = [(p, True) for p in _points(entry.get("positive"))] + [
-            (p, False) for p in _points(entry.get("negative"))
-        ]
-    space = (entry.get("space") or "ras").lower()
-    if space not in POINT_SPACES:
-        raise InputError(f"Manifest entry {number} has space '{space}'; use one of {', '.join(POINT_SPACES)}.")
-    out = entry.get("out")
-    return Case(
-        image=folder / entry["image"],
-        clicks=clicks,
-        space=space,
-        out=folder / out if out else None,
-    )
+def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
+    if not isinstance(entry, dict):
+        return Case(None, [], problem=f'{where} is not an object; write each case as {{"image": ..., ...}}.')
+    image = entry.get("image")
+    if not isinstance(image, str) or not image.strip():
+        return Case(None, [], problem=f'{where} has no \'image\' path; give each case one, like "image": "ct.nii.gz".')
+    case = Case(folder / image, [])
+    try:
+        case.out = _out(entry.get("out"), folder)  # first, so that the output is known even when the clicks are bad
+        case.space = _space(entry.get("space"))
+        case.clicks = _clicks(entry)
+    except InputError as error:
+        case.problem = f"{where}: {error}"
+    return case
 
 
-def _points(value) -> list[tuple[float, float, float]]:
-    if not value:
+def _clicks(entry: dict) -> list[tuple[Point, bool]]:
+    if "clicks" not in entry:
+        positive, negative = _points(entry.get("positive"), "positive"), _points(entry.get("negative"), "negative")
+        return [(point, True) for point in positive] + [(point, False) for point in negative]
+    clicks = entry["clicks"]
+    if not isinstance(clicks, list):
+        raise InputError('\'clicks\' must be a list like [{"point": [x, y, z], "positive": true}].')
+    return [_click(click, number) for number, click in enumerate(clicks, start=1)]
+
+
+def _click(click: object, number: int) -> tuple[Point, bool]:
+    if not isinstance(click, dict) or "point" not in click:
+        raise InputError(f'click {number} has no "point"; write it like {{"point": [x, y, z], "positive": true}}.')
+    positive = click.get("positive", True)
+    if not isinstance(positive, bool):  # bool("false") is True: only JSON true and false are safe to read
+        raise InputError(f'click {number} has "positive": {json.dumps(positive)}; use true or false, unquoted.')
+    return _point(click["point"]), positive
+
+
+def _points(value: object, key: str) -> list[Point]:
+    if value is None or value == "":
         return []
     if isinstance(value, str):
         return [parse_point(text) for text in value.split(";") if text.strip()]
-    return [_point(p) for p in value]
+    if isinstance(value, list):
+        return [_point(point) for point in value]
+    raise InputError(f"'{key}' must be points 'x,y,z' joined by ';', or a list of [x, y, z].")
 
 
-def _point(value) -> tuple[float, float, float]:
-    return parse_point(value) if isinstance(value, str) else parse_point(",".join(str(v) for v in value))
+def _point(value: object) -> Point:
+    if isinstance(value, str):
+        return parse_point(value)
+    numbers = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not numbers or len(value) != 3:
+        raise InputError(f"Point {json.dumps(value)} is not three numbers; write it like [12.5, -30, 40].")
+    return tuple(float(v) for v in value)
+
+
+def _space(value: object) -> str:
+    space = "ras" if value in (None, "") else value
+    if not isinstance(space, str) or space.lower() not in POINT_SPACES:
+        raise InputError(f"'space' is {json.dumps(value)}; use one of {', '.join(POINT_SPACES)}.")
+    return space.lower()
+
+
+def _out(value: object, folder: Path) -> Optional[Path]:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"'out' is {json.dumps(value)}; give a file path such as liver_mask.nii.gz.")
+    return folder / value
+
+
+def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = False) -> list[Case]:
+    """The cases with `out` set: a case's own `out`, else <out_dir>/<image name>_mask.nii.gz, or
+    <out_dir>/<image's folder>_<image name>_mask.nii.gz where several such cases share an image name (the usual
+    case-per-folder layout). Raises InputError if `out_dir` is unusable or two cases would write one file; a case
+    whose output is an input, or exists and not `overwrite`, gets that as its `problem`. Checked before any work;
+    planned cases are planned again unchanged."""
+    out_dir = check_output_folder(out_dir)
+    # Counted over every case, runnable or not, so that fixing one row does not rename another's mask.
+    unnamed = Counter(case.name for case in cases if case.image is not None and case.out is None)
+    repeated = {name for name, count in unnamed.items() if count > 1}
+    planned = [
+        replace(case, out=_default_out(case, out_dir, repeated)) if _needs_default_out(case) else case for case in cases
+    ]
+    _refuse_shared_outputs(planned)
+    images = [case.image for case in cases if case.image is not None]
+    return [_with_checked_output(case, images, overwrite) for case in planned]
+
+
+def _needs_default_out(case: Case) -> bool:
+    return case.problem is None and case.out is None
+
+
+def _default_out(case: Case, out_dir: Path, repeated: set[str]) -> Path:
+    if case.name not in repeated:
+        return out_dir / f"{case.name}_mask.nii.gz"
+    folder = Path(os.path.abspath(case.image)).parent.name  # abspath, not resolve: a linked image keeps its folder
+    return out_dir / f"{folder}_{case.name}_mask.nii.gz"
+
+
+def _with_checked_output(case: Case, images: Sequence[Path], overwrite: bool) -> Case:
+    if case.problem is not None:
+        return case
+    try:
+        check_image_output(case.out, inputs=images, overwrite=overwrite)
+    except InputError as error:
+        return replace(case, problem=str(error))
+    return case
+
+
+def _refuse_shared_outputs(cases: Sequence[Case]) -> None:
+    writers: dict[Path, int] = {}
+    for number, case in enumerate(cases, start=1):
+        if case.problem is not None:
+            continue
+        first = writers.setdefault(case.out.resolve(), number)
+        if first != number:
+            raise InputError(
+                f"Cases {first} and {number} (counted in manifest order) would both write {case.out}; "
+                "give each of them its own 'out'."
+            )
 
 
 def segment_many(
@@ -132,18 +245,21 @@ def segment_many(
     prompt_mode: str = "newest",
     regions: str = "auto",
     progress: Optional[Callable[[int, int, CaseOutcome], None]] = None,
+    overwrite: bool = False,
 ) -> list[CaseOutcome]:
-    """Segment every case; a failing case is reported in its outcome and the others still run."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Segment every case into the file `plan_outputs` gives it; a failing case (among them one whose output
+    exists, unless `overwrite`, or is an input) is reported in its outcome and the others still run."""
+    cases = plan_outputs(cases, out_dir, overwrite)
     outcomes = []
     for number, case in enumerate(cases, start=1):
         started = time.perf_counter()
         outcome = CaseOutcome(case)
         try:
+            if case.problem is not None:
+                raise InputError(case.problem)
             volume = Volume.from_file(case.image)
             result = segment_volume(predictor, volume, case.clicks, case.space, prompt_mode, regions)
-            outcome.out = write_mask(result.mask, volume, case.out or out_dir / f"{case.name}_mask.nii.gz")
+            outcome.out = write_mask(result.mask, volume, case.out)
             outcome.voxels = int(result.mask.sum())
             outcome.iou = result.iou
             outcome.regions = len(result.regions)

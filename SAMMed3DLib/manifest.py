@@ -5,12 +5,48 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Sequence
+
+from .errors import InputError
 
 
-def manifest_rows(path: Path) -> list:
-    """The rows of a manifest as read: JSON when the name ends in .json, else CSV (one dict per row)."""
-    text = path.read_text(encoding="utf-8")
+def manifest_rows(path: Path, columns: Sequence[str] = ()) -> list:
+    """The rows of a manifest as read: JSON when the name ends in .json, else CSV (one dict per row) whose header
+    must name every one of `columns`. A file that cannot be read as a whole is an InputError; the rows themselves
+    are not checked, so that one bad row can be reported on its own."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start a UTF-8 file with a BOM
+    except UnicodeDecodeError as error:
+        raise InputError(f"Manifest {path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from error
+    except OSError as error:
+        raise InputError(f"Manifest {path} cannot be read ({error.strerror}); check the file.") from error
     if path.suffix.lower() == ".json":
-        rows = json.loads(text)
-        return rows.get("cases", []) if isinstance(rows, dict) else rows
-    return list(csv.DictReader(text.splitlines()))
+        return _json_rows(path, text)
+    return _csv_rows(path, text, columns)
+
+
+def _json_rows(path: Path, text: str) -> list:
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"Manifest {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); fix it."
+        ) from error
+    rows = content.get("cases") if isinstance(content, dict) else content
+    if not isinstance(rows, list):
+        raise InputError(f'Manifest {path} must hold a JSON list of cases, or an object {{"cases": [...]}}.')
+    return rows
+
+
+def _csv_rows(path: Path, text: str, columns: Sequence[str]) -> list:
+    try:
+        reader = csv.DictReader(text.splitlines())
+        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(
+                f"Manifest {path} lacks the column(s) {', '.join(missing)}; "
+                f"start it with a header row naming {', '.join(columns)}."
+            )
+        return list(reader)
+    except csv.Error as error:
+        raise InputError(f"Manifest {path} is not a valid CSV file ({error}); fix it.") from error

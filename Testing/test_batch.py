@@ -1,0 +1,237 @@
+"""`sammed3d batch`: output names that never collide or overwrite, and manifest errors that name the file or row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import TINY
+
+from SAMMed3DLib.batch import Case, plan_outputs, read_manifest
+from SAMMed3DLib.checkpoint import save_checkpoint
+from SAMMed3DLib.cli import main
+from SAMMed3DLib.config import build_model
+from SAMMed3DLib.errors import InputError
+
+GOOD_CLICKS = {"positive": [[25, 30, 15]], "negative": [[20, 30, 15]], "space": "ijk"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("model") / "tiny.pth"
+    save_checkpoint(path, build_model(TINY))
+    return path
+
+
+def _write_image(path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    image = sitk.GetImageFromArray(rng.integers(0, 200, size=(30, 60, 50)).astype(np.int16))
+    image.SetSpacing((1.5, 1.5, 3.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    return _write_image(tmp_path_factory.mktemp("data") / "scan.nii.gz")
+
+
+def _manifest(folder: Path, cases: list) -> Path:
+    path = folder / "cases.json"
+    path.write_text(json.dumps(cases))
+    return path
+
+
+def _batch(manifest: Path, checkpoint: Path, out_dir: Path, *options: str) -> int:
+    return main(["batch", str(manifest), "--checkpoint", str(checkpoint), "--out-dir", str(out_dir), *options])
+
+
+def _case(image: Path, **entry) -> dict:
+    return {"image": str(image), **GOOD_CLICKS, **entry}
+
+
+# -- output names
+
+
+def test_images_of_the_same_name_get_their_folder_name(tmp_path, checkpoint, capsys):
+    """The usual folder-per-case layout: c1/image.nii.gz and c2/image.nii.gz must not share one mask."""
+    images = [_write_image(tmp_path / folder / "image.nii.gz") for folder in ("c1", "c2")]
+    manifest = _manifest(tmp_path, [_case(image) for image in images])
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1_image_mask.nii.gz", "c2_image_mask.nii.gz"]
+    assert "2 of 2 cases segmented" in capsys.readouterr().out
+
+
+def test_a_bad_row_does_not_rename_the_others(tmp_path):
+    """Fixing row 2 later must not move row 1's mask: names repeat whether or not a case can run."""
+    cases = [Case(tmp_path / "c1" / "image.nii.gz", []), Case(tmp_path / "c2" / "image.nii.gz", [], problem="bad")]
+    assert plan_outputs(cases, tmp_path / "out")[0].out == tmp_path / "out" / "c1_image_mask.nii.gz"
+
+
+def test_names_keep_every_dot_but_the_image_extension(tmp_path):
+    cases = [Case(tmp_path / "ct.v1.nii.gz", []), Case(tmp_path / "ct.v2.nii.gz", []), Case(tmp_path / "a.nrrd", [])]
+    outs = [case.out for case in plan_outputs(cases, tmp_path / "out")]
+    assert outs == [tmp_path / "out" / name for name in ("ct.v1_mask.nii.gz", "ct.v2_mask.nii.gz", "a_mask.nii.gz")]
+
+
+def test_planning_keeps_given_outputs_and_is_repeatable(tmp_path):
+    cases = [Case(tmp_path / "a" / "x.nii.gz", [], out=tmp_path / "mine.nii.gz"), Case(tmp_path / "b" / "x.nii.gz", [])]
+    planned = plan_outputs(cases, tmp_path / "out")
+    assert [case.out for case in planned] == [tmp_path / "mine.nii.gz", tmp_path / "out" / "x_mask.nii.gz"]
+    assert plan_outputs(planned, tmp_path / "out") == planned
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [{}, {}],  # the same image twice (two organs) and no 'out'
+        [{}, {"out": "out/scan_mask.nii.gz"}],  # an 'out' equal to another case's default name
+    ],
+)
+def test_two_cases_writing_one_file_fail_before_the_model_loads(tmp_path, image_path, entries, capsys):
+    manifest = _manifest(tmp_path, [_case(image_path, **entry) for entry in entries])
+    # A checkpoint that does not exist: the batch must stop before it would be needed.
+    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "Cases 1 and 2" in error and "scan_mask.nii.gz" in error and "'out'" in error
+    assert not (tmp_path / "out").exists()
+
+
+# -- never overwriting
+
+
+def test_an_existing_mask_is_kept_unless_overwrite(tmp_path, checkpoint, image_path, capsys):
+    manifest = _manifest(tmp_path, [_case(image_path)])
+    existing = tmp_path / "out" / "scan_mask.nii.gz"
+    existing.parent.mkdir()
+    existing.write_bytes(b"an earlier mask")
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1") == 1
+    assert "already exists" in capsys.readouterr().out
+    assert existing.read_bytes() == b"an earlier mask"
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1", "--overwrite") == 0
+    assert sitk.ReadImage(str(existing)).GetSize() == sitk.ReadImage(str(image_path)).GetSize()
+
+
+def test_an_output_equal_to_an_input_is_refused_even_with_overwrite(tmp_path, checkpoint, capsys):
+    image = _write_image(tmp_path / "ct.nii.gz")
+    before = image.read_bytes()
+    manifest = _manifest(tmp_path, [_case(image, out="ct.nii.gz"), _case(image, out="other.nii.gz")])
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1", "--overwrite") == 1
+    output = capsys.readouterr().out
+    assert "one of the input files" in output and "1 of 2 cases segmented" in output
+    assert image.read_bytes() == before and (tmp_path / "other.nii.gz").exists()
+
+
+def test_outputs_are_checked_when_planned(tmp_path):
+    """Before the model loads: an existing mask or an input as output becomes that case's problem."""
+    existing, image = tmp_path / "out" / "a_mask.nii.gz", tmp_path / "b.nii.gz"
+    existing.parent.mkdir()
+    existing.write_bytes(b"an earlier mask")
+    cases = [Case(tmp_path / "a.nii.gz", []), Case(image, [], out=image), Case(tmp_path / "c.nii.gz", [])]
+    first, second, third = plan_outputs(cases, tmp_path / "out")
+    assert "already exists" in first.problem and "input" in second.problem and third.problem is None
+    first, second, third = plan_outputs(cases, tmp_path / "out", overwrite=True)
+    assert first.problem is None and "input" in second.problem
+
+
+def test_an_out_dir_under_a_file_fails_before_the_model_loads(tmp_path, image_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    manifest = _manifest(tmp_path, [_case(image_path)])
+    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "file" / "out") == 2
+    error = capsys.readouterr().err
+    assert "is a file" in error and "absent.pth" not in error
+
+
+# -- manifest files that cannot be read at all
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("cases.json", b'[{"image": "a.nii.gz",]', "not valid JSON"),
+        ("cases.json", b'{"cases": 5}', "JSON list of cases"),
+        ("cases.json", b'"a.nii.gz"', "JSON list of cases"),
+        ("cases.json", '[{"image": "é.nii.gz"}]'.encode("latin-1"), "not UTF-8"),
+        ("cases.csv", b"file,points\na.nii.gz,1;2;3\n", "lacks the column(s) image, positive"),
+        ("cases.csv", b"image,negative\na.nii.gz,1;2;3\n", "lacks the column(s) positive"),
+    ],
+)
+def test_an_unreadable_manifest_is_one_sentence_naming_it(tmp_path, name, content, message, capsys):
+    manifest = tmp_path / name
+    manifest.write_bytes(content)
+    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("sammed3d: error: ") and message in error and str(manifest) in error
+    assert "Traceback" not in error and error.count("\n") == 1
+
+
+# -- one bad entry fails that case alone
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"clicks": [{"positive": True}]}, 'click 1 has no "point"'),
+        ({"clicks": [{"point": [25, 30, 15], "positive": "false"}]}, '"positive": "false"; use true or false'),
+        ({"clicks": [{"point": [25, 30, 15], "positive": 0}]}, '"positive": 0'),
+        ({"clicks": {"point": [25, 30, 15]}}, "'clicks' must be a list"),
+        ({"space": 3}, "'space' is 3"),
+        ({"space": "mni"}, "'space' is \"mni\""),
+        ({"positive": [[25, "x", 15]]}, "is not three numbers"),
+        ({"positive": [[25, 30]]}, "is not three numbers"),
+        ({"positive": 5}, "'positive' must be points"),
+        ({"out": 5}, "'out' is 5"),
+    ],
+)
+def test_a_bad_entry_becomes_a_problem_naming_it(tmp_path, image_path, entry, message):
+    manifest = _manifest(tmp_path, [_case(image_path), _case(image_path, **entry)])
+    first, second = read_manifest(manifest)
+    assert first.problem is None
+    assert second.problem.startswith("Manifest entry 2: ") and message in second.problem
+
+
+@pytest.mark.parametrize("entry", [5, {"image": 5}, {"image": ""}, {"positive": "1,2,3"}])
+def test_an_entry_without_an_image_path_is_a_problem(tmp_path, entry):
+    (case,) = read_manifest(_manifest(tmp_path, [entry]))
+    assert case.image is None and case.problem.startswith("Manifest entry 1 ")
+
+
+def test_csv_problems_name_the_row(tmp_path, image_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'image,positive,space\n{image_path},"1,2,3",ijk\n{image_path},"1,2",ijk\n')
+    first, second = read_manifest(manifest)
+    assert first.problem is None and first.clicks == [((1.0, 2.0, 3.0), True)]
+    assert second.problem.startswith("Manifest row 2: Point '1,2' is not three numbers")
+
+
+def test_bad_entries_are_reported_and_the_others_run(tmp_path, checkpoint, image_path, capsys):
+    entries = [
+        _case(image_path, out="first.nii.gz"),
+        _case(image_path, positive=[[25, 30, 15], [1, 2]], out="second.nii.gz"),
+        {"image": str(image_path), "negative": [[20, 30, 15]], "space": "ijk", "out": "negatives.nii.gz"},
+        {"image": str(image_path), "clicks": [{"point": [26, 31, 14], "positive": True}], "space": "ijk"},
+    ]
+    assert _batch(_manifest(tmp_path, entries), checkpoint, tmp_path / "out", "--regions", "1") == 1
+    output = capsys.readouterr().out
+    assert "Manifest entry 2: Point [1, 2] is not three numbers" in output
+    assert "No positive click" in output
+    assert "2 of 4 cases segmented, 2 failed" in output
+    assert (tmp_path / "first.nii.gz").exists() and (tmp_path / "out" / "scan_mask.nii.gz").exists()
+    assert not (tmp_path / "second.nii.gz").exists() and not (tmp_path / "negatives.nii.gz").exists()
+
+
+def test_only_json_booleans_say_whether_a_click_is_positive(tmp_path, image_path):
+    clicks = [{"point": [25, 30, 15]}, {"point": [20, 30, 15], "positive": False}]
+    (case,) = read_manifest(_manifest(tmp_path, [{"image": str(image_path), "clicks": clicks}]))
+    assert case.problem is None and [positive for _, positive in case.clicks] == [True, False]
+
+
+def test_an_empty_manifest_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="lists no cases"):
+        read_manifest(_manifest(tmp_path, []))
