@@ -48,7 +48,7 @@ FIRST_CLICK_MULTIMASK_KEY = "first_click_multimask"
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Sam3D:
     """Build the network described by a checkpoint file, load its weights strictly, eval mode."""
-    return model_from_checkpoint(_read_file(path), path).to(device)
+    return model_from_checkpoint(read_checkpoint_file(path), path).to(device)
 
 
 def model_from_checkpoint(content: object, path: PathLike) -> Sam3D:
@@ -75,10 +75,11 @@ def model_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "the 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint file, whichever accepted layout it has."""
-    return _state_dict_of(_read_file(path), Path(path))
+    return _state_dict_of(read_checkpoint_file(path), Path(path))
 
 
-def _read_file(path: PathLike) -> object:
+def read_checkpoint_file(path: PathLike) -> object:
+    """What a checkpoint file holds, unpickled weights-only (no code runs); a broken file is a CheckpointError."""
     require_supported_torch()
     path = Path(path)
     if not path.is_file():

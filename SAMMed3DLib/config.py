@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .modeling import ImageEncoderViT3D, MaskDecoder3D, PromptEncoder3D, Sam3D
 
 # Fixed by the official builder; not recoverable from weights.
@@ -42,10 +42,48 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> ModelConfig:
+    def from_dict(cls, data: object, source: str = "the configuration") -> ModelConfig:
+        """The configuration of `to_dict()` output or a user's JSON; missing fields keep their defaults.
+
+        Unknown keys and wrongly typed values are refused: dropping a misspelt key would silently build the
+        full-size default network instead of the one asked for.
+        """
+        known = list(cls.__dataclass_fields__)
+        if not isinstance(data, Mapping):
+            raise InputError(
+                f'{source} is not a JSON object; write it as {{"field": value, ...}} with these fields: '
+                f"{', '.join(known)}."
+            )
+        unknown = [key for key in data if key not in known]
+        if unknown:
+            raise InputError(
+                f"{source} has unknown keys {', '.join(map(str, unknown))}; use only these keys: {', '.join(known)}."
+            )
+        defaults = cls()
+        for name, value in data.items():
+            if not _has_type_of(value, getattr(defaults, name)):
+                raise InputError(
+                    f"{source} gives {name} = {value!r}; give a value like the default {getattr(defaults, name)!r}."
+                )
         values = dict(data)
-        values["encoder_global_attn_indexes"] = tuple(values.get("encoder_global_attn_indexes", (2, 5, 8, 11)))
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        if "encoder_global_attn_indexes" in values:
+            values["encoder_global_attn_indexes"] = tuple(values["encoder_global_attn_indexes"])
+        return cls(**values)
+
+
+def _has_type_of(value: object, default: object) -> bool:
+    """Whether `value` (read from JSON) can stand for `default`: same kind, a list for a tuple, an int for a float."""
+
+    def is_int(item: object) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)  # JSON true is no size
+
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and all(is_int(item) for item in value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return is_int(value)
+    return is_int(value) or isinstance(value, float)
 
 
 def build_model(config: ModelConfig = ModelConfig()) -> Sam3D:

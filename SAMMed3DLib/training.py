@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, model_from_checkpoint, save_checkpoint
+from .checkpoint import load_model, model_from_checkpoint, read_checkpoint_file, save_checkpoint
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError
@@ -611,6 +611,8 @@ class Trainer:
                 self.state.best_loss = min(self.state.best_loss, running_loss)
                 self.state.best_dice = max(self.state.best_dice, running_dice)
                 self.save(self.out)
+        if running_loss is None:  # resumed at its step count: the checkpoint still belongs at `out`
+            self.save(self.out)
         return self.state
 
     # -- checkpoints
@@ -645,11 +647,11 @@ class Trainer:
 
 
 def read_training_checkpoint(path: PathLike) -> dict:
-    """A checkpoint written by `Trainer.save` (weights-only unpickling)."""
+    """A checkpoint written by `Trainer.save` (weights-only unpickling; a broken file is a CheckpointError)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist; give the file written by an earlier run.")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    content = read_checkpoint_file(path)
     needed = ("model_state_dict", "optimizer_state_dict", "lr_scheduler_state_dict", "step")
     if not isinstance(content, dict) or any(key not in content for key in needed):
         raise CheckpointError(
@@ -660,11 +662,17 @@ def read_training_checkpoint(path: PathLike) -> dict:
 
 
 def model_for_training(
-    config: Optional[ModelConfig] = None, checkpoint: Optional[PathLike] = None, resume: Optional[PathLike] = None
+    config: Optional[ModelConfig] = None,
+    checkpoint: Optional[PathLike] = None,
+    resume: Optional[PathLike] = None,
+    seed: int = 0,
 ) -> Sam3D:
-    """The network to train: the architecture of `resume`, else the weights of `checkpoint`, else `config`."""
+    """The network to train: the architecture of `resume`, else the weights of `checkpoint`, else `config`
+    initialised from `seed` (the same seed gives the same weights; the global random state is left alone)."""
     if resume is not None:
         return model_from_checkpoint(read_training_checkpoint(resume), resume)
     if checkpoint is not None:
         return load_model(checkpoint)
-    return build_model(config or ModelConfig())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(config or ModelConfig())

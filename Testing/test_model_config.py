@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from conftest import shared_path
 
 from SAMMed3DLib.config import ModelConfig, build_model, config_from_state_dict
-from SAMMed3DLib.errors import CheckpointError
+from SAMMed3DLib.errors import CheckpointError, InputError
 from SAMMed3DLib.modeling.common import LayerNorm3d
 from SAMMed3DLib.modeling.image_encoder import PatchEmbed3D, add_relative_position_terms
 from SAMMed3DLib.modeling.mask_decoder import DoublingConvTranspose3d
@@ -43,6 +44,27 @@ def test_config_is_read_back_from_weights(config):
 
 def test_config_dict_round_trip():
     assert ModelConfig.from_dict(SMALL.to_dict()) == SMALL
+    assert ModelConfig.from_dict({"encoder_depth": 3, "mlp_ratio": 2}) == ModelConfig(encoder_depth=3, mlp_ratio=2.0)
+
+
+def test_a_config_with_an_unknown_key_is_refused_with_the_known_keys():
+    with pytest.raises(InputError, match=r"tiny.json has unknown keys encoder_dept;.* encoder_depth, "):
+        ModelConfig.from_dict({**SMALL.to_dict(), "encoder_dept": 2}, source="tiny.json")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"encoder_depth": "4"}, "encoder_depth = '4'; give a value like the default 12"),
+        ({"encoder_depth": True}, "encoder_depth = True"),
+        ({"encoder_global_attn_indexes": 3}, "encoder_global_attn_indexes = 3"),
+        ({"qkv_bias": 1}, "qkv_bias = 1"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+def test_a_config_value_of_the_wrong_kind_is_refused(data, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        ModelConfig.from_dict(data)
 
 
 def test_two_dimensional_sam_is_recognised():

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from SAMMed3DLib.checkpoint import load_model
+from SAMMed3DLib.checkpoint import load_model, save_checkpoint
 from SAMMed3DLib.clicks import simulate_click
 from SAMMed3DLib.commands import train as train_command
 from SAMMed3DLib.config import ModelConfig, build_model
-from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.errors import CheckpointError, InputError
 from SAMMed3DLib.phantom import MIN_MAX_VOXELS, make_phantom, write_phantom
 from SAMMed3DLib.preprocess import crop_with_zero_padding, normalise_intensities
+from SAMMed3DLib.published import DEMO_CHECKPOINT
 from SAMMed3DLib.training import (
     CaseCache,
     Trainer,
@@ -351,12 +354,17 @@ def test_fine_tuning_starts_from_the_checkpoint_weights(data, tmp_path):
 
 
 def test_resuming_needs_a_training_checkpoint(tmp_path):
-    from SAMMed3DLib.checkpoint import save_checkpoint
-    from SAMMed3DLib.errors import CheckpointError
-
     save_checkpoint(tmp_path / "weights.pth", tiny_model())
     with pytest.raises(CheckpointError, match="fine-tuning"):
         read_training_checkpoint(tmp_path / "weights.pth")
+
+
+def test_a_truncated_resume_file_is_a_checkpoint_error_naming_it(data, tmp_path):
+    path = tmp_path / "run.pth"
+    Trainer(tiny_model(), data, tiny_options(), path).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + " is truncated or corrupt"):
+        read_training_checkpoint(path)
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -377,8 +385,6 @@ def test_the_commands_parse(tmp_path):
     options = train_command.options_from_args(args)
     assert train_command.steps_for_epochs(args.epochs, 10, options) == 20
     assert train_command.steps_for_epochs(2, 10, replace(options, batch_size=2, accumulation=2)) == 5
-    with pytest.raises(SystemExit):
-        parser().parse_args(["finetune", "cases", "--out", "m.pth"])
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--epochs", "1"])
     args = parser().parse_args(["train", "cases", "--out", "m.pth", "--click-centre-probability", "0.5"])
@@ -418,12 +424,103 @@ def test_a_bad_option_fails_before_any_case_is_read(tmp_path, capsys):
     assert "Preparing" not in capsys.readouterr().out
 
 
-def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, tmp_path):
-    config = tmp_path / "tiny.json"
-    config.write_text(__import__("json").dumps(TINY.to_dict()))
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY.to_dict()))
+    return path
+
+
+def run_command(command: str, cases_dir, data, out, *options: str) -> int:
+    """One tiny `train` or `finetune` on the phantom, sharing the prepared-case cache of `data`."""
+    argv = [command, str(cases_dir), "--out", str(out), "--steps", "1", "--cache", str(data.cache.folder)]
+    argv += ["--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1", "--device", "cpu", *options]
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, data, tmp_path, tiny_config):
     out = tmp_path / "model.pth"
-    argv = ["train", str(cases_dir), "--out", str(out), "--steps", "1", "--config", str(config)]
-    argv += ["--cache", str(tmp_path / "cache"), "--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1"]
-    args = parser().parse_args(argv + ["--device", "cpu"])
-    assert args.func(args) == 0
+    assert run_command("train", cases_dir, data, out, "--config", str(tiny_config)) == 0
     assert load_model(out).image_encoder.pos_embed.shape[-1] == TINY.encoder_embed_dim
+
+
+def test_fine_tuning_starts_from_the_demo_model_when_no_checkpoint_is_given(tmp_path):
+    finetune = parser().parse_args(["finetune", "cases", "--out", "m.pth"])
+    assert train_command.starting_checkpoint(finetune) == DEMO_CHECKPOINT
+    given = tmp_path / "mine.pth"
+    save_checkpoint(given, tiny_model())
+    finetune.checkpoint = str(given)
+    assert train_command.starting_checkpoint(finetune) == given
+    finetune.checkpoint = "no-such-model"
+    with pytest.raises(CheckpointError, match="published names: turbo"):
+        train_command.starting_checkpoint(finetune)
+    assert train_command.starting_checkpoint(parser().parse_args(["train", "cases", "--out", "m.pth"])) is None
+
+
+def test_the_same_seed_trains_the_same_model(cases_dir, data, tmp_path, tiny_config):
+    states = {}
+    for name, seed in [("first", "0"), ("again", "0"), ("other", "1")]:
+        run_command("train", cases_dir, data, tmp_path / f"{name}.pth", "--config", str(tiny_config), "--seed", seed)
+        states[name] = torch.load(tmp_path / f"{name}.pth", map_location="cpu", weights_only=True)
+    assert states["first"]["losses"] == states["again"]["losses"]
+    for key, value in states["first"]["model_state_dict"].items():
+        assert torch.equal(value, states["again"]["model_state_dict"][key]), key
+    assert states["first"]["losses"] != states["other"]["losses"]
+
+
+def test_an_unusable_out_is_refused_before_any_case_is_prepared(cases_dir, data, tmp_path, tiny_config, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(InputError, match="afile is a file, not a folder"):
+        run_command("train", cases_dir, data, tmp_path / "afile" / "model.pth", "--config", str(tiny_config))
+    finished = tmp_path / "finished.pth"
+    finished.write_bytes(b"a finished model")
+    with pytest.raises(InputError, match="already exists.*--overwrite"):
+        run_command("train", cases_dir, data, finished, "--config", str(tiny_config))
+    assert finished.read_bytes() == b"a finished model"
+    assert "Preparing" not in capsys.readouterr().out
+
+
+def test_overwrite_replaces_an_existing_out(cases_dir, data, tmp_path, tiny_config):
+    out = tmp_path / "model.pth"
+    out.write_bytes(b"an old model")
+    assert run_command("train", cases_dir, data, out, "--config", str(tiny_config), "--overwrite") == 0
+    assert load_model(out).image_encoder.pos_embed.shape[-1] == TINY.encoder_embed_dim
+
+
+def test_fine_tuning_into_its_own_checkpoint_needs_overwrite(cases_dir, data, tmp_path):
+    source = tmp_path / "source.pth"
+    Trainer(tiny_model(), data, tiny_options(), source).save(source)
+    original = source.read_bytes()
+    with pytest.raises(InputError, match="--overwrite"):
+        run_command("finetune", cases_dir, data, source, "--checkpoint", str(source))
+    assert source.read_bytes() == original
+    assert run_command("finetune", cases_dir, data, source, "--checkpoint", str(source), "--overwrite") == 0
+    assert source.read_bytes() != original
+
+
+def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(cases_dir, data, tmp_path):
+    finished = tmp_path / "finished.pth"
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=1), finished)
+    trainer.run()
+    new = tmp_path / "new.pth"
+    assert run_command("train", cases_dir, data, new, "--resume", str(finished)) == 0
+    assert read_training_checkpoint(new)["step"] == 1
+    written = load_model(new).state_dict()
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(written[name], value)
+    assert run_command("train", cases_dir, data, finished, "--resume", str(finished), "--steps", "2") == 0
+    assert read_training_checkpoint(finished)["step"] == 2  # in place: no --overwrite needed
+
+
+def test_a_malformed_or_misspelt_config_file_is_refused_before_any_case_is_prepared(cases_dir, data, tmp_path, capsys):
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text('{"encoder_depth": 2,')
+    with pytest.raises(InputError, match=re.escape(f"--config {malformed} cannot be read as JSON")):
+        train_command.read_config(str(malformed))
+    misspelt = tmp_path / "misspelt.json"
+    misspelt.write_text(json.dumps({**TINY.to_dict(), "encoder_dept": 2}))
+    with pytest.raises(InputError, match=f"{re.escape(str(misspelt))} has unknown keys encoder_dept;.*encoder_depth"):
+        run_command("train", cases_dir, data, tmp_path / "model.pth", "--config", str(misspelt))
+    assert "Preparing" not in capsys.readouterr().out
+    assert not (tmp_path / "model.pth").exists()

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import check_output_path
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
+from ..download import TerminalProgress
 from ..errors import InputError
+from ..published import PUBLISHED_CHECKPOINTS, resolve_checkpoint
 from ..training import (
     CaseCache,
     ProgressLine,
@@ -23,6 +26,7 @@ from ..training import (
     find_cases,
     model_for_training,
 )
+from .common import add_overwrite_option
 
 # Named architectures for training from scratch; "small" is the built-in demo model's.
 CONFIGS = {
@@ -60,13 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Continue training a checkpoint's weights with the official recipe on your own data.",
     )
     _add_common_options(finetune, lr_encoder=8e-4, lr_decoder=8e-5)
-    finetune.add_argument("--checkpoint", required=True, help="checkpoint file to start from")
+    finetune.add_argument(
+        "--checkpoint",
+        help=f"checkpoint file or published name ({', '.join(PUBLISHED_CHECKPOINTS)}) to start from; "
+        "default: the built-in demo model",
+    )
     finetune.set_defaults(func=run, config=None)
 
 
 def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_decoder: float) -> None:
     parser.add_argument("data", type=Path, help="folder of cases (*/image.nii.gz, */label.nii.gz) or CSV/JSON manifest")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write (rewritten as it trains)")
+    add_overwrite_option(parser)
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
     length.add_argument("--epochs", type=float, help="passes over all targets, instead of --steps")
@@ -128,7 +137,30 @@ def read_config(name: str) -> ModelConfig:
     path = Path(name)
     if not path.is_file():
         raise InputError(f"--config {name} is neither {' nor '.join(CONFIGS)} nor a JSON file; fix the option.")
-    return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"--config {path} cannot be read as JSON ({error}); fix the file.") from error
+    return ModelConfig.from_dict(data, source=f"--config {path}")
+
+
+def check_out_argument(args: argparse.Namespace) -> None:
+    """Refuse an --out whose writing would lose data, before any work: an existing file (the --checkpoint
+    included) needs --overwrite, except the --resume file itself, since resuming in place is the normal use."""
+    resuming_in_place = args.resume is not None and args.out.resolve() == args.resume.resolve()
+    check_output_path(args.out, inputs=(args.data,), overwrite=args.overwrite or resuming_in_place)
+
+
+def starting_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The weights fine-tuning starts from: a file, a published name (downloaded once) or, left out, the demo
+    model; None when training from scratch or resuming (the resumed file holds the weights)."""
+    if args.command != "finetune" or args.resume is not None:
+        return None
+    progress = TerminalProgress(f"Downloading {args.checkpoint}")
+    try:
+        return resolve_checkpoint(args.checkpoint, progress=progress)
+    finally:
+        progress.finish()
 
 
 def options_from_args(args: argparse.Namespace) -> TrainingOptions:
@@ -164,13 +196,16 @@ def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions)
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     options = options_from_args(args)
+    check_out_argument(args)
     cases = find_cases(args.data)
+    # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
+    config = read_config(args.config) if args.config else None
+    checkpoint = starting_checkpoint(args)
+    model = model_for_training(config=config, checkpoint=checkpoint, resume=args.resume, seed=options.seed)
     print(f"Preparing {len(cases)} case(s) (cached in {args.cache}) ...", flush=True)
     data = TrainingData(cases, CaseCache(args.cache), min_voxels=args.min_voxels)
     if args.epochs is not None:
         options = replace(options, steps=steps_for_epochs(args.epochs, len(data.targets), options))
-    config = read_config(args.config) if args.config else None
-    model = model_for_training(config=config, checkpoint=args.checkpoint, resume=args.resume)
     trainer = Trainer(model, data, options, args.out)
     if args.resume:
         trainer.resume(args.resume)
