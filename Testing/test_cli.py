@@ -223,3 +223,17 @@ def test_an_operating_system_error_is_one_sentence_not_a_traceback(tmp_path, mon
     assert main(["phantom", "--seed", "0", "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("sammed3d: error: [Errno 28] No space left on device") and "Traceback" not in error
+
+
+def test_evaluate_writes_label_values_above_255(tmp_path, checkpoint, image_path):
+    image = sitk.ReadImage(str(image_path))
+    labels = np.zeros(sitk.GetArrayFromImage(image).shape, dtype=np.uint16)
+    labels[10:20, 25:35, 20:30] = 300
+    label = sitk.GetImageFromArray(labels)
+    label.CopyInformation(image)
+    label_path, out = tmp_path / "label.nii.gz", tmp_path / "pred.nii.gz"
+    sitk.WriteImage(label, str(label_path))
+    arguments = ["evaluate", str(image_path), str(label_path), "--out", str(out), "--checkpoint", str(checkpoint)]
+    assert main(arguments) == 0
+    written = sitk.ReadImage(str(out))
+    assert written.GetPixelID() == sitk.sitkUInt16 and set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 300}
