@@ -2,7 +2,9 @@
 
 The file grows in `<destination>.part` and is renamed onto the destination only once it is complete and
 verified, so the destination is never a half file. Its hash is recorded in `<destination>.sha256`
-(the `sha256sum` format) so that later loads can check the file again.
+(the `sha256sum` format) so that later loads can check the file again. The server's version of the file
+(its ETag or Last-Modified) is kept in `<destination>.part.version` and sent as If-Range when resuming,
+so a file replaced on the server in between is downloaded whole again instead of being spliced.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class ChecksumMismatch(DownloadError):
 def part_path(destination: Path) -> Path:
     """Where the file grows until it is complete."""
     return destination.with_name(destination.name + ".part")
+
+
+def version_path(part: Path) -> Path:
+    """Where the server's version of the file that `part` holds the start of is kept."""
+    return part.with_name(part.name + ".version")
 
 
 def sidecar_path(destination: Path) -> Path:
@@ -95,13 +102,14 @@ def download_file(
     digest = _fetch(url, destination.name, part, progress, timeout, chunk_size).hexdigest()
     expected = sha256.lower() if sha256 else None
     if expected is not None and digest != expected:
-        part.unlink()
+        _discard(part)
         raise ChecksumMismatch(
             f"The downloaded {destination.name} has SHA-256 {digest} but {expected} was expected, so it was "
             f"deleted: retry the download, and if it fails again check that the URL {url} is right."
         )
     record_sha256(destination, digest)
     os.replace(part, destination)
+    version_path(part).unlink(missing_ok=True)
     return digest
 
 
@@ -112,6 +120,7 @@ def _fetch(url: str, name: str, part: Path, progress, timeout: float, chunk_size
         if hasher is not None:
             return hasher
     with _open(url, name, 0, timeout) as response:
+        _remember_version(part, response)
         return _receive(response, url, name, part, 0, progress, chunk_size)
 
 
@@ -123,26 +132,50 @@ def _resume(url: str, name: str, part: Path, progress, timeout: float, chunk_siz
     """
     offset = part.stat().st_size
     try:
-        response = _open(url, name, offset, timeout)
+        response = _open(url, name, offset, timeout, _read_version(part))
     except urllib.error.HTTPError as error:
         error.close()
         if _content_range_total(error.headers.get("Content-Range")) == offset:
             _report(progress, name, offset, offset)
             return _hash_file(part, chunk_size)
-        part.unlink()
+        _discard(part)
         return None
     with response:
         if response.status != 206:
-            # The server ignored the Range header and sends the whole file: start over.
+            # The server ignored the Range header, or the file changed since (If-Range): start over.
+            _remember_version(part, response)
             return _receive(response, url, name, part, 0, progress, chunk_size)
         if _content_range_start(response.headers.get("Content-Range")) == offset:
             return _receive(response, url, name, part, offset, progress, chunk_size)
-    part.unlink()
+    _discard(part)
     return None
 
 
-def _open(url: str, name: str, offset: int, timeout: float) -> http.client.HTTPResponse:
-    """Send the GET request, with a Range header when resuming after `offset` bytes.
+def _remember_version(part: Path, response: http.client.HTTPResponse) -> None:
+    """Keep the response's strong ETag, else its Last-Modified: what If-Range compares when resuming."""
+    etag = response.headers.get("ETag")
+    version = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+    if version:
+        version_path(part).write_text(version, encoding="latin-1")
+    else:
+        version_path(part).unlink(missing_ok=True)
+
+
+def _read_version(part: Path) -> str | None:
+    try:
+        return version_path(part).read_text(encoding="latin-1").strip() or None
+    except OSError:
+        return None
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    version_path(part).unlink(missing_ok=True)
+
+
+def _open(url: str, name: str, offset: int, timeout: float, version: str | None = None) -> http.client.HTTPResponse:
+    """Send the GET request, with a Range header when resuming after `offset` bytes (and If-Range, when the
+    `version` of the file it continues is known, so that a changed file comes whole).
 
     A 416 answer to a Range request is raised as urllib's HTTPError for `_resume` to judge; every other
     failure becomes a DownloadError.
@@ -150,6 +183,8 @@ def _open(url: str, name: str, offset: int, timeout: float) -> http.client.HTTPR
     headers = {"User-Agent": _USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if version:
+            headers["If-Range"] = version
     request = urllib.request.Request(url, headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=timeout)

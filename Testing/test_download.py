@@ -31,7 +31,8 @@ CHUNK = 16 * 1024
 
 
 class FileServer(ThreadingHTTPServer):
-    """Serves `content` at /<name>; records every Range header and how many body bytes it sent."""
+    """Serves `content` at /<name> with an ETag (`version`) that If-Range is checked against; records every Range
+    and If-Range header and how many body bytes it sent."""
 
     daemon_threads = True
 
@@ -42,6 +43,8 @@ class FileServer(ThreadingHTTPServer):
         self.ignore_range = False
         self.stall_seconds = 0.0
         self.ranges_seen: List[Optional[str]] = []
+        self.version = '"v1"'
+        self.if_ranges_seen: List[Optional[str]] = []
         self.bytes_sent: List[int] = []
 
     def url(self, name: str = "model.pth") -> str:
@@ -56,8 +59,11 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         content = self.server.content
-        requested = self.headers.get("Range")
+        requested, if_range = self.headers.get("Range"), self.headers.get("If-Range")
         self.server.ranges_seen.append(requested)
+        self.server.if_ranges_seen.append(if_range)
+        if if_range is not None and if_range != self.server.version:
+            requested = None  # RFC 9110: a Range whose If-Range no longer matches is ignored, the whole file sent
         start = 0
         if requested and not self.server.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", requested)[1])
@@ -73,6 +79,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = content[start:]
+        self.send_header("ETag", self.server.version)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.server.cut_after is not None:
@@ -190,6 +197,19 @@ def test_progress_returning_false_cancels_and_keeps_the_part_for_resuming(server
     assert fetch(server, destination) == CONTENT_SHA256
     assert server.ranges_seen[-1] == f"bytes={len(kept)}-"
     assert destination.read_bytes() == CONTENT
+
+
+def test_a_file_replaced_on_the_server_is_downloaded_whole_not_spliced(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+    server.cut_after = 100_000
+    with pytest.raises(DownloadError):
+        fetch(server, destination)
+    server.cut_after = None
+    server.content, server.version = random_bytes(300_000, seed=1), '"v2"'
+    assert fetch(server, destination) == hashlib.sha256(server.content).hexdigest()
+    assert destination.read_bytes() == server.content
+    assert server.if_ranges_seen == [None, '"v1"'] and server.ranges_seen[-1] == "bytes=100000-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model.pth.sha256"]
 
 
 def test_server_ignoring_range_restarts_from_the_beginning(server: FileServer, tmp_path: Path) -> None:
