@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from SAMMed3DLib.config import ModelConfig
+from SAMMed3DLib.checkpoint import save_checkpoint
+from SAMMed3DLib.config import ModelConfig, build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -19,6 +21,15 @@ TINY = ModelConfig(
     prompt_embed_dim=48,
     decoder_mlp_dim=64,
 )
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint file of the TINY network (seeded random weights), for the commands that load one."""
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("model") / "tiny.pth"
+    save_checkpoint(path, build_model(TINY))
+    return path
 
 
 def shared_path(relative: str) -> Path:

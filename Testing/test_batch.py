@@ -8,24 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
-from conftest import TINY
 
 from SAMMed3DLib.batch import Case, plan_outputs, read_manifest
-from SAMMed3DLib.checkpoint import save_checkpoint
 from SAMMed3DLib.cli import main
-from SAMMed3DLib.config import build_model
 from SAMMed3DLib.errors import InputError
 
 GOOD_CLICKS = {"positive": [[25, 30, 15]], "negative": [[20, 30, 15]], "space": "ijk"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    save_checkpoint(path, build_model(TINY))
-    return path
 
 
 def _write_image(path: Path) -> Path:

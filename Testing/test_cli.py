@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TINY, shared_path
+from conftest import shared_path
 
-from SAMMed3DLib.checkpoint import save_checkpoint
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.commands.segment import OrderedClick
-from SAMMed3DLib.config import build_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    save_checkpoint(path, build_model(TINY))
-    return path
 
 
 @pytest.fixture(scope="module")
