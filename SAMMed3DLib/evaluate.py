@@ -167,7 +167,8 @@ class _ProtocolRun:
                 points, labels = [], []
             points.append(index)
             labels.append(positive)
-            logits, iou = self.predictor.decode(embedding, np.array(points), np.array(labels), logits)
+            region_image = region.raw if logits is None else None  # chooses among first-click alternatives
+            logits, iou = self.predictor.decode(embedding, np.array(points), np.array(labels), logits, region_image)
             region_mask = self.predictor.upsample_to_mask(logits)
             patch, box = paste_region_mask(region_mask, region, prepared.volume)
             patch_count = int(np.count_nonzero(patch))

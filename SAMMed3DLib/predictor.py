@@ -10,6 +10,7 @@ from typing import Callable, Hashable, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from .mask_choice import best_supported
 from .modeling import Sam3D
 from .modeling.upsampling import upsample_trilinear
 
@@ -73,16 +74,19 @@ class RegionPredictor:
         points: np.ndarray,
         labels: np.ndarray,
         previous_logits: Optional[torch.Tensor] = None,
+        region_image: Optional[np.ndarray] = None,
     ) -> tuple[torch.Tensor, float]:
         """One decoder step.
 
         points: (N, 3) region voxel indices in (a0, a1, a2) order (N may be 0: a mask-only step);
         labels: (N,) 1 positive / 0 negative; previous_logits: (1, 1, 32, 32, 32) or None, which
-        means the all-zero mask the official pipeline starts with.
-        Returns low-resolution logits (1, 1, 32, 32, 32) and the predicted IoU; for a lone positive first
-        click of a model trained with alternative masks, those of the alternative with the highest IoU.
+        means the all-zero mask the official pipeline starts with; region_image: the region's intensities
+        (S, S, S), if given.
+        Returns low-resolution logits (1, 1, 32, 32, 32) and the predicted IoU. For a lone positive first
+        click of a model trained with alternative masks, those of the alternative the image supports best
+        (`mask_choice`), or without `region_image` the one with the highest predicted IoU.
         """
-        return self._with_cpu_fallback(lambda: self._decode(embedding, points, labels, previous_logits))
+        return self._with_cpu_fallback(lambda: self._decode(embedding, points, labels, previous_logits, region_image))
 
     def _decode(
         self,
@@ -90,6 +94,7 @@ class RegionPredictor:
         points: np.ndarray,
         labels: np.ndarray,
         previous_logits: Optional[torch.Tensor],
+        region_image: Optional[np.ndarray],
     ) -> tuple[torch.Tensor, float]:
         prompt_encoder = self.model.prompt_encoder
         multimask = self._answers_with_alternatives(labels, previous_logits)
@@ -109,7 +114,11 @@ class RegionPredictor:
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask,
             )
-        picked = int(iou[0].argmax())
+        if multimask and region_image is not None:
+            alternatives = self._upsample(logits.permute(1, 0, 2, 3, 4))[:, 0] > 0
+            picked = best_supported(alternatives.cpu(), region_image, points[0])
+        else:
+            picked = int(iou[0].argmax())
         return logits[:, picked : picked + 1], float(iou[0, picked])
 
     def _answers_with_alternatives(self, labels: np.ndarray, previous_logits: Optional[torch.Tensor]) -> bool:
@@ -125,10 +134,12 @@ class RegionPredictor:
 
     def upsample_to_mask(self, logits: torch.Tensor) -> np.ndarray:
         """Low-resolution logits -> uint8 region mask (S, S, S), as the official pipeline thresholds."""
+        return (torch.sigmoid(self._upsample(logits)) > 0.5)[0, 0].to(torch.uint8).cpu().numpy()
+
+    def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 32, 32, 32) logits -> (B, 1, S, S, S) float32."""
         with torch.inference_mode():
-            size = (self.input_size,) * 3
-            upsampled = upsample_trilinear(logits.float(), size)
-            return (torch.sigmoid(upsampled) > 0.5)[0, 0].to(torch.uint8).cpu().numpy()
+            return upsample_trilinear(logits.float(), (self.input_size,) * 3)
 
     def _with_cpu_fallback(self, step: Callable):
         try:

@@ -225,7 +225,10 @@ class InteractiveSession:
         else:
             points, labels = run.points, run.labels
         started = time.perf_counter()
-        run.logits, run.iou = self.predictor.decode(run.embedding, np.stack(points), np.array(labels), run.logits)
+        first = run.logits is None  # the step where a model with alternative masks may answer with one of them
+        run.logits, run.iou = self.predictor.decode(
+            run.embedding, np.stack(points), np.array(labels), run.logits, run.region.raw if first else None
+        )
         timings["decoder"] += time.perf_counter() - started
 
     def _finish(self, run: _RegionRun, timings: dict[str, float]) -> None:

@@ -43,8 +43,8 @@ class RecordingPredictor(RegionPredictor):
         super().__init__(*args, **kwargs)
         self.logits: list[torch.Tensor] = []
 
-    def decode(self, embedding, points, labels, previous_logits=None):
-        logits, iou = super().decode(embedding, points, labels, previous_logits)
+    def decode(self, embedding, points, labels, previous_logits=None, region_image=None):
+        logits, iou = super().decode(embedding, points, labels, previous_logits, region_image)
         self.logits.append(logits.float().cpu())
         return logits, iou
 

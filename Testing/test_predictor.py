@@ -51,19 +51,24 @@ def test_decode_without_points_is_a_mask_only_step(model):
     assert mask.shape == (128, 128, 128) and mask.dtype == np.uint8
 
 
-def test_a_lone_first_click_takes_the_alternative_with_the_highest_iou_when_the_model_was_trained_so(model):
-    multimask_model = copy.deepcopy(model)
-    multimask_model.first_click_multimask = True
-    predictor, single = RegionPredictor(multimask_model), RegionPredictor(model)
-    embedding = predictor.embed(_volume_input())
-    click = np.array([[64, 64, 64]])
+def _first_click_alternatives(model, embedding: torch.Tensor, click: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three alternative logits (1, 3, 32, 32, 32) and their predicted IoUs (1, 3) for a lone positive click."""
     with torch.no_grad():
         sparse, dense = model.prompt_encoder(
             points=(torch.tensor(click[None], dtype=torch.float32), torch.tensor([[1.0]])),
             boxes=None,
             masks=torch.zeros(1, 1, 32, 32, 32),  # the all-zero mask a first step starts from
         )
-        alternatives, ious = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+        return model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+
+
+def test_a_lone_first_click_takes_the_alternative_with_the_highest_iou_when_the_model_was_trained_so(model):
+    multimask_model = copy.deepcopy(model)
+    multimask_model.first_click_multimask = True
+    predictor, single = RegionPredictor(multimask_model), RegionPredictor(model)
+    embedding = predictor.embed(_volume_input())
+    click = np.array([[64, 64, 64]])
+    alternatives, ious = _first_click_alternatives(model, embedding, click)
     best = int(ious[0].argmax())
 
     logits, iou = predictor.decode(embedding, click, np.array([1]))
@@ -78,6 +83,27 @@ def test_a_lone_first_click_takes_the_alternative_with_the_highest_iou_when_the_
             predictor.decode(embedding, points, labels, previous)[0],
             single.decode(embedding, points, labels, previous)[0],
         )
+
+
+def test_given_the_region_image_a_lone_first_click_takes_the_alternative_the_image_supports(model, monkeypatch):
+    multimask_model = copy.deepcopy(model)
+    multimask_model.first_click_multimask = True
+    predictor = RegionPredictor(multimask_model)
+    embedding = predictor.embed(_volume_input())
+    click, image = np.array([[64, 64, 64]]), np.random.default_rng(1).standard_normal((128, 128, 128))
+    alternatives, ious = _first_click_alternatives(model, embedding, click)
+    for chosen in range(3):
+        seen = []
+
+        def choose(masks, region_image, point, chosen=chosen, seen=seen):
+            seen.append((masks.shape, masks.dtype, region_image is image, tuple(point)))
+            return chosen
+
+        monkeypatch.setattr("SAMMed3DLib.predictor.best_supported", choose)
+        logits, iou = predictor.decode(embedding, click, np.array([1]), region_image=image)
+        assert seen == [((3, 128, 128, 128), torch.bool, True, (64, 64, 64))]
+        torch.testing.assert_close(logits, alternatives[:, chosen : chosen + 1])
+        assert iou == pytest.approx(float(ious[0, chosen]))
 
 
 class _RunsOutOfGpuMemoryOnce(RegionPredictor):

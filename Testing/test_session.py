@@ -186,7 +186,7 @@ def test_click_outside_the_volume_is_refused(tiny_model, volume, prepared):
 class AllForegroundPredictor(CountingPredictor):
     """Predicts foreground everywhere, so every mask touches every face of its region."""
 
-    def decode(self, embedding, points, labels, previous_logits=None):
+    def decode(self, embedding, points, labels, previous_logits=None, region_image=None):
         return torch.full((1, 1, 32, 32, 32), 10.0), 1.0
 
 
