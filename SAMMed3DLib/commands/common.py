@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from ..device import DEVICE_CHOICES
 from ..download import TerminalProgress
@@ -31,12 +32,19 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 
 
-def predictor_from_args(args: argparse.Namespace) -> RegionPredictor:
-    progress = TerminalProgress(f"Downloading {args.checkpoint}")
+@contextmanager
+def download_progress(checkpoint: Optional[str]) -> Iterator[TerminalProgress]:
+    """The progress bar a published checkpoint's download draws (nothing shows unless one is downloaded)."""
+    progress = TerminalProgress(f"Downloading {checkpoint}")
     try:
-        predictor = load_predictor(args.checkpoint, args.device, args.precision, progress=progress)
+        yield progress
     finally:
         progress.finish()
+
+
+def predictor_from_args(args: argparse.Namespace) -> RegionPredictor:
+    with download_progress(args.checkpoint) as progress:
+        predictor = load_predictor(args.checkpoint, args.device, args.precision, progress=progress)
     if predictor.device.type == "cpu":
         print("Running on the CPU (no CUDA GPU in use): the first click of a region is the slow one.")
     return predictor

@@ -14,7 +14,6 @@ import torch
 from ..atomic import check_output_path
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
-from ..download import TerminalProgress
 from ..errors import InputError
 from ..published import PUBLISHED_CHECKPOINTS, resolve_checkpoint
 from ..training import (
@@ -26,7 +25,7 @@ from ..training import (
     find_cases,
     model_for_training,
 )
-from .common import add_overwrite_option
+from .common import add_overwrite_option, download_progress
 
 # Named architectures for training from scratch; "small" is the built-in demo model's.
 CONFIGS = {
@@ -156,11 +155,8 @@ def starting_checkpoint(args: argparse.Namespace) -> Path | None:
     model; None when training from scratch or resuming (the resumed file holds the weights)."""
     if args.command != "finetune" or args.resume is not None:
         return None
-    progress = TerminalProgress(f"Downloading {args.checkpoint}")
-    try:
+    with download_progress(args.checkpoint) as progress:
         return resolve_checkpoint(args.checkpoint, progress=progress)
-    finally:
-        progress.finish()
 
 
 def options_from_args(args: argparse.Namespace) -> TrainingOptions:
