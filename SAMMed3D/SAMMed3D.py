@@ -1457,13 +1457,12 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         """`result.changed`, grown over the segment's present voxels for a session's first result."""
         from SAMMed3DLib.transforms import union_box
 
-        boxes = [tuple(result.changed)] if result.changed is not None else []
+        box = tuple(result.changed) if result.changed is not None else None
         if result.first and result.clicks:
             present = self.segmentBox(segmentationNode, segmentId, volumeNode)
-            boxes += [present] if present is not None else []
-        if not boxes:
-            return None
-        return union_box(*boxes) if len(boxes) == 2 else boxes[0]
+            if present is not None:
+                box = present if box is None else union_box(box, present)
+        return box
 
     def _writeTracked(self, segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes) -> None:
         """Write a patch, erasing it from other segments when asked, appending each `PatchChange` (or None) to
