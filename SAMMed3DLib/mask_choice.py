@@ -29,21 +29,42 @@ def image_support(masks: torch.Tensor, image: torch.Tensor, click: Sequence[int]
     edge = |mean inside - mean of the rim| / pooled standard deviation of the two;
     misfit = |mean around the click - mean inside| / standard deviation inside.
     """
-    image = image.to(torch.float64)
-    widened = F.max_pool3d(masks[:, None].float(), 2 * RIM_VOXELS + 1, stride=1, padding=RIM_VOXELS)[:, 0] > 0
-    rims = widened & ~masks
     near_click = tuple(slice(max(0, int(c) - CLICK_REACH), int(c) + CLICK_REACH + 1) for c in click)
-    click_mean = image[near_click].mean()
+    click_mean = image[near_click].to(torch.float64).mean()
     scores = torch.full((masks.shape[0],), -torch.inf, dtype=torch.float64)
-    for index, (mask, rim) in enumerate(zip(masks, rims)):
-        if not mask.any() or not rim.any():
-            continue
-        inside, around = image[mask], image[rim]
-        pooled = torch.sqrt((inside.var(unbiased=False) + around.var(unbiased=False)) / 2 + _EPSILON)
-        edge = (inside.mean() - around.mean()).abs() / pooled
-        misfit = (click_mean - inside.mean()).abs() / (inside.std(unbiased=False) + _EPSILON)
-        scores[index] = edge - misfit
-    return scores
+    if not masks.any():
+        return scores
+    # Only the masks' box and their rims matter: a few percent of the region for most targets, and the
+    # statistics of all masks come from sums over it at once.
+    box = _box_around(masks.any(dim=0), RIM_VOXELS)
+    masks, image = masks[(slice(None), *box)], image[box].to(torch.float64)
+    widened = F.max_pool3d(masks[:, None].float(), 2 * RIM_VOXELS + 1, stride=1, padding=RIM_VOXELS)[:, 0] > 0
+    inside_mean, inside_var, inside_count = _weighted_moments(masks, image)
+    rim_mean, rim_var, rim_count = _weighted_moments(widened & ~masks, image)
+    pooled = torch.sqrt((inside_var + rim_var) / 2 + _EPSILON)
+    edge = (inside_mean - rim_mean).abs() / pooled
+    misfit = (click_mean - inside_mean).abs() / (inside_var.sqrt() + _EPSILON)
+    scored = (inside_count > 0) & (rim_count > 0)
+    return torch.where(scored, edge - misfit, scores)
+
+
+def _box_around(mask: torch.Tensor, margin: int) -> tuple[slice, slice, slice]:
+    """The bounding box of a non-empty (S, S, S) mask, widened by `margin` voxels and clipped to the region."""
+    box = []
+    for axis in range(3):
+        present = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis)))[:, 0]
+        box.append(slice(max(0, int(present[0]) - margin), int(present[-1]) + margin + 1))
+    return box[0], box[1], box[2]
+
+
+def _weighted_moments(masks: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, population variance and voxel count of `image` under each of `masks` (M, ...); 0 where empty."""
+    weights = masks.flatten(1).to(torch.float64)
+    values = image.flatten()
+    count = weights.sum(dim=1)
+    mean = weights @ values / count.clamp(min=1)
+    variance = (weights @ (values * values) / count.clamp(min=1) - mean * mean).clamp(min=0)
+    return mean, variance, count
 
 
 def best_supported(masks: torch.Tensor, image: np.ndarray | torch.Tensor, click: Sequence[int]) -> int:

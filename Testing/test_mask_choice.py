@@ -57,3 +57,28 @@ def test_an_empty_alternative_never_wins_and_all_empty_gives_the_first():
     assert scores[0] == -torch.inf and torch.isfinite(scores[1])
     assert best_supported(masks, image, LESION_CENTRE) == 1
     assert best_supported(torch.zeros((3, SIZE, SIZE, SIZE), dtype=torch.bool), image, LESION_CENTRE) == 0
+
+
+def _support_by_definition(mask: np.ndarray, image: np.ndarray, click) -> float:
+    """The docstring's formula, voxel by voxel over the whole region (rim: the 2-voxel shell outside the mask)."""
+    rim = np.zeros_like(mask)
+    for offset in np.ndindex(5, 5, 5):
+        shifted = np.zeros_like(mask)
+        source = tuple(slice(max(0, 2 - o), SIZE - max(0, o - 2)) for o in offset)
+        target = tuple(slice(max(0, o - 2), SIZE - max(0, 2 - o)) for o in offset)
+        shifted[target] = mask[source]
+        rim |= shifted
+    rim &= ~mask
+    inside, around = image[mask], image[rim]
+    pooled = np.sqrt((inside.var() + around.var()) / 2 + 1e-6)
+    click_mean = image[tuple(slice(c - 1, c + 2) for c in click)].mean()
+    return abs(inside.mean() - around.mean()) / pooled - abs(click_mean - inside.mean()) / (inside.std() + 1e-6)
+
+
+def test_scores_follow_the_definition_also_for_masks_at_the_region_border():
+    image, candidates = _scene()
+    at_border = _ball((0, 32, 63), 9)
+    masks = [candidates["lesion"], candidates["in between"], at_border]
+    scores = image_support(torch.from_numpy(np.stack(masks)), torch.from_numpy(image), LESION_CENTRE)
+    expected = [_support_by_definition(mask, image, LESION_CENTRE) for mask in masks]
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-9, atol=1e-9)
