@@ -198,7 +198,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: prompts in, segment out. No model code here; see SAMMed3DLogic."""
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
+        # State first: made without a parent (from the Python console), the base class runs setup() at once.
         VTKObservationMixin.__init__(self)
         self.logic: Optional[SAMMed3DLogic] = None
         self._parameterNode: Optional[SAMMed3DParameterNode] = None
@@ -222,6 +222,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._previewTimer = None
         self._updateTimer = None
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # Setup and life cycle ---------------------------------------------------------------------
 
@@ -1557,6 +1558,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         roi.CreateDefaultDisplayNodes()
         roi.SetLocked(True)
         display = roi.GetDisplayNode()
+        display.SetSaveWithScene(False)  # each node has its own flag: a saved scene would keep an orphan display node
         display.SetHandlesInteractive(False)
         display.SetFillVisibility(False)
         display.SetSelectedColor(*REGION_BOX_COLOR)
