@@ -15,6 +15,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # Formats whose header names a second data file: a temporary name would end up inside the header.
 _TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".nhdr")
+# Single-file formats that keep a 3-D volume with its geometry (a .png or .tif would keep one 2-D slice).
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha")
 
 
 def read_image(path: PathLike) -> sitk.Image:
@@ -63,9 +65,14 @@ def image_suffix(path: PathLike) -> str:
 
 
 def check_image_output(path: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False) -> Path:
-    """An image output path checked before any work starts: a single-file format, and a write that loses
-    nothing (see `check_output_path`)."""
-    _writable_suffix(Path(path))
+    """A volume output path checked before any work starts: a single-file format that keeps a 3-D volume
+    and its geometry, and a write that loses nothing (see `check_output_path`)."""
+    suffix = _writable_suffix(Path(path))
+    if suffix.lower() not in _VOLUME_SUFFIXES:
+        raise InputError(
+            f"Output {path} is not a volume format: {suffix} would keep at most one 2-D slice, without the "
+            f"volume's geometry; use one of {', '.join(_VOLUME_SUFFIXES)}."
+        )
     return check_output_path(path, inputs, overwrite)
 
 

@@ -145,6 +145,14 @@ def test_two_file_formats_and_missing_extensions_are_refused(tmp_path):
         imageio.write_image_atomic(image, tmp_path / "mask")
 
 
+@pytest.mark.parametrize("name", ["mask.png", "mask.tif", "mask.txt"])
+def test_a_volume_output_in_a_slice_or_unknown_format_is_refused_before_any_work(tmp_path, name):
+    with pytest.raises(InputError, match="not a volume format.*nii.gz"):
+        imageio.check_image_output(tmp_path / name)
+    for good in ("mask.nii.gz", "mask.NRRD", "mask.seg.nrrd", "mask.mha"):
+        assert imageio.check_image_output(tmp_path / good) == tmp_path / good
+
+
 def test_image_suffix():
     assert imageio.image_suffix("a/b.nii.gz") == ".nii.gz"
     assert imageio.image_suffix("b.seg.nrrd") == ".seg.nrrd"
