@@ -227,3 +227,30 @@ def test_evaluate_writes_label_values_above_255(tmp_path, checkpoint, image_path
     assert main(arguments) == 0
     written = sitk.ReadImage(str(out))
     assert written.GetPixelID() == sitk.sitkUInt16 and set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 300}
+
+
+@pytest.mark.parametrize(
+    "seed, message", [("-5", "seed -5 is out of range"), ("99999999999", "is out of range"), ("two", "not a whole")]
+)
+def test_a_seed_numpy_cannot_take_is_a_usage_error(tmp_path, image_path, seed, message, capsys):
+    label = _label_file(tmp_path, image_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(image_path), str(label), "--out", str(tmp_path / "pred.nii.gz"), "--seed", seed])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message", [(["--clicks", "0"], "--clicks is 0"), (["--report", "{out}"], "--report and --out both name")]
+)
+def test_evaluate_refuses_bad_options_before_loading_a_model(tmp_path, image_path, options, message, capsys):
+    label = _label_file(tmp_path, image_path)
+    out = tmp_path / "pred.nii.gz"
+    options = [option.format(out=out) for option in options]
+    arguments = ["evaluate", str(image_path), str(label), "--out", str(out), "--checkpoint", str(tmp_path / "x.pth")]
+    assert main([*arguments, *options]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_mask_in_a_slice_format_is_refused_before_the_model_loads(tmp_path, image_path, capsys):
+    assert _segment(image_path, tmp_path / "absent.pth", tmp_path / "mask.png", "--pos", "25,30,15") == 2
+    assert "not a volume format" in capsys.readouterr().err and not (tmp_path / "mask.png").exists()

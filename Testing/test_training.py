@@ -488,15 +488,20 @@ def test_overwrite_replaces_an_existing_out(cases_dir, data, tmp_path, tiny_conf
     assert load_model(out).image_encoder.pos_embed.shape[-1] == TINY.encoder_embed_dim
 
 
-def test_fine_tuning_into_its_own_checkpoint_needs_overwrite(cases_dir, data, tmp_path):
+def test_fine_tuning_never_writes_over_its_starting_checkpoint_or_its_data(cases_dir, data, tmp_path):
     source = tmp_path / "source.pth"
     Trainer(tiny_model(), data, tiny_options(), source).save(source)
     original = source.read_bytes()
-    with pytest.raises(InputError, match="--overwrite"):
-        run_command("finetune", cases_dir, data, source, "--checkpoint", str(source))
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(InputError, match="one of the input files"):
+            run_command("finetune", cases_dir, data, source, "--checkpoint", str(source), *extra)
     assert source.read_bytes() == original
-    assert run_command("finetune", cases_dir, data, source, "--checkpoint", str(source), "--overwrite") == 0
-    assert source.read_bytes() != original
+    image = sorted(cases_dir.glob("*/image.nii.gz"))[0]
+    image_bytes = image.read_bytes()
+    for command, options in (("train", []), ("finetune", ["--checkpoint", str(source)])):
+        with pytest.raises(InputError, match="one of the input files"):
+            run_command(command, cases_dir, data, image, *options, "--overwrite")
+    assert image.read_bytes() == image_bytes
 
 
 def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(cases_dir, data, tmp_path):

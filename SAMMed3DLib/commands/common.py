@@ -28,6 +28,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MAX_SEED = 2**32 - 1  # NumPy's random generators take seeds from 0 to 2^32 - 1
+
+
+def seed_argument(text: str) -> int:
+    """An argparse type: a random seed NumPy accepts, or a message that says which."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number; give a seed like 233.") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {seed} is out of range; give a whole number from 0 to {MAX_SEED}.")
+    return seed
+
+
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 

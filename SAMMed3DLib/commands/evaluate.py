@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from ..errors import InputError
 from ..evaluate import OFFICIAL_SEED, EvaluationResult, evaluate_case, label_values
 from ..imageio import check_image_output
 from ..volume import Volume
-from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback
+from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback, seed_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image")
     parser.add_argument("label", help="label map on the image's grid (each value is one target)")
     parser.add_argument("--clicks", type=int, default=1, help="clicks per target (official default 1)")
-    parser.add_argument("--seed", type=int, default=OFFICIAL_SEED)
+    parser.add_argument(
+        "--seed", type=seed_argument, default=OFFICIAL_SEED, help=f"seed of the click simulation ({OFFICIAL_SEED})"
+    )
     parser.add_argument("--labels", help="comma-separated label values to evaluate (others count as background)")
     parser.add_argument(
         "--newest-only", action="store_true", help="pass only the newest click each step (training style)"
@@ -36,9 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.clicks < 1:
+        raise InputError(f"--clicks is {args.clicks}; give 1 or more clicks per target.")
     inputs = [args.image, args.label]
     check_image_output(args.out, inputs, args.overwrite)
     if args.report:
+        if Path(args.report).resolve() == Path(args.out).resolve():
+            raise InputError(f"--report and --out both name {args.out}; give the report its own file (report.json).")
         check_output_path(args.report, inputs, args.overwrite)
     image, label = Volume.from_file(args.image), Volume.from_file(args.label)
     if not label_values(label):

@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..published import PUBLISHED_CHECKPOINTS, resolve_checkpoint
 from ..training import (
     CaseCache,
+    CaseFiles,
     ProgressLine,
     Trainer,
     TrainingData,
@@ -25,7 +26,7 @@ from ..training import (
     find_cases,
     model_for_training,
 )
-from .common import add_overwrite_option, download_progress
+from .common import add_overwrite_option, download_progress, seed_argument
 
 # Named architectures for training from scratch; "small" is the built-in demo model's.
 CONFIGS = {
@@ -109,8 +110,9 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
     parser.add_argument(
         "--first-click-multimask",
         action="store_true",
-        help="train SAM's three alternative masks for a lone first click, picked by predicted IoU at inference "
-        "(not in the official recipe; the checkpoint records it)",
+        help="train SAM's three alternative masks for a lone first click; at inference the image's evidence "
+        "picks one, or the predicted IoU where the image is not at hand (not in the official recipe; the "
+        "checkpoint records it)",
     )
     parser.add_argument(
         "--iou-loss-weight",
@@ -118,7 +120,7 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         default=1.0,
         help="weight of the alternative masks' IoU-prediction error in the loss (SAM: 1)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument("--seed", type=seed_argument, default=0, help="random seed (0)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help=f"prepared-case cache folder ({DEFAULT_CACHE})"
@@ -143,11 +145,15 @@ def read_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(data, source=f"--config {path}")
 
 
-def check_out_argument(args: argparse.Namespace) -> None:
-    """Refuse an --out whose writing would lose data, before any work: an existing file (the --checkpoint
-    included) needs --overwrite, except the --resume file itself, since resuming in place is the normal use."""
+def check_out_argument(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
+    """Refuse an --out whose writing would lose data, before any work: never the data (manifest, images,
+    labels) nor the checkpoint fine-tuning starts from; an existing file needs --overwrite, except the --resume
+    file itself, since resuming in place is the normal use."""
+    inputs = [args.data, *(case.image for case in cases), *(case.label for case in cases)]
+    if args.command == "finetune" and args.checkpoint and Path(args.checkpoint).is_file():
+        inputs.append(args.checkpoint)
     resuming_in_place = args.resume is not None and args.out.resolve() == args.resume.resolve()
-    check_output_path(args.out, inputs=(args.data,), overwrite=args.overwrite or resuming_in_place)
+    check_output_path(args.out, inputs=inputs, overwrite=args.overwrite or resuming_in_place)
 
 
 def starting_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -192,8 +198,8 @@ def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions)
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     options = options_from_args(args)
-    check_out_argument(args)
     cases = find_cases(args.data)
+    check_out_argument(args, cases)
     # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
     config = read_config(args.config) if args.config else None
     checkpoint = starting_checkpoint(args)
