@@ -254,3 +254,28 @@ def test_evaluate_refuses_bad_options_before_loading_a_model(tmp_path, image_pat
 def test_a_mask_in_a_slice_format_is_refused_before_the_model_loads(tmp_path, image_path, capsys):
     assert _segment(image_path, tmp_path / "absent.pth", tmp_path / "mask.png", "--pos", "25,30,15") == 2
     assert "not a volume format" in capsys.readouterr().err and not (tmp_path / "mask.png").exists()
+
+
+def test_demo_never_writes_over_a_users_files(tmp_path, image_path, capsys):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    label = _label_file(folder, image_path).rename(folder / "mask.nii.gz")
+    label_bytes = label.read_bytes()
+    arguments = ["demo", "--image", str(image_path), "--label", str(label), "--out", str(folder)]
+    assert main(arguments) == 2
+    assert "is where the demo writes its mask.nii.gz" in capsys.readouterr().err
+    scan = folder / "image.nii.gz"
+    scan.write_bytes(image_path.read_bytes())
+    assert main(["demo", "--out", str(folder)]) == 2  # a phantom would replace someone's scan
+    assert "is not a phantom written by sammed3d" in capsys.readouterr().err
+    assert label.read_bytes() == label_bytes and scan.read_bytes() == image_path.read_bytes()
+    assert sorted(path.name for path in folder.iterdir()) == ["image.nii.gz", "mask.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--label", "labels.nii.gz"], "--label needs --image"), (["--target", "0"], "--target 0 is the background")],
+)
+def test_demo_refuses_options_that_would_be_ignored_or_meaningless(tmp_path, options, message, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), *options]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()

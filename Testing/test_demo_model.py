@@ -62,6 +62,7 @@ def test_the_demo_command_writes_the_mask_and_reports_its_dice(tmp_path, capsys)
     measured = dice(mask > 0, labels == target)
     assert reported == pytest.approx(measured, abs=5e-4) and measured > 0.2
     assert (tmp_path / "preview.png").stat().st_size > 0
+    assert main(["demo", "--out", str(tmp_path), "--seed", "1"]) == 0  # its own phantom folder: run again in place
 
 
 def test_the_demo_model_finds_the_bright_sphere_of_the_slicer_self_test(demo_model):

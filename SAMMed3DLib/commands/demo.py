@@ -4,20 +4,24 @@ a PNG to look at, and the Dice against the truth."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from ..atomic import check_output_folder
 from ..batch import mask_image, segment_volume, write_mask
 from ..clicks import deepest_voxel_ijk
 from ..errors import InputError
 from ..metrics import dice
-from ..phantom import make_phantom, write_phantom
+from ..phantom import IMAGE_FILE, LABEL_FILE, LABELS_JSON, make_phantom, write_phantom
 from ..preview import save_preview
 from ..volume import Volume
 from .common import add_model_options, predictor_from_args, report_fallback
+
+MASK_FILE, PREVIEW_FILE = "mask.nii.gz", "preview.png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target is not None and args.target <= 0:
+        raise InputError(f"--target {args.target} is the background or no label; give a label value above 0.")
     out = Path(args.out)
     image, label = _inputs(args, out)
     labels = sitk.GetArrayFromImage(label)
@@ -47,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = segment_volume(predictor, volume, [(click_ijk, True)], space="ijk")
     seconds = time.perf_counter() - started
-    mask_path = write_mask(result.mask, volume, out / "mask.nii.gz")
+    mask_path = write_mask(result.mask, volume, out / MASK_FILE)
     truth_image = mask_image(truth.astype(np.uint8), volume)
-    save_preview(image, mask_image(result.mask, volume), click_ijk, out / "preview.png", truth=truth_image)
+    save_preview(image, mask_image(result.mask, volume), click_ijk, out / PREVIEW_FILE, truth=truth_image)
     report_fallback(predictor)
     ras = ", ".join(f"{v:.1f}" for v in volume.ijk_to_ras_points([click_ijk])[0])
     print(f"Target label {target}: one positive click at voxel IJK {click_ijk} = RAS ({ras}) mm")
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         f"Dice against the truth: {dice(result.mask, truth):.3f}; predicted IoU {result.iou:.3f}; "
         f"{len(result.regions)} region(s); {seconds:.2f} s from click to mask (model loaded beforehand)"
     )
-    print(f"Wrote {mask_path} and {out / 'preview.png'} (red: mask, green: truth, yellow: click)")
+    print(f"Wrote {mask_path} and {out / PREVIEW_FILE} (red: mask, green: truth, yellow: click)")
     return 0
 
 
@@ -65,14 +71,46 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
     if args.image:
         if not args.label:
             raise InputError("--image needs --label (the truth to click in and compare with).")
+        _check_inputs_are_not_outputs(out, args.image, args.label)
         image, label = Volume.from_file(args.image), Volume.from_file(args.label)
         image.check_same_grid(label)
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_folder(out)
         return image.image, label.image
+    if args.label:
+        raise InputError("--label needs --image (the scan it labels); leave both out to use a phantom.")
+    _check_phantom_folder(out)
     phantom = make_phantom(args.seed)
     image_path, label_path = write_phantom(phantom, out)
     print(f"Generated phantom seed {args.seed}: {image_path}, {label_path}")
     return phantom.image, phantom.label
+
+
+def _check_inputs_are_not_outputs(out: Path, *inputs: str) -> None:
+    """The mask and the preview go into `out`: never over the image or label map they come from."""
+    for name in (MASK_FILE, PREVIEW_FILE):
+        written = (out / name).resolve()
+        for given in inputs:
+            if Path(given).resolve() == written:
+                raise InputError(f"{given} is where the demo writes its {name}; choose another --out folder.")
+
+
+def _check_phantom_folder(out: Path) -> None:
+    """A phantom replaces image.nii.gz and label.nii.gz in `out` only where they are a phantom's (its labels.json
+    beside them), so a folder holding someone's scan is left alone."""
+    existing = [out / name for name in (IMAGE_FILE, LABEL_FILE) if (out / name).exists()]
+    if existing and not _is_phantom_description(out / LABELS_JSON):
+        raise InputError(
+            f"{existing[0]} is not a phantom written by sammed3d; choose another --out folder "
+            "(or pass --image and --label to segment that scan)."
+        )
+
+
+def _is_phantom_description(path: Path) -> bool:
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(description, dict) and "seed" in description and "labels" in description
 
 
 def _largest_label(labels: np.ndarray) -> int:
