@@ -27,6 +27,10 @@ Point = tuple[float, float, float]
 
 # A CSV manifest's header must name these; 'negative', 'space' and 'out' may be left out.
 CSV_COLUMNS = ("image", "positive")
+OPTIONAL_COLUMNS = ("negative", "space", "out")
+# A JSON entry gives its clicks either in order ("clicks") or as lists of points ("positive", "negative").
+JSON_KEYS = (*CSV_COLUMNS, *OPTIONAL_COLUMNS, "clicks")
+CLICK_KEYS = ("point", "positive")
 
 
 @dataclass
@@ -105,7 +109,7 @@ def read_manifest(path: PathLike) -> list[Case]:
         raise InputError(f"Manifest {path} does not exist: give a .csv or .json file listing images and clicks.")
     if path.suffix.lower() not in (".csv", ".json"):
         raise InputError(f"Manifest {path} must be a .csv or .json file.")
-    entries = manifest_rows(path, columns=CSV_COLUMNS)
+    entries = manifest_rows(path, columns=CSV_COLUMNS, optional=OPTIONAL_COLUMNS)
     if not entries:
         raise InputError(f"Manifest {path} lists no cases.")
     kind = "row" if path.suffix.lower() == ".csv" else "entry"
@@ -132,6 +136,9 @@ def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
 
 
 def _clicks(entry: dict) -> list[tuple[Point, bool]]:
+    _refuse_unknown_keys(entry, JSON_KEYS, "it")
+    if "clicks" in entry and ("positive" in entry or "negative" in entry):
+        raise InputError("it gives both 'clicks' and 'positive'/'negative'; give the clicks one way.")
     if "clicks" not in entry:
         positive, negative = _points(entry.get("positive"), "positive"), _points(entry.get("negative"), "negative")
         return [(point, True) for point in positive] + [(point, False) for point in negative]
@@ -141,9 +148,19 @@ def _clicks(entry: dict) -> list[tuple[Point, bool]]:
     return [_click(click, number) for number, click in enumerate(clicks, start=1)]
 
 
+def _refuse_unknown_keys(entry: dict, known: Sequence[str], what: str) -> None:
+    """A misspelt key ("negatives") would drop its clicks without a word."""
+    unknown = [str(key) for key in entry if key not in known]
+    if unknown:
+        raise InputError(
+            f"{what} has the key(s) {', '.join(unknown)}, which SAMMed3D does not read; use {', '.join(known)}."
+        )
+
+
 def _click(click: object, number: int) -> tuple[Point, bool]:
     if not isinstance(click, dict) or "point" not in click:
         raise InputError(f'click {number} has no "point"; write it like {{"point": [x, y, z], "positive": true}}.')
+    _refuse_unknown_keys(click, CLICK_KEYS, f"click {number}")
     positive = click.get("positive", True)
     if not isinstance(positive, bool):  # bool("false") is True: only JSON true and false are safe to read
         raise InputError(f'click {number} has "positive": {json.dumps(positive)}; use true or false, unquoted.')

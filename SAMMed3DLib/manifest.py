@@ -10,10 +10,12 @@ from typing import Sequence
 from .errors import InputError
 
 
-def manifest_rows(path: Path, columns: Sequence[str] = ()) -> list:
+def manifest_rows(path: Path, columns: Sequence[str] = (), optional: Sequence[str] = ()) -> list:
     """The rows of a manifest as read: JSON when the name ends in .json, else CSV (one dict per row) whose header
-    must name every one of `columns`. A file that cannot be read as a whole is an InputError; the rows themselves
-    are not checked, so that one bad row can be reported on its own."""
+    must name every one of `columns` and, when they are given, nothing but those and `optional` (a misspelt
+    column would be ignored silently); header names are read without case or surrounding spaces. A file that
+    cannot be read as a whole is an InputError; the rows themselves are not checked, so that one bad row can be
+    reported on its own."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start a UTF-8 file with a BOM
     except UnicodeDecodeError as error:
@@ -22,7 +24,7 @@ def manifest_rows(path: Path, columns: Sequence[str] = ()) -> list:
         raise InputError(f"Manifest {path} cannot be read ({error.strerror}); check the file.") from error
     if path.suffix.lower() == ".json":
         return _json_rows(path, text)
-    return _csv_rows(path, text, columns)
+    return _csv_rows(path, text, columns, optional)
 
 
 def _json_rows(path: Path, text: str) -> list:
@@ -38,14 +40,22 @@ def _json_rows(path: Path, text: str) -> list:
     return rows
 
 
-def _csv_rows(path: Path, text: str, columns: Sequence[str]) -> list:
+def _csv_rows(path: Path, text: str, columns: Sequence[str], optional: Sequence[str]) -> list:
     try:
         reader = csv.DictReader(text.splitlines())
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        missing = [column for column in columns if column not in header]
         if missing:
             raise InputError(
                 f"Manifest {path} lacks the column(s) {', '.join(missing)}; "
                 f"start it with a header row naming {', '.join(columns)}."
+            )
+        unknown = [name for name in header if name not in (*columns, *optional)]
+        if columns and unknown:
+            raise InputError(
+                f"Manifest {path} has the column(s) {', '.join(unknown)}, which SAMMed3D does not read; "
+                f"the columns are {', '.join((*columns, *optional))}."
             )
         return list(reader)
     except csv.Error as error:

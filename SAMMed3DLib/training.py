@@ -83,11 +83,13 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
 
 
 def _read_manifest(path: Path) -> list[CaseFiles]:
-    rows = manifest_rows(path)
+    rows = manifest_rows(path, columns=("image", "label"))
     cases = []
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or not row.get("image") or not row.get("label"):
-            raise InputError(f"Row {number} of {path} lacks an 'image' or 'label' entry; give both paths.")
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(key), str) and row[key] for key in ("image", "label")
+        ):
+            raise InputError(f"Row {number} of {path} lacks an 'image' or 'label' path; give both, as text.")
         image, label = (path.parent / row["image"]).resolve(), (path.parent / row["label"]).resolve()
         for file in (image, label):
             if not file.is_file():

@@ -41,7 +41,8 @@ def _batch(manifest: Path, checkpoint: Path, out_dir: Path, *options: str) -> in
 
 
 def _case(image: Path, **entry) -> dict:
-    return {"image": str(image), **GOOD_CLICKS, **entry}
+    clicks = {"space": "ijk"} if "clicks" in entry else GOOD_CLICKS  # an entry gives its clicks one way
+    return {"image": str(image), **clicks, **entry}
 
 
 # -- output names
@@ -175,6 +176,8 @@ def test_an_unreadable_manifest_is_one_sentence_naming_it(tmp_path, name, conten
         ({"positive": [[25, 30]]}, "is not three numbers"),
         ({"positive": 5}, "'positive' must be points"),
         ({"out": 5}, "'out' is 5"),
+        ({"negatives": [[20, 30, 15]]}, "the key(s) negatives, which SAMMed3D does not read"),
+        ({"clicks": [{"point": [25, 30, 15], "Positive": False}]}, "click 1 has the key(s) Positive"),
     ],
 )
 def test_a_bad_entry_becomes_a_problem_naming_it(tmp_path, image_path, entry, message):
@@ -188,6 +191,22 @@ def test_a_bad_entry_becomes_a_problem_naming_it(tmp_path, image_path, entry, me
 def test_an_entry_without_an_image_path_is_a_problem(tmp_path, entry):
     (case,) = read_manifest(_manifest(tmp_path, [entry]))
     assert case.image is None and case.problem.startswith("Manifest entry 1 ")
+
+
+def test_an_entry_giving_clicks_both_ways_is_a_problem(tmp_path, image_path):
+    entry = {**_case(image_path), "clicks": [{"point": [25, 30, 15]}]}
+    (case,) = read_manifest(_manifest(tmp_path, [entry]))
+    assert "both 'clicks' and 'positive'/'negative'" in case.problem
+
+
+def test_csv_headers_are_read_without_case_or_spaces_and_unknown_columns_are_refused(tmp_path, image_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'Image , POSITIVE,Space\n{image_path},"1,2,3",ijk\n')
+    (case,) = read_manifest(manifest)
+    assert case.problem is None and case.clicks == [((1.0, 2.0, 3.0), True)] and case.space == "ijk"
+    manifest.write_text(f'image,positive,negatives\n{image_path},"1,2,3","4,5,6"\n')
+    with pytest.raises(InputError, match="column.s. negatives, which SAMMed3D does not read"):
+        read_manifest(manifest)
 
 
 def test_csv_problems_name_the_row(tmp_path, image_path):

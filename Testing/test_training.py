@@ -108,6 +108,10 @@ def test_a_manifest_lists_cases(cases_dir, tmp_path):
     broken.write_text("image,label\nmissing.nii.gz,missing_label.nii.gz\n")
     with pytest.raises(InputError, match="does not exist"):
         find_cases(broken)
+    numbered = tmp_path / "numbered.json"
+    numbered.write_text(json.dumps([{"image": f"{cases_dir}/phantom_1000/image.nii.gz", "label": 5}]))
+    with pytest.raises(InputError, match="Row 1 .* lacks an 'image' or 'label' path"):
+        find_cases(numbered)
 
 
 def test_a_sample_is_the_flipped_region_of_its_target(data):
