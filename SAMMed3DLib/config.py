@@ -10,9 +10,14 @@ import torch
 
 from .errors import CheckpointError, InputError
 from .modeling import ImageEncoderViT3D, MaskDecoder3D, PromptEncoder3D, Sam3D
+from .preprocess import ROI_SIZE
 
 # Fixed by the official builder; not recoverable from weights.
 DECODER_NUM_HEADS = 8
+# The prompt embedding is 3 axes of Fourier features, and the decoder's token-image attention splits half of
+# it among its heads.
+CROSS_ATTENTION_DOWNSAMPLE = 2
+PROMPT_DIM_MULTIPLE = 3 * CROSS_ATTENTION_DOWNSAMPLE * DECODER_NUM_HEADS
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,47 @@ class ModelConfig:
         values = dict(data)
         if "encoder_global_attn_indexes" in values:
             values["encoder_global_attn_indexes"] = tuple(values["encoder_global_attn_indexes"])
-        return cls(**values)
+        config = cls(**values)
+        problems = config.problems()
+        if problems:
+            raise InputError(f"{source} cannot build a network: {'; '.join(problems)}.")
+        return config
+
+    def problems(self) -> list[str]:
+        """What stops this configuration from building a network the engine can run (empty when nothing)."""
+        found = []
+        positive = [name for name, value in self.to_dict().items() if _is_size(value) and value < 1]
+        found += [f"{name} is {getattr(self, name)}, it must be 1 or more" for name in positive]
+        if self.mlp_ratio <= 0:
+            found.append(f"mlp_ratio is {self.mlp_ratio}, it must be above 0")
+        if positive or found:
+            return found
+        if self.img_size != ROI_SIZE:
+            found.append(f"img_size is {self.img_size}; the engine's regions are {ROI_SIZE} voxels a side")
+        if self.img_size % self.patch_size:
+            found.append(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            found.append(
+                f"encoder_embed_dim {self.encoder_embed_dim} is not a multiple of encoder_num_heads "
+                f"{self.encoder_num_heads}"
+            )
+        if self.prompt_embed_dim % PROMPT_DIM_MULTIPLE:
+            found.append(
+                f"prompt_embed_dim {self.prompt_embed_dim} is not a multiple of {PROMPT_DIM_MULTIPLE} (3 axes "
+                f"of positional encoding, half of it split among {DECODER_NUM_HEADS} decoder heads)"
+            )
+        if self.mask_in_chans % 4:
+            found.append(f"mask_in_chans {self.mask_in_chans} is not a multiple of 4")
+        outside = [index for index in self.encoder_global_attn_indexes if not 0 <= index < self.encoder_depth]
+        if outside:
+            found.append(
+                f"encoder_global_attn_indexes {outside} are not blocks of a {self.encoder_depth}-block encoder"
+            )
+        return found
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _has_type_of(value: object, default: object) -> bool:

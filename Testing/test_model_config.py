@@ -44,7 +44,8 @@ def test_config_is_read_back_from_weights(config):
 
 def test_config_dict_round_trip():
     assert ModelConfig.from_dict(SMALL.to_dict()) == SMALL
-    assert ModelConfig.from_dict({"encoder_depth": 3, "mlp_ratio": 2}) == ModelConfig(encoder_depth=3, mlp_ratio=2.0)
+    data = {"encoder_depth": 3, "encoder_global_attn_indexes": [2], "mlp_ratio": 2}
+    assert ModelConfig.from_dict(data) == ModelConfig(encoder_depth=3, encoder_global_attn_indexes=(2,), mlp_ratio=2.0)
 
 
 def test_a_config_with_an_unknown_key_is_refused_with_the_known_keys():
@@ -65,6 +66,37 @@ def test_a_config_with_an_unknown_key_is_refused_with_the_known_keys():
 def test_a_config_value_of_the_wrong_kind_is_refused(data, message):
     with pytest.raises(InputError, match=re.escape(message)):
         ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"encoder_embed_dim": 101}, "encoder_embed_dim 101 is not a multiple of encoder_num_heads 2"),
+        ({"encoder_depth": 0}, "encoder_depth is 0, it must be 1 or more"),
+        ({"window_size": 0}, "window_size is 0"),
+        ({"patch_size": 0}, "patch_size is 0"),
+        ({"patch_size": 24}, "patch_size 24 does not divide img_size 128"),
+        ({"img_size": 96, "patch_size": 16}, "img_size is 96; the engine's regions are 128 voxels a side"),
+        ({"prompt_embed_dim": 72}, "prompt_embed_dim 72 is not a multiple of 48"),
+        ({"mask_in_chans": 6}, "mask_in_chans 6 is not a multiple of 4"),
+        ({"encoder_global_attn_indexes": [1, 4]}, "encoder_global_attn_indexes [4] are not blocks of a 3-block"),
+        ({"mlp_ratio": 0}, "mlp_ratio is 0, it must be above 0"),
+    ],
+)
+def test_a_config_that_cannot_build_a_network_is_refused_saying_why(change, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        ModelConfig.from_dict({**SMALL.to_dict(), **change}, source="my.json")
+
+
+def test_every_size_the_checks_accept_builds_a_network_that_runs():
+    smallest = {"encoder_embed_dim": 3, "encoder_num_heads": 3, "prompt_embed_dim": 48, "mask_in_chans": 4}
+    layers = {"encoder_depth": 1, "encoder_global_attn_indexes": [0], "decoder_depth": 1, "iou_head_depth": 1}
+    model = build_model(ModelConfig.from_dict({**SMALL.to_dict(), **smallest, **layers}))
+    with torch.inference_mode():
+        embedding = model.image_encoder(torch.zeros(1, 1, 128, 128, 128))
+        sparse, dense = model.prompt_encoder(points=None, boxes=None, masks=torch.zeros(1, 1, 32, 32, 32))
+        logits, iou = model.mask_decoder(embedding, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
+    assert embedding.shape == (1, 48, 8, 8, 8) and logits.shape == (1, 1, 32, 32, 32) and iou.shape == (1, 1)
 
 
 def test_two_dimensional_sam_is_recognised():
