@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -13,6 +14,9 @@ from .errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+_GZIP_WINDOW = 16 + zlib.MAX_WBITS  # zlib's setting for data with a gzip header and trailer
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK_BYTES = 1 << 22
 # Formats whose header names a second data file: a temporary name would end up inside the header.
 _TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".nhdr")
 # Single-file formats that keep a 3-D volume with its geometry (a .png or .tif would keep one 2-D slice).
@@ -27,12 +31,34 @@ def read_image(path: PathLike) -> sitk.Image:
     try:
         if location.is_dir():
             return _read_dicom_series(location)
+        if location.name.lower().endswith(".gz"):
+            _check_gzip_complete(location)
         return sitk.ReadImage(str(location))
     except RuntimeError as error:
         reason = _first_line(error)
         raise InputError(
             f"Could not read image {location} ({reason}); use a NIfTI, NRRD or MHA file or a DICOM folder."
         ) from error
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """ITK reads a cut-off .gz file without complaint and fills the rest of the volume with zeros; the gzip
+    stream itself says whether it is whole. Decompressed piece by piece and thrown away, to bound memory; what
+    follows the first gzip member (rare in images) is left to ITK."""
+    decompressor = zlib.decompressobj(wbits=_GZIP_WINDOW)
+    try:
+        with path.open("rb") as stream:
+            if stream.read(2) != _GZIP_MAGIC:
+                return  # not gzip at all, whatever its name: ITK reads it or says why not
+            stream.seek(0)
+            while not decompressor.eof and (chunk := stream.read(_CHUNK_BYTES)):
+                while chunk and not decompressor.eof:
+                    decompressor.decompress(chunk, _CHUNK_BYTES)
+                    chunk = decompressor.unconsumed_tail
+    except zlib.error as error:
+        raise InputError(f"Image {path} is damaged ({error}); copy or export it again.") from error
+    if not decompressor.eof:
+        raise InputError(f"Image {path} is cut off (its compressed data end early); copy or download it again.")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -107,6 +107,23 @@ def test_missing_and_unreadable_files(tmp_path):
         Volume.from_file(tmp_path)
 
 
+def test_a_cut_off_or_damaged_gzip_image_is_refused_not_read_as_zeros(tmp_path):
+    whole = tmp_path / "whole.nii.gz"
+    array = np.random.default_rng(0).integers(0, 1000, size=(40, 50, 60)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(whole))
+    np.testing.assert_array_equal(Volume.from_file(whole).array_kji, array)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(cut))).shape == array.shape  # ITK alone reads it
+    with pytest.raises(InputError, match="is cut off"):
+        Volume.from_file(cut)
+    damaged = tmp_path / "damaged.nii.gz"
+    damaged.write_bytes(data[:20] + bytes(200) + data[220:])
+    with pytest.raises(InputError, match="is damaged"):
+        Volume.from_file(damaged)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64])
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
 def test_write_and_read_back_keeps_voxels_type_and_geometry(tmp_path, dtype, suffix):
