@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="the official evaluation protocol: clicks simulated from a label map, Dice per click"
     )
-    parser.add_argument("image")
+    parser.add_argument("image", help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder")
     parser.add_argument("label", help="label map on the image's grid (each value is one target)")
     parser.add_argument("--clicks", type=int, default=1, help="clicks per target (official default 1)")
     parser.add_argument(

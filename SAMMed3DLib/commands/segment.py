@@ -24,13 +24,25 @@ class OrderedClick(argparse.Action):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("segment", help="segment one target in an image from clicks")
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment one target in an image from clicks",
+        description="Segment one target in an image from positive (--pos) and negative (--neg) clicks, applied "
+        "in command-line order, and write the mask on the image's grid.",
+    )
     parser.add_argument("image", help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder")
     parser.add_argument("--out", required=True, help="output mask file, e.g. mask.nii.gz")
     parser.add_argument("--pos", action=OrderedClick, metavar="X,Y,Z", help="positive click (repeatable)")
     parser.add_argument("--neg", action=OrderedClick, metavar="X,Y,Z", help="negative click (repeatable)")
-    parser.add_argument("--space", default="ras", choices=POINT_SPACES, help="coordinates of the clicks")
-    parser.add_argument("--prompt-mode", default="newest", choices=PROMPT_MODES)
+    parser.add_argument(
+        "--space", default="ras", choices=POINT_SPACES, help="coordinates of the clicks (default ras: RAS mm)"
+    )
+    parser.add_argument(
+        "--prompt-mode",
+        default="newest",
+        choices=PROMPT_MODES,
+        help="newest (default): each step gets its newest click and the previous mask; accumulate: every click",
+    )
     parser.add_argument(
         "--regions", default="auto", choices=REGION_MODES, help="'1' = the official click-centred result only"
     )
