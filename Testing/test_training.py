@@ -508,12 +508,28 @@ def test_fine_tuning_never_writes_over_its_starting_checkpoint_or_its_data(cases
     assert image.read_bytes() == image_bytes
 
 
-def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(cases_dir, data, tmp_path):
+@pytest.mark.parametrize(
+    "out, options, message",
+    [
+        ("model.nii.gz", [], "is a checkpoint: give it a .pth or .pt name"),
+        ("model.pth", ["--threads", "0"], "--threads"),
+    ],
+)
+def test_a_checkpoint_name_or_thread_count_that_makes_no_sense_is_refused(
+    cases_dir, data, tmp_path, out, options, message
+):
+    with pytest.raises(InputError, match=re.escape(message)):
+        run_command("train", cases_dir, data, tmp_path / out, *options)
+    assert not (tmp_path / out).exists()
+
+
+def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(cases_dir, data, tmp_path, capsys):
     finished = tmp_path / "finished.pth"
     trainer = Trainer(tiny_model(), data, tiny_options(steps=1), finished)
     trainer.run()
     new = tmp_path / "new.pth"
     assert run_command("train", cases_dir, data, new, "--resume", str(finished)) == 0
+    assert "has trained 1 steps already, --steps asks for 1: nothing to train" in capsys.readouterr().out
     assert read_training_checkpoint(new)["step"] == 1
     written = load_model(new).state_dict()
     for name, value in trainer.model.state_dict().items():

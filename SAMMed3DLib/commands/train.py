@@ -28,6 +28,7 @@ from ..training import (
 )
 from .common import add_overwrite_option, download_progress, seed_argument
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
 # Named architectures for training from scratch; "small" is the built-in demo model's.
 CONFIGS = {
     "default": ModelConfig(),
@@ -154,6 +155,8 @@ def check_out_argument(args: argparse.Namespace, cases: list[CaseFiles]) -> None
         inputs.append(args.checkpoint)
     resuming_in_place = args.resume is not None and args.out.resolve() == args.resume.resolve()
     check_output_path(args.out, inputs=inputs, overwrite=args.overwrite or resuming_in_place)
+    if args.out.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise InputError(f"--out {args.out} is a checkpoint: give it a {' or '.join(CHECKPOINT_SUFFIXES)} name.")
 
 
 def starting_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -169,6 +172,8 @@ def options_from_args(args: argparse.Namespace) -> TrainingOptions:
     """Training options from the command line, checked before any case is read (--epochs sets steps later)."""
     if args.epochs is not None and args.epochs <= 0:
         raise InputError(f"--epochs is {args.epochs}; give a number of passes above 0.")
+    if args.threads < 1:
+        raise InputError(f"--threads is {args.threads}; give 1 or more CPU threads.")
     return TrainingOptions(
         steps=args.steps if args.steps is not None else 1000,
         lr_encoder=args.lr_encoder,
@@ -196,8 +201,8 @@ def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, args.threads))
     options = options_from_args(args)
+    torch.set_num_threads(args.threads)
     cases = find_cases(args.data)
     check_out_argument(args, cases)
     # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
@@ -211,6 +216,12 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(model, data, options, args.out)
     if args.resume:
         trainer.resume(args.resume)
+        if trainer.state.step >= options.steps:
+            print(
+                f"{args.resume} has trained {trainer.state.step} steps already, --steps asks for {options.steps}: "
+                "nothing to train (raise --steps to go on).",
+                flush=True,
+            )
     print(
         f"{len(data.targets)} targets; training {options.steps} steps on {options.device} "
         f"from step {trainer.state.step}; checkpoint: {args.out}",
