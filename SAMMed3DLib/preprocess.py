@@ -20,6 +20,8 @@ from .errors import InputError
 from .volume import Volume
 
 ROI_SIZE = 128
+# A whole-body CT is about 50 million voxels at 1.5 mm; far beyond that the header's spacing must be wrong.
+MAX_RESAMPLED_VOXELS = 10**9
 TARGET_SPACING = 1.5
 # Label and image must share their grid; this much disagreement (mm, or matrix units) is float noise.
 _GRID_TOLERANCE = 1e-3
@@ -43,7 +45,14 @@ def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Ima
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.array((TARGET_SPACING,) * 3)
     old_size = np.array(image.GetSize())
-    new_size = np.ceil(old_size * old_spacing / new_spacing).astype(np.uint16)
+    exact_size = np.ceil(old_size * old_spacing / new_spacing)
+    if np.prod(exact_size) > MAX_RESAMPLED_VOXELS:
+        extent = " x ".join(f"{mm:.0f}" for mm in old_size * old_spacing)
+        raise InputError(
+            f"The image spans {extent} mm (voxel spacing {tuple(round(float(s), 4) for s in old_spacing)} mm in "
+            f"its header): far larger than a body, too large to resample to {TARGET_SPACING} mm; check the spacing."
+        )
+    new_size = exact_size.astype(np.uint16)
     new_size[old_size == 1] = 1
     origin_index = 0.5 * (new_spacing / old_spacing - 1)
     resampler = sitk.ResampleImageFilter()

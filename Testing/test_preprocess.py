@@ -217,3 +217,10 @@ def test_prepare_is_cached_per_volume():
     volume = smooth_volume((5, 6, 7), np.eye(4))
     assert prepare(volume) is prepare(volume)
     assert prepare(volume) is not prepare(smooth_volume((5, 6, 7), np.eye(4)))
+
+
+def test_a_spacing_far_beyond_any_body_is_refused_before_resampling():
+    image = sitk.Image([10, 10, 10], sitk.sitkInt16)
+    image.SetSpacing((1000.0, 1000.0, 1000.0))  # a header in micrometres read as millimetres, say
+    with pytest.raises(InputError, match=r"spans 10000 x 10000 x 10000 mm .* check the spacing"):
+        resample_to_target_spacing(image, sitk.sitkLinear)
