@@ -161,6 +161,11 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if "central directory" in text or "unexpected EOF" in text or isinstance(error, EOFError):
         return CheckpointError(f"{path} is truncated or corrupt ({text}): download or copy the file again.")
+    if text.startswith("Weights only load failed"):  # PyTorch's own advice there is to load unsafely: not given
+        return CheckpointError(
+            f"{path} is not a PyTorch checkpoint (not a file torch.save wrote: an image, or another file?); "
+            "check the path."
+        )
     return CheckpointError(f"{path} is not a PyTorch checkpoint that can be read ({text}): check the file.")
 
 

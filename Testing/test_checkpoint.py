@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import SimpleITK as sitk
 import torch
 from conftest import TINY, shared_path
 
@@ -110,6 +111,14 @@ def test_not_a_checkpoint(tmp_path):
     path.write_text("these are not weights\n")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_model(path)
+
+
+def test_an_image_given_as_checkpoint_is_named_without_pytorchs_advice_to_load_unsafely(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkInt16), str(path))
+    with pytest.raises(CheckpointError, match="not a file torch.save wrote") as error:
+        load_model(path)
+    assert "weights_only" not in str(error.value)
 
 
 def test_missing_file(tmp_path):
