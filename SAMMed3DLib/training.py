@@ -71,6 +71,11 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
             if (folder / IMAGE_FILE).is_file() and (folder / LABEL_FILE).is_file()
         ]
     elif data.is_file():
+        if data.suffix.lower() not in (".csv", ".json"):
+            raise InputError(
+                f"Training data {data} is a file but not a .csv or .json manifest: give a folder of cases "
+                f"(sub-folders with {IMAGE_FILE} and {LABEL_FILE}) or a manifest listing image,label pairs."
+            )
         cases = _read_manifest(data)
     else:
         raise InputError(f"Training data {data} does not exist: give a folder of cases or a CSV/JSON manifest.")

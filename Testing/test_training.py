@@ -523,6 +523,16 @@ def test_a_checkpoint_name_or_thread_count_that_makes_no_sense_is_refused(
     assert not (tmp_path / out).exists()
 
 
+def test_an_image_as_training_data_or_as_cache_folder_is_refused_saying_what_is_wanted(cases_dir, data, tmp_path):
+    image = sorted(cases_dir.glob("*/image.nii.gz"))[0]
+    with pytest.raises(InputError, match="is a file but not a .csv or .json manifest"):
+        find_cases(image)
+    args = parser().parse_args(["train", str(cases_dir), "--out", str(tmp_path / "m.pth"), "--cache", str(image)])
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        args.func(args)
+    assert not (tmp_path / "m.pth").exists()
+
+
 def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(cases_dir, data, tmp_path, capsys):
     finished = tmp_path / "finished.pth"
     trainer = Trainer(tiny_model(), data, tiny_options(steps=1), finished)

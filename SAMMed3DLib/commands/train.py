@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import check_output_path
+from ..atomic import check_output_folder, check_output_path
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
 from ..errors import InputError
@@ -149,12 +149,13 @@ def read_config(name: str) -> ModelConfig:
 def check_out_argument(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
     """Refuse an --out whose writing would lose data, before any work: never the data (manifest, images,
     labels) nor the checkpoint fine-tuning starts from; an existing file needs --overwrite, except the --resume
-    file itself, since resuming in place is the normal use."""
+    file itself, since resuming in place is the normal use. The --cache folder must be one it can write."""
     inputs = [args.data, *(case.image for case in cases), *(case.label for case in cases)]
     if args.command == "finetune" and args.checkpoint and Path(args.checkpoint).is_file():
         inputs.append(args.checkpoint)
     resuming_in_place = args.resume is not None and args.out.resolve() == args.resume.resolve()
     check_output_path(args.out, inputs=inputs, overwrite=args.overwrite or resuming_in_place)
+    check_output_folder(args.cache)
     if args.out.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise InputError(f"--out {args.out} is a checkpoint: give it a {' or '.join(CHECKPOINT_SUFFIXES)} name.")
 
