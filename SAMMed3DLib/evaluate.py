@@ -22,6 +22,8 @@ from .preprocess import PreparedVolume, Region, begin_for_label_bbox, prepare
 from .volume import Volume
 
 OFFICIAL_SEED = 233
+# Atlases label a few hundred structures at most; thousands of values are a scan's intensities.
+MAX_LABEL_VALUES = 1000
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ def label_values(label: Volume) -> list[int]:
     values = np.unique(label.array_kji)
     if not np.all(values == np.round(values)):
         raise InputError("The label map has non-integer values; give a label map of integer label values.")
+    if len(values) > MAX_LABEL_VALUES:
+        raise InputError(
+            f"The label map has {len(values)} different values: it looks like an image, not a label map; "
+            "give the image first and its label map second."
+        )
     return [int(v) for v in values if v != 0]
 
 

@@ -279,3 +279,19 @@ def test_demo_never_writes_over_a_users_files(tmp_path, image_path, capsys):
 def test_demo_refuses_options_that_would_be_ignored_or_meaningless(tmp_path, options, message, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), *options]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_a_scan_given_as_the_label_map_or_a_float_label_map_is_refused(tmp_path, image_path, capsys):
+    image = sitk.ReadImage(str(image_path))
+    scan_like = sitk.GetImageFromArray(np.arange(30 * 60 * 50, dtype=np.int16).reshape(30, 60, 50) % 3000)
+    scan_like.CopyInformation(image)
+    swapped = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(scan_like, str(swapped))
+    arguments = ["evaluate", str(image_path), str(swapped), "--out", str(tmp_path / "pred.nii.gz")]
+    assert main([*arguments, "--checkpoint", str(tmp_path / "absent.pth")]) == 2
+    assert "3000 different values: it looks like an image" in capsys.readouterr().err
+    fractional = sitk.Cast(sitk.ReadImage(str(_label_file(tmp_path, image_path))), sitk.sitkFloat32) * 0.5
+    floats = tmp_path / "floats.nii.gz"
+    sitk.WriteImage(fractional, str(floats))
+    assert main(["demo", "--image", str(image_path), "--label", str(floats), "--out", str(tmp_path / "d")]) == 2
+    assert "non-integer values" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from ..atomic import check_output_folder
 from ..batch import mask_image, segment_volume, write_mask
 from ..clicks import deepest_voxel_ijk
 from ..errors import InputError
+from ..evaluate import label_values
 from ..metrics import dice
 from ..phantom import IMAGE_FILE, LABEL_FILE, LABELS_JSON, make_phantom, write_phantom
 from ..preview import save_preview
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     image, label = _inputs(args, out)
     labels = sitk.GetArrayFromImage(label)
+    label_values(Volume.from_sitk(label, name="label"))  # integer values, and a label map rather than a scan
     target = args.target if args.target is not None else _largest_label(labels)
     truth = labels == target
     if not truth.any():
