@@ -173,6 +173,8 @@ def _points(value: object, key: str) -> list[Point]:
     if isinstance(value, str):
         return [parse_point(text) for text in value.split(";") if text.strip()]
     if isinstance(value, list):
+        if value and all(isinstance(item, (int, float)) for item in value):
+            raise InputError(f"'{key}' is one point {json.dumps(value)}; write a list of points, [[x, y, z]].")
         return [_point(point) for point in value]
     raise InputError(f"'{key}' must be points 'x,y,z' joined by ';', or a list of [x, y, z].")
 

@@ -175,6 +175,7 @@ def test_an_unreadable_manifest_is_one_sentence_naming_it(tmp_path, name, conten
         ({"positive": [[25, "x", 15]]}, "is not three numbers"),
         ({"positive": [[25, 30]]}, "is not three numbers"),
         ({"positive": 5}, "'positive' must be points"),
+        ({"positive": [25, 30, 15]}, "'positive' is one point [25, 30, 15]; write a list of points, [[x, y, z]]"),
         ({"out": 5}, "'out' is 5"),
         ({"negatives": [[20, 30, 15]]}, "the key(s) negatives, which SAMMed3D does not read"),
         ({"clicks": [{"point": [25, 30, 15], "Positive": False}]}, "click 1 has the key(s) Positive"),
