@@ -540,6 +540,8 @@ def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(c
     new = tmp_path / "new.pth"
     assert run_command("train", cases_dir, data, new, "--resume", str(finished)) == 0
     assert "has trained 1 steps already, --steps asks for 1: nothing to train" in capsys.readouterr().out
+    with pytest.raises(InputError, match="the resumed checkpoint fixes the architecture"):
+        run_command("train", cases_dir, data, tmp_path / "other.pth", "--resume", str(finished), "--config", "small")
     assert read_training_checkpoint(new)["step"] == 1
     written = load_model(new).state_dict()
     for name, value in trainer.model.state_dict().items():

@@ -54,8 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common_options(train, lr_encoder=4e-4, lr_decoder=4e-4)
     train.add_argument(
         "--config",
-        default="small",
-        help=f"architecture: {', '.join(CONFIGS)} or a JSON file of ModelConfig fields (default small)",
+        help=f"architecture: {', '.join(CONFIGS)} or a JSON file of ModelConfig fields (default small; a resumed "
+        "run keeps its own)",
     )
     train.set_defaults(func=run, checkpoint=None)
 
@@ -207,7 +207,13 @@ def run(args: argparse.Namespace) -> int:
     cases = find_cases(args.data)
     check_out_argument(args, cases)
     # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
-    config = read_config(args.config) if args.config else None
+    config = None
+    if args.command == "train" and args.resume is None:
+        config = read_config(args.config or "small")
+    elif args.config:
+        raise InputError(
+            f"--config {args.config} with --resume: the resumed checkpoint fixes the architecture; drop --config."
+        )
     checkpoint = starting_checkpoint(args)
     model = model_for_training(config=config, checkpoint=checkpoint, resume=args.resume, seed=options.seed)
     print(f"Preparing {len(cases)} case(s) (cached in {args.cache}) ...", flush=True)
