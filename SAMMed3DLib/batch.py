@@ -136,6 +136,8 @@ def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
 
 
 def _clicks(entry: dict) -> list[tuple[Point, bool]]:
+    if None in entry:  # where csv puts a row's fields beyond the header
+        raise InputError('it has more fields than the header names; put each point in quotes, like "10,20,30".')
     _refuse_unknown_keys(entry, JSON_KEYS, "it")
     if "clicks" in entry and ("positive" in entry or "negative" in entry):
         raise InputError("it gives both 'clicks' and 'positive'/'negative'; give the clicks one way.")

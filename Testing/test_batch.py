@@ -216,6 +216,11 @@ def test_csv_problems_name_the_row(tmp_path, image_path):
     first, second = read_manifest(manifest)
     assert first.problem is None and first.clicks == [((1.0, 2.0, 3.0), True)]
     assert second.problem.startswith("Manifest row 2: Point '1,2' is not three numbers")
+    manifest.write_text(f"image,positive\n{image_path},1,2,3\n")
+    (unquoted,) = read_manifest(manifest)
+    assert unquoted.problem == (
+        'Manifest row 1: it has more fields than the header names; put each point in quotes, like "10,20,30".'
+    )
 
 
 def test_bad_entries_are_reported_and_the_others_run(tmp_path, checkpoint, image_path, capsys):

@@ -146,7 +146,7 @@ def read_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(data, source=f"--config {path}")
 
 
-def check_out_argument(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
+def check_outputs(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
     """Refuse an --out whose writing would lose data, before any work: never the data (manifest, images,
     labels) nor the checkpoint fine-tuning starts from; an existing file needs --overwrite, except the --resume
     file itself, since resuming in place is the normal use. The --cache folder must be one it can write."""
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     torch.set_num_threads(args.threads)
     cases = find_cases(args.data)
-    check_out_argument(args, cases)
+    check_outputs(args, cases)
     # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
     config = None
     if args.command == "train" and args.resume is None:
