@@ -680,6 +680,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _describeResult(self, result) -> str:
         if not result.clicks:
             return _("No points: place an include point on the structure.")
+        if not result.regions:  # exclude points alone say nothing about what to segment
+            return _("Only exclude points: place an include point on the structure.")
         seconds = result.timings.get("total", float("nan"))
         text = _("Last step {seconds:.2f} s, predicted IoU {iou:.2f}, {regions} region(s).").format(
             seconds=seconds, iou=result.iou, regions=len(result.regions)

@@ -3,7 +3,8 @@
 Every change of the click list (add, move, delete, undo, redo) replays the list from scratch. That is
 cheap: each 128^3 region's image embedding is computed once and cached by the predictor, and a
 decoder step takes milliseconds. Replay makes a moved or deleted click give exactly the mask that the
-edited list gives, with no hidden history.
+edited list gives, with no hidden history. It starts at the first include click (exclude clicks placed
+before it follow it); a list of exclude clicks alone gives an empty mask.
 
 Regions: the first click centres the first region (the official click-centred crop). A click outside
 every region opens a region centred on it. In `auto` mode a mask that touches a region's face extends
@@ -32,10 +33,20 @@ KJI = tuple[slice, slice, slice]
 
 @dataclass(frozen=True)
 class Click:
-    """A click in the volume's RAS coordinates (mm); positive includes, negative excludes."""
+    """A click in the volume's RAS coordinates (mm); positive includes, negative excludes.
+
+    The point is stored as a tuple of three floats, whatever sequence or array it is given as, so a click
+    compares by value and never changes with the caller's list.
+    """
 
     ras: tuple[float, float, float]
     positive: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ras", _as_point(self.ras))
+        if not isinstance(self.positive, (bool, np.bool_)):
+            raise InputError(f"A click's 'positive' must be True or False, not {self.positive!r}.")
+        object.__setattr__(self, "positive", bool(self.positive))
 
 
 @dataclass
@@ -89,6 +100,12 @@ class InteractiveSession:
             raise InputError(f"Unknown prompt mode '{prompt_mode}': choose one of {', '.join(PROMPT_MODES)}.")
         if regions not in REGION_MODES:
             raise InputError(f"Unknown region mode '{regions}': choose one of {', '.join(REGION_MODES)}.")
+        if not isinstance(prepared, PreparedVolume):
+            raise InputError(
+                f"A session needs a PreparedVolume, not {type(prepared).__name__}: pass PreparedVolume(volume)."
+            )
+        if max_regions < 1:
+            raise InputError(f"max_regions is {max_regions}; give 1 or more.")
         self.predictor = predictor
         self.prepared = prepared
         self.prompt_mode = prompt_mode
@@ -117,7 +134,7 @@ class InteractiveSession:
 
     def set_clicks(self, clicks: Sequence[Click]) -> SessionResult:
         """Make `clicks` the state (an undoable action) and return its mask."""
-        clicks = tuple(clicks)
+        clicks = _checked_clicks(clicks)
         result = self._compute(clicks)  # validates before the history changes
         del self._history[self._position + 1 :]
         self._history.append(clicks)
@@ -129,13 +146,20 @@ class InteractiveSession:
 
     def move_click(self, index: int, ras: Sequence[float]) -> SessionResult:
         clicks = list(self.clicks)
-        clicks[index] = Click(_as_point(ras), clicks[index].positive)
+        index = self._checked_index(index)
+        clicks[index] = Click(ras, clicks[index].positive)
         return self.set_clicks(clicks)
 
     def delete_click(self, index: int) -> SessionResult:
         clicks = list(self.clicks)
-        del clicks[index]
+        del clicks[self._checked_index(index)]
         return self.set_clicks(clicks)
+
+    def _checked_index(self, index: int) -> int:
+        count = len(self.clicks)
+        if not -count <= index < count:
+            raise InputError(f"There is no click {index}: the session has {count} click(s), numbered from 0.")
+        return index
 
     def reset(self) -> SessionResult:
         """Remove every click (undoable)."""
@@ -143,7 +167,7 @@ class InteractiveSession:
 
     def preview(self, clicks: Sequence[Click]) -> SessionResult:
         """The mask `clicks` would give, without changing the state (e.g. while a point is dragged)."""
-        return self._compute(tuple(clicks))
+        return self._compute(_checked_clicks(clicks))
 
     def undo(self) -> Optional[SessionResult]:
         if not self.can_undo:
@@ -164,9 +188,10 @@ class InteractiveSession:
         started = time.perf_counter()
         if clicks:
             self.prepared.volume.points_to_ras([click.ras for click in clicks], "ras")  # rejects points outside
-        runs, done = self._resume_from_common_prefix(clicks)
-        self._replayed = clicks[:done]
-        for click in clicks[done:]:
+        ordered = replay_order(clicks)
+        runs, done = self._resume_from_common_prefix(ordered)
+        self._replayed = ordered[:done]
+        for click in ordered[done:]:
             voxel = self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float))
             containing = [run for run in runs if run.contains(voxel - run.region.begin)]
             if not containing:
@@ -180,7 +205,7 @@ class InteractiveSession:
             for run in containing:
                 self._step(run, voxel - run.region.begin, int(click.positive), timings)
             self._snapshots.append([run.copy() for run in runs])
-            self._replayed = clicks[: len(self._snapshots) - 1]
+            self._replayed = ordered[: len(self._snapshots) - 1]
         for run in runs:
             self._finish(run, timings)
         if self.regions == "auto":
@@ -388,8 +413,29 @@ def _shift_logits(logits: torch.Tensor, axis: int, direction: int) -> torch.Tens
     return shifted
 
 
+def replay_order(clicks: Sequence[Click]) -> tuple[Click, ...]:
+    """The order the decoder is given the clicks in: from the first positive click on, with any negative clicks
+    placed before it right after it. Exclude clicks alone do not say what to segment (no positive click: no
+    mask), and SAM, like its training, starts from an include click."""
+    first = next((index for index, click in enumerate(clicks) if click.positive), None)
+    if first is None:
+        return ()
+    return (clicks[first], *clicks[:first], *clicks[first + 1 :])
+
+
+def _checked_clicks(clicks: Sequence[Click]) -> tuple[Click, ...]:
+    clicks = tuple(clicks)
+    for number, click in enumerate(clicks):
+        if not isinstance(click, Click):
+            raise InputError(f"Click {number} is a {type(click).__name__}, not a Click: write Click((x, y, z)).")
+    return clicks
+
+
 def _as_point(values: Sequence[float]) -> tuple[float, float, float]:
-    point = tuple(float(v) for v in values)
+    try:
+        point = tuple(float(v) for v in np.asarray(values, dtype=float).reshape(-1))
+    except (TypeError, ValueError):
+        raise InputError(f"A point needs three numbers x, y, z; got {values!r}.") from None
     if len(point) != 3:
         raise InputError(f"A point needs three coordinates, got {len(point)}: give x, y, z.")
     return point  # type: ignore[return-value]

@@ -283,3 +283,40 @@ def test_incremental_replay_equals_replay_from_scratch(tiny_model, volume, prepa
     moved = session.move_click(0, _ras(volume, (46, 41, 20)))
     expected = _session(tiny_model, prepared, regions="1").set_clicks([Click(_ras(volume, (46, 41, 20))), clicks[1]])
     assert np.array_equal(moved.mask, expected.mask)
+
+
+def test_exclude_clicks_alone_give_no_mask_and_are_replayed_after_the_first_include(tiny_model, volume, prepared):
+    include, exclude = Click(_ras(volume, (45, 40, 20))), Click(_ras(volume, (55, 45, 22)), positive=False)
+    session = _session(tiny_model, prepared, regions="1")
+    alone = session.add_click(exclude)
+    assert not alone.mask.any() and alone.regions == [] and session.clicks == (exclude,)
+    both = session.add_click(include)
+    include_first = _session(tiny_model, prepared, regions="1").set_clicks([include, exclude])
+    assert np.array_equal(both.mask, include_first.mask) and both.mask.any()
+    assert both.clicks == (exclude, include)  # the user's order is kept; only the decoder sees include first
+    assert not session.delete_click(1).mask.any()
+
+
+def test_a_click_keeps_its_point_as_three_floats_whatever_it_was_given_as(volume):
+    given = [10, 20.5, np.float32(30)]
+    click = Click(given)
+    given[0] = 99
+    assert click.ras == (10.0, 20.5, 30.0) and click == Click(np.array([10.0, 20.5, 30.0]))
+    for bad, message in [((1.0, 2.0), "three coordinates"), (("a", "b", "c"), "three numbers")]:
+        with pytest.raises(InputError, match=message):
+            Click(bad)
+    with pytest.raises(InputError, match="'positive' must be True or False"):
+        Click((1.0, 2.0, 3.0), positive="no")
+
+
+def test_mistakes_in_session_calls_are_clear_errors(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared, regions="1")
+    session.add_click(Click(_ras(volume, (45, 40, 20))))
+    for call in (lambda: session.move_click(3, (0.0, 0.0, 0.0)), lambda: session.delete_click(-2)):
+        with pytest.raises(InputError, match=r"There is no click -?\d: the session has 1 click"):
+            call()
+    with pytest.raises(InputError, match="Click 0 is a tuple, not a Click"):
+        session.set_clicks([(_ras(volume, (45, 40, 20)), True)])
+    with pytest.raises(InputError, match="needs a PreparedVolume, not Volume"):
+        InteractiveSession(RegionPredictor(tiny_model), volume)
+    assert len(session.clicks) == 1 and not session.can_redo
