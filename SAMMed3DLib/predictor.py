@@ -10,6 +10,7 @@ from typing import Callable, Hashable, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from .errors import InputError
 from .mask_choice import best_supported
 from .modeling import Sam3D
 from .modeling.upsampling import upsample_trilinear
@@ -34,8 +35,7 @@ class RegionPredictor:
         precision: str = "float32",
         cache_size: int = 8,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        _check_precision(precision)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
@@ -158,6 +158,11 @@ class RegionPredictor:
             return step()
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"Precision '{precision}' is not one of {', '.join(PRECISIONS)}; pick one of those.")
+
+
 @contextmanager
 def _float32_convolutions() -> Iterator[None]:
     """cuDNN runs float32 convolutions in TF32 unless told otherwise (a 10-bit mantissa: embeddings moved
@@ -182,6 +187,7 @@ def load_predictor(
     from .device import resolve_device
     from .published import resolve_checkpoint
 
+    _check_precision(precision)  # before a checkpoint is downloaded or loaded
     target = resolve_device(device)
     path = resolve_checkpoint(checkpoint, progress=progress)
     return RegionPredictor(load_model(path, device="cpu"), device=target, precision=precision)

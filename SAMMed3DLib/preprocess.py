@@ -20,7 +20,8 @@ from .errors import InputError
 from .volume import Volume
 
 ROI_SIZE = 128
-# A whole-body CT is about 50 million voxels at 1.5 mm; far beyond that the header's spacing must be wrong.
+# A whole-body CT is about 50 million voxels at 1.5 mm; far beyond that (or beyond the official grid's 16-bit
+# sizes along one axis) the header's spacing must be wrong.
 MAX_RESAMPLED_VOXELS = 10**9
 TARGET_SPACING = 1.5
 # Label and image must share their grid; this much disagreement (mm, or matrix units) is float noise.
@@ -46,7 +47,7 @@ def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Ima
     new_spacing = np.array((TARGET_SPACING,) * 3)
     old_size = np.array(image.GetSize())
     exact_size = np.ceil(old_size * old_spacing / new_spacing)
-    if np.prod(exact_size) > MAX_RESAMPLED_VOXELS:
+    if np.prod(exact_size) > MAX_RESAMPLED_VOXELS or exact_size.max() > np.iinfo(np.uint16).max:
         extent = " x ".join(f"{mm:.0f}" for mm in old_size * old_spacing)
         raise InputError(
             f"The image spans {extent} mm (voxel spacing {tuple(round(float(s), 4) for s in old_spacing)} mm in "

@@ -55,7 +55,7 @@ class SessionResult:
 
     clicks: tuple[Click, ...]
     mask: np.ndarray  # uint8, (K, J, I), the volume's grid
-    iou: float  # predicted IoU of the first region's last step (nan without clicks)
+    iou: float  # predicted IoU of the first region's last step (nan without an include click)
     regions: list[Region]
     timings: dict[str, float]
     changed: Optional[KJI]  # bounding box of voxels that differ from the previous result

@@ -55,8 +55,16 @@ class Volume:
         array = np.asarray(array_kji)
         if array.dtype == np.bool_:
             array = array.astype(np.uint8)
+        elif array.dtype == np.float16:  # SimpleITK has no half-precision voxels
+            array = array.astype(np.float32)
+        elif array.dtype.kind in "iuf" and not array.dtype.isnative:  # e.g. big-endian data read with nibabel
+            array = array.astype(array.dtype.newbyteorder("="))
+        elif array.dtype.kind not in "iufc":
+            raise InputError(f"The {name} array holds {array.dtype} values; give numbers (integers or floats).")
         if array.ndim != 3:
             raise InputError(f"The {name} array must be 3D in (K, J, I) order, got {array.ndim} dimensions.")
+        if 0 in array.shape:
+            raise InputError(f"The {name} array has no voxels (shape {array.shape}); give a non-empty volume.")
         image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
         geometry.set_sitk_geometry(image, ijk_to_ras)
         return cls(image, name=name)

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY
 
 from SAMMed3DLib.config import build_model
-from SAMMed3DLib.errors import SAMMed3DError
+from SAMMed3DLib.errors import InputError, SAMMed3DError
 from SAMMed3DLib.predictor import RegionPredictor, load_predictor
 
 
@@ -130,9 +130,11 @@ def test_out_of_gpu_memory_retries_on_the_cpu_and_says_so(model, caplog):
     assert "Out of GPU memory" in caplog.text
 
 
-def test_unknown_precision_is_refused(model):
-    with pytest.raises(ValueError, match="precision"):
+def test_unknown_precision_is_refused_before_any_checkpoint_is_read(model, tmp_path):
+    with pytest.raises(InputError, match="Precision 'float8' is not one of float32, bfloat16, float16"):
         RegionPredictor(model, precision="float8")
+    with pytest.raises(InputError, match="Precision 'fp16'"):  # not "file does not exist"
+        load_predictor(str(tmp_path / "absent.pth"), device="cpu", precision="fp16")
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error():

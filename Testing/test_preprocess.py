@@ -224,3 +224,7 @@ def test_a_spacing_far_beyond_any_body_is_refused_before_resampling():
     image.SetSpacing((1000.0, 1000.0, 1000.0))  # a header in micrometres read as millimetres, say
     with pytest.raises(InputError, match=r"spans 10000 x 10000 x 10000 mm .* check the spacing"):
         resample_to_target_spacing(image, sitk.sitkLinear)
+    rod = sitk.Image([70000, 1, 1], sitk.sitkInt16)  # few voxels, but more than 16 bits of them along one axis
+    rod.SetSpacing((1.5, 1.5, 1.5))
+    with pytest.raises(InputError, match=r"spans 105000 x 2 x 2 mm"):
+        resample_to_target_spacing(rod, sitk.sitkLinear)

@@ -37,6 +37,23 @@ def test_from_array_keeps_voxels_geometry_and_pixel_type():
     np.testing.assert_allclose(volume.ras_to_ijk(volume.ijk_to_ras_points([5, 4, 3])), [[5, 4, 3]], atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype, stored", [(">i2", np.int16), (">f8", np.float64), ("<f2", np.float32)])
+def test_from_array_takes_big_endian_and_half_precision_voxels(dtype, stored):
+    array = (np.arange(3 * 4 * 5) - 30).reshape(3, 4, 5).astype(dtype)
+    volume = Volume.from_array(array, oblique_affine())
+    assert volume.array_kji.dtype == stored
+    np.testing.assert_array_equal(volume.array_kji, array.astype(stored))
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [(np.zeros((0, 5, 5), np.int16), "has no voxels"), (np.full((2, 2, 2), "a", dtype=object), "holds object")],
+)
+def test_from_array_refuses_empty_or_non_numeric_arrays(array, message):
+    with pytest.raises(InputError, match=message):
+        Volume.from_array(array, np.eye(4))
+
+
 def test_from_array_agrees_with_simpleitk_physical_points():
     volume = Volume.from_array(np.zeros((3, 4, 5), dtype=np.float32), oblique_affine())
     lps = volume.image.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 0.5))
