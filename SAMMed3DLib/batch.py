@@ -44,6 +44,10 @@ class Case:
     out: Optional[Path] = None
     problem: Optional[str] = None
 
+    def __post_init__(self) -> None:  # paths may be given as text from Python
+        self.image = None if self.image is None else Path(self.image)
+        self.out = None if self.out is None else Path(self.out)
+
     @property
     def name(self) -> str:
         """The image's name without its image extension: 'ct.v1' for ct.v1.nii.gz."""
@@ -77,11 +81,31 @@ def segment_volume(
     regions: str = "auto",
 ) -> SessionResult:
     """Apply `clicks` ((point, positive) in `space`) in order to one volume; the last mask is returned."""
+    if not isinstance(volume, Volume):
+        raise InputError(f"segment_volume needs a Volume, not {type(volume).__name__}: use Volume.from_file(path).")
+    clicks = _point_label_pairs(clicks)
     if not any(positive for _, positive in clicks):  # negative clicks alone do not say what to segment
         raise InputError("No positive click was given: add at least one positive point.")
+    if not isinstance(space, str):
+        raise InputError(f"Point space {space!r} is unknown; use one of {', '.join(POINT_SPACES)}.")
     ras = volume.points_to_ras([point for point, _ in clicks], space)
     session = InteractiveSession(predictor, prepare(volume), prompt_mode=prompt_mode, regions=regions)
-    return session.set_clicks([Click(tuple(p), positive) for p, (_, positive) in zip(ras.tolist(), clicks)])
+    return session.set_clicks([Click(p, bool(positive)) for p, (_, positive) in zip(ras.tolist(), clicks)])
+
+
+def _point_label_pairs(clicks: Sequence[tuple[Sequence[float], bool]]) -> list[tuple[Sequence[float], bool]]:
+    """The clicks as a list (a generator is read once), each checked to be a (point, positive) pair."""
+    pairs = list(clicks)
+    for number, pair in enumerate(pairs, start=1):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_flag(pair[1])):
+            raise InputError(
+                f"Click {number} is {pair!r}; give each click as a (point, positive) pair like ((x, y, z), True)."
+            )
+    return pairs
+
+
+def _is_flag(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_, int, np.integer)) and value in (0, 1)
 
 
 def mask_image(mask_kji: np.ndarray, volume: Volume) -> sitk.Image:

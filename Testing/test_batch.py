@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMMed3DLib.batch import Case, plan_outputs, read_manifest
+from SAMMed3DLib.batch import Case, plan_outputs, read_manifest, segment_volume
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.predictor import load_predictor
+from SAMMed3DLib.volume import Volume
 
 GOOD_CLICKS = {"positive": [[25, 30, 15]], "negative": [[20, 30, 15]], "space": "ijk"}
 
@@ -248,3 +251,25 @@ def test_only_json_booleans_say_whether_a_click_is_positive(tmp_path, image_path
 def test_an_empty_manifest_is_an_error(tmp_path):
     with pytest.raises(InputError, match="lists no cases"):
         read_manifest(_manifest(tmp_path, []))
+
+
+def test_segment_volume_names_a_misused_argument_and_takes_clicks_from_a_generator(checkpoint, image_path):
+    predictor = load_predictor(str(checkpoint), device="cpu")
+    volume = Volume.from_file(image_path)
+    clicks = [((25, 30, 15), True), ((20, 30, 15), False)]
+    expected = segment_volume(predictor, volume, clicks, space="ijk", regions="1").mask
+    generated = segment_volume(predictor, volume, (click for click in clicks), space="ijk", regions="1").mask
+    assert np.array_equal(generated, expected)
+    for call, message in [
+        (lambda: segment_volume(predictor, str(image_path), clicks), "needs a Volume, not str"),
+        (lambda: segment_volume(predictor, volume, [(25, 30, 15)]), "Click 1 is (25, 30, 15); give each click"),
+        (lambda: segment_volume(predictor, volume, [((25, 30, 15), "yes")]), "as a (point, positive) pair"),
+        (lambda: segment_volume(predictor, volume, clicks, space=None), "Point space None is unknown"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            call()
+
+
+def test_a_case_made_in_python_may_give_its_paths_as_text(tmp_path, image_path):
+    (case,) = plan_outputs([Case(str(image_path), [((25, 30, 15), True)], space="ijk")], tmp_path)
+    assert case.image == image_path and case.out == tmp_path / "scan_mask.nii.gz"
