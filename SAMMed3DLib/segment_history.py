@@ -129,6 +129,8 @@ class SegmentHistory:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes is {max_bytes}; give 0 or more (0 keeps only the newest step).")
         self.max_bytes = max_bytes
         self._stacks: dict[Hashable, _Stacks] = {}
         self._counter = itertools.count()

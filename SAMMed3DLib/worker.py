@@ -44,6 +44,8 @@ class InferenceWorker:
 
     def submit_latest(self, key: Hashable, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Like `submit`, but first cancel any queued, not yet started job submitted with the same key."""
+        if key is None:  # the key of every plain `submit` job: they would all be cancelled
+            raise ValueError("submit_latest needs a key other than None; use submit() for a job without one.")
         with self._condition:
             stale = [job for job in self._queue if job.key == key]
             for job in stale:

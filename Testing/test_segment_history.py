@@ -242,3 +242,8 @@ def test_differing_box_is_none_for_equal_arrays():
     b = a.copy()
     b[0, 49, 59] = 1
     assert differing_box(a, b) == (slice(0, 1), slice(49, 50), slice(59, 60))
+
+
+def test_a_negative_memory_cap_is_refused():
+    with pytest.raises(ValueError, match="max_bytes is -1"):
+        SegmentHistory(max_bytes=-1)

@@ -140,3 +140,12 @@ def test_a_future_cancelled_by_the_caller_is_skipped(worker):
     release.set()
     kept.result(TIMEOUT)
     assert ran == ["kept"]
+
+
+def test_submit_latest_without_a_key_is_refused_as_it_would_cancel_every_plain_job():
+    worker = InferenceWorker()
+    try:
+        with pytest.raises(ValueError, match="needs a key other than None"):
+            worker.submit_latest(None, lambda: 1)
+    finally:
+        worker.shutdown()
