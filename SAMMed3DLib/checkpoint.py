@@ -140,7 +140,11 @@ def _load_with_allowed_globals(path: Path, original: Exception) -> object:
 
 
 def _is_allowed(name: str) -> bool:
-    return name in ALLOWED_GLOBALS or (name.startswith(ALLOWED_DTYPE_MODULE) and name.endswith("DType"))
+    """An allowed name, or one of NumPy's real dtype classes (a made-up name is refused, not looked up)."""
+    module, _, attribute = name.rpartition(".")
+    return name in ALLOWED_GLOBALS or (
+        module + "." == ALLOWED_DTYPE_MODULE and attribute in {cls.__name__ for cls in _numpy_dtype_classes()}
+    )
 
 
 def _resolve_global(name: str) -> object:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import zipfile
 
 import pytest
 import SimpleITK as sitk
@@ -88,6 +89,20 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path, tiny_checkpoin
     with pytest.raises(CheckpointError, match="refused.*system"):
         load_model(path)
     assert not marker.exists()
+
+
+def test_a_made_up_numpy_dtype_class_is_refused_not_looked_up(tmp_path, tiny_checkpoint):
+    import numpy.dtypes
+
+    path = tmp_path / "forged.pth"
+    torch.save({"model_state_dict": torch.load(tiny_checkpoint), "x": numpy.dtypes.Float64DType}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info.filename)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in members:
+            archive.writestr(info, data.replace(b"Float64DType", b"Forged64DType"))
+    with pytest.raises(CheckpointError, match="refused.*numpy.dtypes.Forged64DType"):
+        load_model(path)
 
 
 def test_numpy_scalars_beside_weights_are_accepted(tmp_path, tiny_checkpoint):
