@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Union
 
+from .checkpoint import read_checkpoint_file
 from .download import (
     ChecksumMismatch,
     ProgressCallback,
@@ -18,6 +20,9 @@ from .download import (
     sidecar_path,
 )
 from .errors import CheckpointError, DownloadError
+from .filelock import exclusive_lock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,19 +100,30 @@ def _demo_checkpoint() -> Path:
 
 
 def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | None) -> Path:
-    """The cached file of `entry`, verified, downloading it when absent or damaged."""
-    target = cache_dir() / entry.filename
+    """The cached file of `entry`, verified, downloading it when absent or damaged. One process at a time (a
+    lock beside the file): two downloading at once would write into one partial file."""
+    folder = cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise DownloadError(
+            f"The download cache {folder} is a file, not a folder: point {CACHE_DIR_VARIABLE} at a folder."
+        )
+    target = folder / entry.filename
+    with exclusive_lock(target.with_name(target.name + ".lock")):
+        return _verified_or_downloaded(entry, target, progress)
+
+
+def _verified_or_downloaded(entry: PublishedCheckpoint, target: Path, progress: ProgressCallback | None) -> Path:
     recorded = read_recorded_sha256(target)
     expected = entry.sha256.lower() if entry.sha256 else recorded
     if target.is_file():
         actual = file_sha256(target)
-        if expected is None:
-            # Neither the registry nor an earlier download knows the hash: trust this copy from now on.
-            record_sha256(target, actual)
-            return target
         if actual == expected:
             return target
-        target.unlink()
+        if expected is None and _reads_as_checkpoint(target):
+            # Neither the registry nor an earlier download knows the hash: trust this copy from now on.
+            _record_if_possible(target, actual)
+            return target
+    # A copy that does not match stays in place until a verified download replaces it.
     try:
         download_file(entry.url, target, sha256=expected, progress=progress)
     except ChecksumMismatch as error:
@@ -118,7 +134,31 @@ def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | N
             f"{sidecar_path(target)}): retry, or if the published file has changed on purpose, delete "
             f"{sidecar_path(target)} and try again."
         ) from error
+    if expected is None and not _reads_as_checkpoint(target):
+        # Without a known hash only loading tells a checkpoint from an error page or a cut-off file; what
+        # would otherwise be trusted for good is removed instead.
+        target.unlink()
+        sidecar_path(target).unlink(missing_ok=True)
+        raise DownloadError(
+            f"What {entry.url} sent is not a readable checkpoint, so it was deleted: retry later, or download "
+            f"{entry.filename} yourself and pass its path with --checkpoint."
+        )
     return target
+
+
+def _reads_as_checkpoint(path: Path) -> bool:
+    try:
+        read_checkpoint_file(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _record_if_possible(target: Path, digest: str) -> None:
+    try:
+        record_sha256(target, digest)
+    except OSError as error:  # a read-only cache filled by hand: the file is still good to use
+        log.warning("Could not record the hash of %s (%s); it is used unrecorded.", target, error)
 
 
 def _on_windows() -> bool:

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from test_download import CONTENT, CONTENT_SHA256, FileServer, random_bytes, serve
+import torch
+from test_download import FileServer, random_bytes, serve
 
 from SAMMed3DLib import published
 from SAMMed3DLib.download import read_recorded_sha256, sidecar_path
 from SAMMed3DLib.errors import CheckpointError, DownloadError
+from SAMMed3DLib.filelock import exclusive_lock
 from SAMMed3DLib.published import PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
+
+
+def checkpoint_bytes(seed: int = 0) -> bytes:
+    """What torch.save writes for a small state dict: a file that reads as a checkpoint."""
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))}, buffer)
+    return buffer.getvalue()
+
+
+CONTENT = checkpoint_bytes()
+CONTENT_SHA256 = hashlib.sha256(CONTENT).hexdigest()
 
 
 @pytest.fixture
@@ -95,15 +111,75 @@ def test_registry_hash_is_checked_when_given(server: FileServer, cache: Path, mo
     assert resolve_checkpoint("turbo").read_bytes() == CONTENT
 
 
-def test_cached_file_without_any_hash_is_trusted_and_recorded(
+def test_cached_file_without_any_hash_is_trusted_and_recorded_if_it_reads_as_a_checkpoint(
     server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = publish_locally(monkeypatch, server)
     cache.mkdir()
-    path.write_bytes(b"placed here by hand")
+    placed = checkpoint_bytes(seed=5)
+    path.write_bytes(placed)
     assert resolve_checkpoint("turbo") == path
     assert server.ranges_seen == []
-    assert read_recorded_sha256(path) == hashlib.sha256(b"placed here by hand").hexdigest()
+    assert read_recorded_sha256(path) == hashlib.sha256(placed).hexdigest()
+
+
+def test_a_cached_file_that_is_no_checkpoint_is_replaced_by_a_download(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    cache.mkdir()
+    path.write_bytes(b"an error page saved by hand")
+    assert resolve_checkpoint("turbo").read_bytes() == CONTENT
+    assert read_recorded_sha256(path) == CONTENT_SHA256
+
+
+@pytest.mark.parametrize("sent", [b"<html>rate limited</html>", CONTENT[: len(CONTENT) // 2]])
+def test_a_first_download_that_is_no_checkpoint_is_deleted_not_trusted(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    server.content = sent
+    with pytest.raises(DownloadError, match="is not a readable checkpoint, so it was deleted"):
+        resolve_checkpoint("turbo")
+    assert not path.exists() and read_recorded_sha256(path) is None
+    server.content = CONTENT  # a later try downloads the real file
+    assert resolve_checkpoint("turbo").read_bytes() == CONTENT
+
+
+def test_a_cached_copy_is_kept_until_a_verified_download_replaces_it(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    resolve_checkpoint("turbo")
+    own = checkpoint_bytes(seed=9)
+    path.write_bytes(own)  # e.g. copied in by hand while the recorded hash is another file's
+    server.content = random_bytes(1000, seed=3)
+    with pytest.raises(DownloadError, match="differs from the copy first downloaded"):
+        resolve_checkpoint("turbo")
+    assert path.read_bytes() == own
+
+
+def test_two_resolvers_at_once_download_once(server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = publish_locally(monkeypatch, server)
+    results: list[Path] = []
+    with exclusive_lock(path.with_name(path.name + ".lock")):  # as another process downloading it would
+        waiting = [threading.Thread(target=lambda: results.append(resolve_checkpoint("turbo"))) for _ in range(2)]
+        for thread in waiting:
+            thread.start()
+        time.sleep(0.3)
+        assert server.ranges_seen == [] and results == []
+    for thread in waiting:
+        thread.join(timeout=30)
+    assert results == [path, path] and path.read_bytes() == CONTENT
+    assert len(server.ranges_seen) == 1
+
+
+def test_a_cache_folder_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SAMMED3D_CACHE_DIR", str(blocker))
+    with pytest.raises(DownloadError, match="is a file, not a folder: point SAMMED3D_CACHE_DIR at a folder"):
+        resolve_checkpoint("turbo")
 
 
 def test_existing_file_path_is_returned_as_it_is(tmp_path: Path) -> None:
