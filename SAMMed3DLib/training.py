@@ -20,6 +20,8 @@ import math
 import os
 import sys
 import time
+import uuid
+import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -158,7 +160,8 @@ class CaseCache:
         path = self.path_for(files)
         if not path.is_file():
             case = prepare_case(files)
-            temporary = path.with_name(f".{path.stem}.tmp.npz")
+            # A name of its own: another run sharing the cache may be writing the same case.
+            temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.npz")
             np.savez_compressed(
                 temporary, raw=case.raw, targets=case.targets, values=case.values, voxel_counts=case.voxel_counts
             )
@@ -171,10 +174,11 @@ class CaseCache:
         path = self.path_for(files)
         case = self._memory.get(path)
         if case is None:
-            with np.load(path) as stored:
-                case = PreparedCase(
-                    stored["raw"], stored["targets"], stored["values"].tolist(), stored["voxel_counts"].tolist()
-                )
+            case = _read_prepared(path)
+            if case is None:
+                log.warning("The cached %s of %s is damaged: preparing the case again.", path.name, files.image)
+                path.unlink(missing_ok=True)
+                return self.summary(files)
             self._remember(path, case)
         self._memory.move_to_end(path)
         return case
@@ -183,6 +187,17 @@ class CaseCache:
         self._memory[path] = case
         while len(self._memory) > self._keep:
             self._memory.popitem(last=False)
+
+
+def _read_prepared(path: Path) -> Optional[PreparedCase]:
+    """A cached case, or None when the file cannot be read whole (cut off, overwritten, a member missing)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return PreparedCase(
+                stored["raw"], stored["targets"], stored["values"].tolist(), stored["voxel_counts"].tolist()
+            )
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 @dataclass(frozen=True)
@@ -607,6 +622,14 @@ class Trainer:
 
     # -- the loop
     def run(self, progress: Optional[Callable[[int, float, float, float], None]] = None) -> TrainingState:
+        """Train to `options.steps`; interrupted (Ctrl+C), the last finished step is saved before leaving."""
+        try:
+            return self._run(progress)
+        except KeyboardInterrupt:
+            self.save(self.out)
+            raise
+
+    def _run(self, progress: Optional[Callable[[int, float, float, float], None]]) -> TrainingState:
         running_loss = running_dice = None
         while self.state.step < self.options.steps:
             loss, step_dice = self.train_step()
@@ -638,10 +661,24 @@ class Trainer:
             training_options=self.options.to_dict(),
         )
 
-    def resume(self, path: PathLike) -> None:
-        """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count."""
+    def resume(self, path: PathLike) -> list[str]:
+        """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count.
+
+        The run keeps the settings its optimiser and schedule were made with (RESUMED_SETTINGS; --steps may
+        grow); returns those that differ from the options given, as 'name kept (given value)'."""
         content = read_training_checkpoint(path)
+        stored = content.get("training_options") or {}
+        kept = {name: stored[name] for name in RESUMED_SETTINGS if name in stored}
+        differing = [
+            f"{name} {value} (given {getattr(self.options, name)})"
+            for name, value in kept.items()
+            if value != getattr(self.options, name)
+        ]
+        self.options = replace(self.options, **kept)
         self.model.load_state_dict(content["model_state_dict"], strict=True)
+        # The schedule's function is not saved: made again from the kept settings, before the optimiser's state
+        # (a new scheduler sets the learning rates of its first step; the loaded state puts the saved ones back).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(self.options))
         self.optimizer.load_state_dict(content["optimizer_state_dict"])
         self.scheduler.load_state_dict(content["lr_scheduler_state_dict"])
         self.state = TrainingState(
@@ -651,6 +688,19 @@ class Trainer:
             best_loss=float(content.get("best_loss", float("inf"))),
             best_dice=float(content.get("best_dice", 0.0)),
         )
+        return differing
+
+
+# Settings a resumed run keeps from its checkpoint (the optimiser and scheduler state hold them); --steps may grow.
+RESUMED_SETTINGS = (
+    "lr_encoder",
+    "lr_decoder",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "batch_size",
+    "accumulation",
+)
 
 
 def read_training_checkpoint(path: PathLike) -> dict:

@@ -561,3 +561,40 @@ def test_a_malformed_or_misspelt_config_file_is_refused_before_any_case_is_prepa
         run_command("train", cases_dir, data, tmp_path / "model.pth", "--config", str(misspelt))
     assert "Preparing" not in capsys.readouterr().out
     assert not (tmp_path / "model.pth").exists()
+
+
+def test_a_resumed_run_keeps_its_learning_rates_and_says_so(cases_dir, data, tmp_path, capsys):
+    run = tmp_path / "run.pth"
+    Trainer(tiny_model(), data, tiny_options(steps=1), run).run()
+    changed = ["--steps", "2", "--lr-encoder", "0.01", "--lr-decoder", "0.01", "--warmup-steps", "1"]
+    assert run_command("train", cases_dir, data, run, "--resume", str(run), *changed) == 0
+    printed = capsys.readouterr().out
+    assert "keeps the settings" in printed and "lr_encoder 0.001 (given 0.01)" in printed
+    content = read_training_checkpoint(run)
+    assert content["step"] == 2 and content["training_options"]["lr_encoder"] == 1e-3
+    assert content["lr_scheduler_state_dict"]["base_lrs"] == [1e-3, 1e-3]
+
+
+def test_a_damaged_cached_case_is_prepared_again(cases_dir, tmp_path):
+    cache = CaseCache(tmp_path / "cache")
+    (files,) = find_cases(cases_dir)
+    prepared = cache.summary(files)
+    cache.path_for(files).write_bytes(b"cut off")
+    again = CaseCache(tmp_path / "cache").load(files)
+    np.testing.assert_array_equal(again.targets, prepared.targets)
+    np.testing.assert_array_equal(again.raw, prepared.raw)
+
+
+def test_an_interrupted_run_saves_its_last_step(data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=5, checkpoint_every=100), tmp_path / "run.pth")
+    finished = trainer.train_step
+
+    def interrupted_after_two_steps():
+        if trainer.state.step == 2:
+            raise KeyboardInterrupt
+        return finished()
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert read_training_checkpoint(tmp_path / "run.pth")["step"] == 2

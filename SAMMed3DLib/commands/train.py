@@ -222,7 +222,14 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, steps=steps_for_epochs(args.epochs, len(data.targets), options))
     trainer = Trainer(model, data, options, args.out)
     if args.resume:
-        trainer.resume(args.resume)
+        differing = trainer.resume(args.resume)
+        if differing:
+            print(
+                f"Resuming keeps the settings {args.resume} was trained with: {', '.join(differing)}; "
+                "fine-tune from it to train with new ones.",
+                flush=True,
+            )
+        options = trainer.options
         if trainer.state.step >= options.steps:
             print(
                 f"{args.resume} has trained {trainer.state.step} steps already, --steps asks for {options.steps}: "
@@ -237,7 +244,10 @@ def run(args: argparse.Namespace) -> int:
     progress = ProgressLine(options.steps)
     try:
         trainer.run(progress)
-    finally:
+    except KeyboardInterrupt:
         progress.finish()
+        print(f"Interrupted: step {trainer.state.step} is saved in {args.out}; go on with --resume {args.out}.")
+        return 130
+    progress.finish()
     print(f"Done: {args.out}")
     return 0
