@@ -164,7 +164,9 @@ def _numpy_dtype_classes() -> list:
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if "central directory" in text or "unexpected EOF" in text or isinstance(error, EOFError):
-        return CheckpointError(f"{path} is truncated or corrupt ({text}): download or copy the file again.")
+        return CheckpointError(
+            f"{path} is truncated or corrupt ({text}): it was not written or copied whole; use a whole copy."
+        )
     if text.startswith("Weights only load failed"):  # PyTorch's own advice there is to load unsafely: not given
         return CheckpointError(
             f"{path} is not a PyTorch checkpoint (not a file torch.save wrote: an image, or another file?); "

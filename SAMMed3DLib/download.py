@@ -241,8 +241,9 @@ def _interrupted(url: str, name: str, done: int, total: int | None, reason: str)
 
 
 def _http_error(url: str, name: str, error: urllib.error.HTTPError) -> DownloadError:
+    reason = " ".join(str(error.reason).split())  # urllib's redirect-loop reason spans two lines
     return DownloadError(
-        f"{urlparse(url).hostname} answered HTTP {error.code} ({error.reason}) to the request for {name}: "
+        f"{urlparse(url).hostname} answered HTTP {error.code} ({reason}) to the request for {name}: "
         f"check that the URL {url} is right, or {_MANUAL_HINT}."
     )
 
