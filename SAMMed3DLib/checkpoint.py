@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -121,22 +122,38 @@ def _safe_torch_load(path: Path) -> object:
 def _load_with_allowed_globals(path: Path, original: Exception) -> object:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as error:  # any failure to inspect means we cannot trust the file
-        raise _unreadable(path, original) from error
-    refused = [name for name in names if not _is_allowed(name)]
-    if refused:
-        raise CheckpointError(
-            f"{path} was refused: it asks to run or build {', '.join(refused)} while loading, which a weights "
-            "file never needs; only use checkpoints from a source you trust."
-        )
-    allowed = [_resolve_global(name) for name in names]
-    if "numpy.dtype" in names:
-        allowed += _numpy_dtype_classes()
-    with torch.serialization.safe_globals(allowed):
+    except Exception:  # only zip checkpoints can be listed: an older pickle file, or no checkpoint at all
+        allowed = _every_allowed_global()
+    else:
+        refused = [name for name in names if not _is_allowed(name)]
+        if refused:
+            raise _refusal(path, refused)
+        allowed = [_resolve_global(name) for name in names]
+        if "numpy.dtype" in names:
+            allowed += _numpy_dtype_classes()
+    with torch.serialization.safe_globals(allowed):  # still weights-only: nothing else can be built
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise _unreadable(path, error) from error
+            refused = re.findall(r"\bGLOBAL ([\w.]+)", str(error))  # how PyTorch names a global it would not build
+            raise (_refusal(path, refused) if refused else _unreadable(path, error)) from error
+
+
+def _refusal(path: Path, refused: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{path} was refused: it asks to run or build {', '.join(refused)} while loading, which a weights "
+        "file never needs; only use checkpoints from a source you trust."
+    )
+
+
+def _every_allowed_global() -> list:
+    found = []
+    for name in ALLOWED_GLOBALS:
+        try:
+            found.append(_resolve_global(name))
+        except (ImportError, AttributeError):  # e.g. numpy.core's scalar under another NumPy version
+            continue
+    return found + _numpy_dtype_classes()
 
 
 def _is_allowed(name: str) -> bool:

@@ -91,6 +91,22 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path, tiny_checkpoin
     assert not marker.exists()
 
 
+def test_an_older_pickle_format_checkpoint_loads_with_its_args_and_is_refused_with_a_payload(tmp_path, tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    legacy = tmp_path / "legacy.pth"
+    content = {"model_state_dict": state, "args": argparse.Namespace(lr=1e-4)}
+    torch.save(content, legacy, _use_new_zipfile_serialization=False)
+    assert load_model(legacy) is not None
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "legacy_evil.pth"
+    torch.save(
+        {"model_state_dict": state, "payload": _RunsACommand(marker)}, evil, _use_new_zipfile_serialization=False
+    )
+    with pytest.raises(CheckpointError, match="refused.*system"):
+        load_model(evil)
+    assert not marker.exists()
+
+
 def test_a_made_up_numpy_dtype_class_is_refused_not_looked_up(tmp_path, tiny_checkpoint):
     import numpy.dtypes
 
