@@ -82,8 +82,11 @@ class ModelConfig:
     def problems(self) -> list[str]:
         """What stops this configuration from building a network the engine can run (empty when nothing)."""
         found = []
-        positive = [name for name, value in self.to_dict().items() if _is_size(value) and value < 1]
+        sizes = [name for name, value in asdict(ModelConfig()).items() if _is_size(value) and name != "window_size"]
+        positive = [name for name in sizes if getattr(self, name) < 1]
         found += [f"{name} is {getattr(self, name)}, it must be 1 or more" for name in positive]
+        if self.window_size < 0:
+            found.append(f"window_size is {self.window_size}, it must be 0 (global attention) or more")
         if self.mlp_ratio <= 0:
             found.append(f"mlp_ratio is {self.mlp_ratio}, it must be above 0")
         if positive or found:
@@ -102,8 +105,8 @@ class ModelConfig:
                 f"prompt_embed_dim {self.prompt_embed_dim} is not a multiple of {PROMPT_DIM_MULTIPLE} (3 axes "
                 f"of positional encoding, half of it split among {DECODER_NUM_HEADS} decoder heads)"
             )
-        if self.mask_in_chans % 4:
-            found.append(f"mask_in_chans {self.mask_in_chans} is not a multiple of 4")
+        if self.mask_in_chans < 4:
+            found.append(f"mask_in_chans is {self.mask_in_chans}; the mask encoder needs 4 or more")
         outside = [index for index in self.encoder_global_attn_indexes if not 0 <= index < self.encoder_depth]
         if outside:
             found.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Union
@@ -108,7 +109,9 @@ def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | N
             f"The download cache {folder} is a file, not a folder: point {CACHE_DIR_VARIABLE} at a folder."
         )
     target = folder / entry.filename
-    with exclusive_lock(target.with_name(target.name + ".lock")):
+    # A cache nobody can write (filled by hand, mounted read-only) needs no lock and could not hold one.
+    writable = not folder.exists() or os.access(folder, os.W_OK)
+    with exclusive_lock(target.with_name(target.name + ".lock")) if writable else nullcontext():
         return _verified_or_downloaded(entry, target, progress)
 
 

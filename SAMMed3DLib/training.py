@@ -661,11 +661,12 @@ class Trainer:
             training_options=self.options.to_dict(),
         )
 
-    def resume(self, path: PathLike) -> list[str]:
+    def resume(self, path: PathLike, keep_steps: bool = False) -> list[str]:
         """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count.
 
-        The run keeps the settings its optimiser and schedule were made with (RESUMED_SETTINGS; --steps may
-        grow); returns those that differ from the options given, as 'name kept (given value)'."""
+        The run keeps the settings its optimiser and schedule were made with (RESUMED_SETTINGS), and with
+        `keep_steps` its number of steps too (else `options.steps` may lengthen it); returns the kept settings
+        that differ from the options given, as 'name kept (given value)'."""
         content = read_training_checkpoint(path)
         stored = content.get("training_options") or {}
         kept = {name: stored[name] for name in RESUMED_SETTINGS if name in stored}
@@ -674,6 +675,8 @@ class Trainer:
             for name, value in kept.items()
             if value != getattr(self.options, name)
         ]
+        if keep_steps and "steps" in stored:
+            kept["steps"] = stored["steps"]
         self.options = replace(self.options, **kept)
         self.model.load_state_dict(content["model_state_dict"], strict=True)
         # The schedule's function is not saved: made again from the kept settings, before the optimiser's state

@@ -73,14 +73,14 @@ def test_a_config_value_of_the_wrong_kind_is_refused(data, message):
     [
         ({"encoder_embed_dim": 101}, "encoder_embed_dim 101 is not a multiple of encoder_num_heads 2"),
         ({"encoder_depth": 0}, "encoder_depth is 0, it must be 1 or more"),
-        ({"window_size": 0}, "window_size is 0"),
+        ({"window_size": -1}, "window_size is -1, it must be 0 (global attention) or more"),
         ({"patch_size": 0}, "patch_size is 0"),
         ({"patch_size": 24}, "patch_size 24 does not divide img_size 128"),
         ({"img_size": 96, "patch_size": 16}, "img_size is 96; the engine's regions are 128 voxels a side"),
         ({"prompt_embed_dim": 72}, "prompt_embed_dim 72 is not a multiple of 48"),
-        ({"mask_in_chans": 6}, "mask_in_chans 6 is not a multiple of 4"),
+        ({"mask_in_chans": 2}, "mask_in_chans is 2; the mask encoder needs 4 or more"),
         ({"encoder_global_attn_indexes": [1, 4]}, "encoder_global_attn_indexes [4] are not blocks of a 3-block"),
-        ({"mlp_ratio": 0}, "mlp_ratio is 0, it must be above 0"),
+        ({"mlp_ratio": 0}, "cannot build a network: mlp_ratio is 0, it must be above 0."),
     ],
 )
 def test_a_config_that_cannot_build_a_network_is_refused_saying_why(change, message):

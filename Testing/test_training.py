@@ -598,3 +598,14 @@ def test_an_interrupted_run_saves_its_last_step(data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert read_training_checkpoint(tmp_path / "run.pth")["step"] == 2
+
+
+def test_resuming_without_steps_goes_on_to_the_runs_own_end(cases_dir, data, tmp_path):
+    run = tmp_path / "run.pth"
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=3), run)
+    trainer.train_step()
+    trainer.save(run)
+    arguments = ["train", str(cases_dir), "--out", str(run), "--resume", str(run), "--cache", str(data.cache.folder)]
+    args = parser().parse_args([*arguments, "--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1"])
+    assert args.func(args) == 0
+    assert read_training_checkpoint(run)["step"] == 3  # not the default 1,000

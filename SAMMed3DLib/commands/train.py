@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, steps=steps_for_epochs(args.epochs, len(data.targets), options))
     trainer = Trainer(model, data, options, args.out)
     if args.resume:
-        differing = trainer.resume(args.resume)
+        differing = trainer.resume(args.resume, keep_steps=args.steps is None and args.epochs is None)
         if differing:
             print(
                 f"Resuming keeps the settings {args.resume} was trained with: {', '.join(differing)}; "
