@@ -84,12 +84,14 @@ def download_file(
     progress: ProgressCallback | None = None,
     timeout: float = 30.0,
     chunk_size: int = 1 << 20,
+    check: Callable[[Path], None] | None = None,
 ) -> str:
     """Download `url` to `destination` and return the hex SHA-256 of the complete file.
 
     An existing `<destination>.part` is resumed with an HTTP Range request. `progress(done, total)` is
     called as data arrives (total is None when the server does not say); returning False cancels.
-    If `sha256` is given, a file with another hash is deleted and `ChecksumMismatch` is raised.
+    If `sha256` is given, a file with another hash is deleted and `ChecksumMismatch` is raised. `check(file)`,
+    if given, inspects the complete file before it is accepted; an exception from it deletes the file.
     The hash is recorded in `<destination>.sha256` before the file is moved into place.
     """
     destination = Path(destination)
@@ -107,6 +109,12 @@ def download_file(
             f"The downloaded {destination.name} has SHA-256 {digest} but {expected} was expected, so it was "
             f"deleted: retry the download, and if it fails again check that the URL {url} is right."
         )
+    if check is not None:
+        try:
+            check(part)
+        except BaseException:
+            _discard(part)
+            raise
     record_sha256(destination, digest)
     os.replace(part, destination)
     version_path(part).unlink(missing_ok=True)

@@ -126,9 +126,12 @@ def _verified_or_downloaded(entry: PublishedCheckpoint, target: Path, progress: 
             # Neither the registry nor an earlier download knows the hash: trust this copy from now on.
             _record_if_possible(target, actual)
             return target
-    # A copy that does not match stays in place until a verified download replaces it.
+    # A copy that does not match stays in place until a verified download replaces it. Without a known hash
+    # only loading tells a checkpoint from an error page or a cut-off file, so that is checked before the
+    # download is accepted and its hash recorded for good.
+    check = None if expected is not None else _require_checkpoint
     try:
-        download_file(entry.url, target, sha256=expected, progress=progress)
+        download_file(entry.url, target, sha256=expected, progress=progress, check=check)
     except ChecksumMismatch as error:
         if entry.sha256:
             raise
@@ -137,16 +140,17 @@ def _verified_or_downloaded(entry: PublishedCheckpoint, target: Path, progress: 
             f"{sidecar_path(target)}): retry, or if the published file has changed on purpose, delete "
             f"{sidecar_path(target)} and try again."
         ) from error
-    if expected is None and not _reads_as_checkpoint(target):
-        # Without a known hash only loading tells a checkpoint from an error page or a cut-off file; what
-        # would otherwise be trusted for good is removed instead.
-        target.unlink()
-        sidecar_path(target).unlink(missing_ok=True)
-        raise DownloadError(
-            f"What {entry.url} sent is not a readable checkpoint, so it was deleted: retry later, or download "
-            f"{entry.filename} yourself and pass its path with --checkpoint."
-        )
     return target
+
+
+def _require_checkpoint(downloaded: Path) -> None:
+    try:
+        read_checkpoint_file(downloaded)
+    except CheckpointError as error:
+        raise DownloadError(
+            f"What was downloaded is not a usable checkpoint, so it was deleted ({error}): retry later, or "
+            "download the file yourself and pass its path with --checkpoint."
+        ) from error
 
 
 def _reads_as_checkpoint(path: Path) -> bool:

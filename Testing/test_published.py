@@ -133,13 +133,13 @@ def test_a_cached_file_that_is_no_checkpoint_is_replaced_by_a_download(
     assert read_recorded_sha256(path) == CONTENT_SHA256
 
 
-@pytest.mark.parametrize("sent", [b"<html>rate limited</html>", CONTENT[: len(CONTENT) // 2]])
+@pytest.mark.parametrize("sent", [b"<html>rate limited</html>", CONTENT[: len(CONTENT) // 2]], ids=["page", "cut"])
 def test_a_first_download_that_is_no_checkpoint_is_deleted_not_trusted(
     server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch, sent: bytes
 ) -> None:
     path = publish_locally(monkeypatch, server)
     server.content = sent
-    with pytest.raises(DownloadError, match="is not a readable checkpoint, so it was deleted"):
+    with pytest.raises(DownloadError, match="is not a usable checkpoint, so it was deleted"):
         resolve_checkpoint("turbo")
     assert not path.exists() and read_recorded_sha256(path) is None
     server.content = CONTENT  # a later try downloads the real file
