@@ -113,13 +113,13 @@ def _strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def _safe_torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        return _load_with_allowed_globals(path, error)
+    except pickle.UnpicklingError:  # a global beyond tensors: allowed ones are listed and loaded, others refused
+        return _load_with_allowed_globals(path)
     except Exception as error:  # the weights-only unpickler fails in many ways on a broken file
         raise _unreadable(path, error) from error
 
 
-def _load_with_allowed_globals(path: Path, original: Exception) -> object:
+def _load_with_allowed_globals(path: Path) -> object:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # only zip checkpoints can be listed: an older pickle file, or no checkpoint at all

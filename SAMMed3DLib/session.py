@@ -6,10 +6,11 @@ decoder step takes milliseconds. Replay makes a moved or deleted click give exac
 edited list gives, with no hidden history. It starts at the first include click (exclude clicks placed
 before it follow it); a list of exclude clicks alone gives an empty mask.
 
-Regions: the first click centres the first region (the official click-centred crop). A click outside
-every region opens a region centred on it. In `auto` mode a mask that touches a region's face extends
-the work with a neighbouring region overlapping by half (the paper's strategy for targets larger than
-192 mm), seeded with a click inside the mask and the overlapping part of the logits.
+Regions: the first include click centres the first region (the official click-centred crop). An include
+click outside every region opens a region centred on it; an exclude click there changes nothing. In
+`auto` mode a mask that touches a region's face extends the work with a neighbouring region overlapping
+by half (the paper's strategy for targets larger than 192 mm), seeded with a click inside the mask and
+the overlapping part of the logits.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Click:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ras", _as_point(self.ras))
-        if not isinstance(self.positive, (bool, np.bool_)):
+        if not (isinstance(self.positive, (bool, np.bool_, int, np.integer)) and self.positive in (0, 1)):
             raise InputError(f"A click's 'positive' must be True or False, not {self.positive!r}.")
         object.__setattr__(self, "positive", bool(self.positive))
 
@@ -197,11 +198,12 @@ class InteractiveSession:
             if not containing:
                 if runs and self.regions == "1":
                     raise InputError(
-                        f"The click at RAS {_fmt(click.ras)} lies outside the 128^3 region around the first click: "
-                        "use region mode 'auto' to extend the work, or click inside the region."
+                        f"The click at RAS {_fmt(click.ras)} lies outside the 128^3 region around the first include "
+                        "click: use region mode 'auto' to extend the work, or click inside the region."
                     )
-                containing = [self._open_region(self.prepared.region(voxel - 64), timings)]
-                runs += containing
+                if click.positive:  # an exclude click where no region is has nothing to take away
+                    containing = [self._open_region(self.prepared.region(voxel - 64), timings)]
+                    runs += containing
             for run in containing:
                 self._step(run, voxel - run.region.begin, int(click.positive), timings)
             self._snapshots.append([run.copy() for run in runs])

@@ -55,7 +55,7 @@ class Volume:
         array = np.asarray(array_kji)
         if array.dtype == np.bool_:
             array = array.astype(np.uint8)
-        elif array.dtype == np.float16:  # SimpleITK has no half-precision voxels
+        elif array.dtype.kind == "f" and array.dtype.itemsize == 2:  # SimpleITK has no half-precision voxels
             array = array.astype(np.float32)
         elif array.dtype.kind in "iuf" and not array.dtype.isnative:  # e.g. big-endian data read with nibabel
             array = array.astype(array.dtype.newbyteorder("="))

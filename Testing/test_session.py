@@ -176,6 +176,11 @@ def test_click_outside_the_region(tiny_model):
         _session(tiny_model, big_prepared, regions="1").set_clicks(clicks)
     result = _session(tiny_model, big_prepared, regions="auto").set_clicks(clicks)
     assert len(result.regions) >= 2
+    far_exclude = [clicks[0], Click(_ras(big, (290, 5, 5)), positive=False)]
+    alone = _session(tiny_model, big_prepared, regions="auto").set_clicks(clicks[:1])
+    excluded = _session(tiny_model, big_prepared, regions="auto").set_clicks(far_exclude)
+    assert [r.begin for r in excluded.regions] == [r.begin for r in alone.regions]  # no region for it alone
+    assert np.array_equal(excluded.mask, alone.mask)
 
 
 def test_click_outside_the_volume_is_refused(tiny_model, volume, prepared):

@@ -37,7 +37,9 @@ def test_from_array_keeps_voxels_geometry_and_pixel_type():
     np.testing.assert_allclose(volume.ras_to_ijk(volume.ijk_to_ras_points([5, 4, 3])), [[5, 4, 3]], atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype, stored", [(">i2", np.int16), (">f8", np.float64), ("<f2", np.float32)])
+@pytest.mark.parametrize(
+    "dtype, stored", [(">i2", np.int16), (">f8", np.float64), ("<f2", np.float32), (">f2", np.float32)]
+)
 def test_from_array_takes_big_endian_and_half_precision_voxels(dtype, stored):
     array = (np.arange(3 * 4 * 5) - 30).reshape(3, 4, 5).astype(dtype)
     volume = Volume.from_array(array, oblique_affine())

@@ -28,7 +28,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-MAX_SEED = 2**32 - 1  # NumPy's random generators take seeds from 0 to 2^32 - 1
+MAX_SEED = 2**32 - 1  # what NumPy's RandomState (the official click simulation) takes; training keeps the same range
 
 
 def seed_argument(text: str) -> int:
