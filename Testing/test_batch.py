@@ -208,6 +208,8 @@ def test_csv_headers_are_read_without_case_or_spaces_and_unknown_columns_are_ref
     manifest.write_text(f'Image , POSITIVE,Space\n{image_path},"1,2,3",ijk\n')
     (case,) = read_manifest(manifest)
     assert case.problem is None and case.clicks == [((1.0, 2.0, 3.0), True)] and case.space == "ijk"
+    manifest.write_text(f'image,positive,\n{image_path},"1,2,3",\n')  # a spreadsheet's trailing comma
+    assert read_manifest(manifest)[0].problem is None
     manifest.write_text(f'image,positive,negatives\n{image_path},"1,2,3","4,5,6"\n')
     with pytest.raises(InputError, match="column.s. negatives, which SAMMed3D does not read"):
         read_manifest(manifest)

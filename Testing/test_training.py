@@ -102,7 +102,8 @@ def test_the_cache_is_reused(data, cases_dir):
 
 def test_a_manifest_lists_cases(cases_dir, tmp_path):
     manifest = tmp_path / "cases.csv"
-    manifest.write_text(f"image,label\n{cases_dir}/phantom_1000/image.nii.gz,{cases_dir}/phantom_1000/label.nii.gz\n")
+    row = f"{cases_dir}/phantom_1000/image.nii.gz,{cases_dir}/phantom_1000/label.nii.gz,train"
+    manifest.write_text(f"image,label,split\n{row}\n")  # a column of the user's own is fine
     assert find_cases(manifest) == find_cases(cases_dir)
     broken = tmp_path / "broken.csv"
     broken.write_text("image,label\nmissing.nii.gz,missing_label.nii.gz\n")
