@@ -9,15 +9,19 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, Optional
 
 
 @contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold the lock on `path` (created if absent) for the block, waiting while another process holds it."""
+def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """Hold the lock on `path` (created if absent) for the block, waiting while another process holds it;
+    `on_wait()` is called once when the lock is taken, before waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
-        _lock(handle)
+        if not _try_lock(handle):
+            if on_wait is not None:
+                on_wait()
+            _lock(handle)
         try:
             yield
         finally:
@@ -36,6 +40,14 @@ if os.name == "nt":
             except OSError:
                 continue
 
+    def _try_lock(handle: BinaryIO) -> bool:
+        handle.seek(0)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
     def _unlock(handle: BinaryIO) -> None:
         handle.seek(0)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
@@ -45,6 +57,13 @@ else:
 
     def _lock(handle: BinaryIO) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+    def _try_lock(handle: BinaryIO) -> bool:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
     def _unlock(handle: BinaryIO) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

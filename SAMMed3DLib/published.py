@@ -111,7 +111,11 @@ def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | N
     target = folder / entry.filename
     # A cache nobody can write (filled by hand, mounted read-only) needs no lock and could not hold one.
     writable = not folder.exists() or os.access(folder, os.W_OK)
-    with exclusive_lock(target.with_name(target.name + ".lock")) if writable else nullcontext():
+
+    def waiting() -> None:
+        log.warning("Another process is downloading %s: waiting for it to finish.", target)
+
+    with exclusive_lock(target.with_name(target.name + ".lock"), on_wait=waiting) if writable else nullcontext():
         return _verified_or_downloaded(entry, target, progress)
 
 

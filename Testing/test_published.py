@@ -159,7 +159,9 @@ def test_a_cached_copy_is_kept_until_a_verified_download_replaces_it(
     assert path.read_bytes() == own
 
 
-def test_two_resolvers_at_once_download_once(server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_resolvers_at_once_download_once(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     path = publish_locally(monkeypatch, server)
     results: list[Path] = []
     with exclusive_lock(path.with_name(path.name + ".lock")):  # as another process downloading it would
@@ -172,6 +174,7 @@ def test_two_resolvers_at_once_download_once(server: FileServer, cache: Path, mo
         thread.join(timeout=30)
     assert results == [path, path] and path.read_bytes() == CONTENT
     assert len(server.ranges_seen) == 1
+    assert "Another process is downloading" in caplog.text  # a waiting user is told why nothing happens
 
 
 def test_a_cache_folder_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
