@@ -15,7 +15,7 @@ from typing import BinaryIO, Callable, Iterator, Optional
 @contextmanager
 def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Hold the lock on `path` (created if absent) for the block, waiting while another process holds it;
-    `on_wait()` is called once when the lock is taken, before waiting."""
+    `on_wait()` is called once if it has to wait, before waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         if not _try_lock(handle):
