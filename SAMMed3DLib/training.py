@@ -496,6 +496,11 @@ def learning_rate_factor(options: TrainingOptions) -> Callable[[int], float]:
     return factor
 
 
+def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions) -> int:
+    """Optimiser steps that show every target `epochs` times (at least one step)."""
+    return max(1, math.ceil(epochs * target_count / options.samples_per_step))
+
+
 class ProgressLine:
     """One status line on stderr: rewritten in place on a terminal, a new line every `every` steps otherwise."""
 
@@ -661,12 +666,13 @@ class Trainer:
             training_options=self.options.to_dict(),
         )
 
-    def resume(self, path: PathLike, keep_steps: bool = False) -> list[str]:
+    def resume(self, path: PathLike, keep_steps: bool = False, epochs: Optional[float] = None) -> list[str]:
         """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count.
 
         The run keeps the settings its optimiser and schedule were made with (RESUMED_SETTINGS), and with
-        `keep_steps` its number of steps too (else `options.steps` may lengthen it); returns the kept settings
-        that differ from the options given, as 'name kept (given value)'."""
+        `keep_steps` its number of steps too (else `options.steps`, or `epochs` counted with the kept batch, may
+        lengthen it); returns the kept settings that differ from the options given, as 'name kept (given
+        value)'."""
         content = read_training_checkpoint(path)
         stored = content.get("training_options") or {}
         kept = {name: stored[name] for name in RESUMED_SETTINGS if name in stored}
@@ -678,6 +684,8 @@ class Trainer:
         if keep_steps and "steps" in stored:
             kept["steps"] = stored["steps"]
         self.options = replace(self.options, **kept)
+        if epochs is not None:
+            self.options = replace(self.options, steps=steps_for_epochs(epochs, len(self.data.targets), self.options))
         self.model.load_state_dict(content["model_state_dict"], strict=True)
         # The schedule's function is not saved: made again from the kept settings, before the optimiser's state
         # (a new scheduler sets the learning rates of its first step; the loaded state puts the saved ones back).

@@ -34,6 +34,7 @@ from SAMMed3DLib.training import (
     model_for_training,
     read_training_checkpoint,
     seed_multimask_outputs,
+    steps_for_epochs,
 )
 
 TINY = ModelConfig(
@@ -388,8 +389,8 @@ def test_the_commands_parse(tmp_path):
     args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c.pth", "--epochs", "2"])
     assert args.epochs == 2 and args.lr_decoder == 8e-5 and args.config is None
     options = train_command.options_from_args(args)
-    assert train_command.steps_for_epochs(args.epochs, 10, options) == 20
-    assert train_command.steps_for_epochs(2, 10, replace(options, batch_size=2, accumulation=2)) == 5
+    assert steps_for_epochs(args.epochs, 10, options) == 20
+    assert steps_for_epochs(2, 10, replace(options, batch_size=2, accumulation=2)) == 5
     with pytest.raises(SystemExit):
         parser().parse_args(["train", "cases", "--out", "m.pth", "--steps", "5", "--epochs", "1"])
     args = parser().parse_args(["train", "cases", "--out", "m.pth", "--click-centre-probability", "0.5"])
@@ -599,6 +600,14 @@ def test_an_interrupted_run_saves_its_last_step(data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert read_training_checkpoint(tmp_path / "run.pth")["step"] == 2
+
+
+def test_epochs_of_a_resumed_run_are_counted_with_the_batch_it_keeps(data, tmp_path):
+    run = tmp_path / "run.pth"
+    Trainer(tiny_model(), data, tiny_options(steps=1, batch_size=1), run).save(run)
+    resumed = Trainer(tiny_model(), data, tiny_options(steps=1, batch_size=4), tmp_path / "next.pth")
+    resumed.resume(run, epochs=2)
+    assert resumed.options.batch_size == 1 and resumed.options.steps == 2 * len(data.targets)
 
 
 def test_resuming_without_steps_goes_on_to_the_runs_own_end(cases_dir, data, tmp_path):

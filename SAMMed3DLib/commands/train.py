@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..training import (
     TrainingOptions,
     find_cases,
     model_for_training,
+    steps_for_epochs,
 )
 from .common import add_overwrite_option, download_progress, seed_argument
 
@@ -196,11 +196,6 @@ def options_from_args(args: argparse.Namespace) -> TrainingOptions:
     )
 
 
-def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions) -> int:
-    """Optimiser steps that show every target `epochs` times (at least one step)."""
-    return max(1, math.ceil(epochs * target_count / options.samples_per_step))
-
-
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     torch.set_num_threads(args.threads)
@@ -222,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
         options = replace(options, steps=steps_for_epochs(args.epochs, len(data.targets), options))
     trainer = Trainer(model, data, options, args.out)
     if args.resume:
-        differing = trainer.resume(args.resume, keep_steps=args.steps is None and args.epochs is None)
+        keep_steps = args.steps is None and args.epochs is None
+        differing = trainer.resume(args.resume, keep_steps=keep_steps, epochs=args.epochs)
         if differing:
             print(
                 f"Resuming keeps the settings {args.resume} was trained with: {', '.join(differing)}; "
