@@ -20,7 +20,7 @@ from .imageio import PathLike, check_image_output, image_suffix, write_image_ato
 from .manifest import manifest_rows
 from .predictor import RegionPredictor
 from .preprocess import prepare
-from .session import Click, InteractiveSession, SessionResult
+from .session import Click, InteractiveSession, SessionResult, is_click_flag
 from .volume import POINT_SPACES, Volume, parse_point
 
 Point = tuple[float, float, float]
@@ -86,26 +86,20 @@ def segment_volume(
     clicks = _point_label_pairs(clicks)
     if not any(positive for _, positive in clicks):  # negative clicks alone do not say what to segment
         raise InputError("No positive click was given: add at least one positive point.")
-    if not isinstance(space, str):
-        raise InputError(f"Point space {space!r} is unknown; use one of {', '.join(POINT_SPACES)}.")
     ras = volume.points_to_ras([point for point, _ in clicks], space)
     session = InteractiveSession(predictor, prepare(volume), prompt_mode=prompt_mode, regions=regions)
-    return session.set_clicks([Click(p, bool(positive)) for p, (_, positive) in zip(ras.tolist(), clicks)])
+    return session.set_clicks([Click(p, positive) for p, (_, positive) in zip(ras.tolist(), clicks)])
 
 
 def _point_label_pairs(clicks: Sequence[tuple[Sequence[float], bool]]) -> list[tuple[Sequence[float], bool]]:
     """The clicks as a list (a generator is read once), each checked to be a (point, positive) pair."""
     pairs = list(clicks)
     for number, pair in enumerate(pairs, start=1):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_flag(pair[1])):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and is_click_flag(pair[1])):
             raise InputError(
                 f"Click {number} is {pair!r}; give each click as a (point, positive) pair like ((x, y, z), True)."
             )
     return pairs
-
-
-def _is_flag(value: object) -> bool:
-    return isinstance(value, (bool, np.bool_, int, np.integer)) and value in (0, 1)
 
 
 def mask_image(mask_kji: np.ndarray, volume: Volume) -> sitk.Image:

@@ -45,7 +45,7 @@ class Click:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ras", _as_point(self.ras))
-        if not (isinstance(self.positive, (bool, np.bool_, int, np.integer)) and self.positive in (0, 1)):
+        if not is_click_flag(self.positive):
             raise InputError(f"A click's 'positive' must be True or False, not {self.positive!r}.")
         object.__setattr__(self, "positive", bool(self.positive))
 
@@ -413,6 +413,11 @@ def _shift_logits(logits: torch.Tensor, axis: int, direction: int) -> torch.Tens
     target[2 + axis] = slice(None, half) if direction > 0 else slice(half, None)
     shifted[tuple(target)] = logits[tuple(source)]
     return shifted
+
+
+def is_click_flag(value: object) -> bool:
+    """Whether `value` can say include or exclude: a boolean, or the integer 1 or 0."""
+    return isinstance(value, (bool, np.bool_, int, np.integer)) and value in (0, 1)
 
 
 def replay_order(clicks: Sequence[Click]) -> tuple[Click, ...]:

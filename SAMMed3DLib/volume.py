@@ -113,7 +113,7 @@ class Volume:
     def points_to_ras(self, points: Sequence[float] | np.ndarray, space: str = "ras") -> np.ndarray:
         """Points given in `space` ('ras', 'lps' or 'ijk') as RAS (N, 3); every point must lie inside."""
         given = geometry.as_points(points)
-        kind = space.lower()
+        kind = space.lower() if isinstance(space, str) else None
         if kind == "ras":
             ras = given
         elif kind == "lps":
@@ -121,7 +121,7 @@ class Volume:
         elif kind == "ijk":
             ras = self.ijk_to_ras_points(given)
         else:
-            raise InputError(f"Point space '{space}' is unknown; use one of {', '.join(POINT_SPACES)}.")
+            raise InputError(f"Point space {space!r} is unknown; use one of {', '.join(POINT_SPACES)}.")
         self._check_inside(given, ras, kind)
         return ras
 
