@@ -43,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--target {args.target} is the background or no label; give a label value above 0.")
     out = Path(args.out)
     image, label = _inputs(args, out)
-    labels = sitk.GetArrayFromImage(label)
-    label_values(Volume.from_sitk(label, name="label"))  # integer values, and a label map rather than a scan
+    label_volume = Volume.from_sitk(label, name="label")
+    label_values(label_volume)  # integer values, and a label map rather than a scan
+    labels = label_volume.array_kji
     target = args.target if args.target is not None else _largest_label(labels)
     truth = labels == target
     if not truth.any():
