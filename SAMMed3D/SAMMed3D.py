@@ -1437,8 +1437,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
     ):
         """Write a `SessionResult` into one segment and record it for undo.
 
-        Only voxels inside `result.changed` are written, except for the first result of a session: that one
-        replaces the segment whole (it may hold voxels from before the session, which the session never saw).
+        Only voxels inside `result.changed` are written, except for the first result of a session with a mask: that
+        one replaces the segment whole (it may hold voxels from before the session, which the session never saw).
+        Exclude points alone give no mask and change nothing.
         Other segments are changed only with `overwriteOthers`, and then only where the new mask is.
         Returns the recorded `HistoryStep`; what was written before a failure is recorded too.
         """
@@ -1461,7 +1462,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         from SAMMed3DLib.transforms import union_box
 
         box = tuple(result.changed) if result.changed is not None else None
-        if result.first and result.clicks:
+        if result.first:
             present = self.segmentBox(segmentationNode, segmentId, volumeNode)
             if present is not None:
                 box = present if box is None else union_box(box, present)
@@ -1756,6 +1757,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
             self.test_PointsMapThroughParentTransform,
             self.test_WritingUndoAndOtherSegments,
             self.test_NewSessionReplacesTheSegment,
+            self.test_ExcludePointsAloneKeepTheSegment,
             self.test_FailedWriteIsUndoable,
             self.test_SegmentFromWorldPoints,
             self.test_MovingAPointChangesTheResult,
@@ -1897,6 +1899,24 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), sphere)
         logic.undo(segmentationNode, segmentId, volumeNode)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), slab)
+
+    def test_ExcludePointsAloneKeepTheSegment(self) -> None:
+        self.delayDisplay("Exclude points placed first on a segment keep it; the first include point replaces it")
+        volumeNode, sphere, centerWorld = self._createScene()
+        self._useTestModel()
+        logic = self.logic
+        segmentationNode, segmentId, slab = self._segmentWithSlab(volumeNode, sphere)
+        logic.endSession()
+        exclude = ((False, tuple(centerWorld)),)
+        alone = logic.requestSegmentation(volumeNode, logic.clicksFromPrompts(volumeNode, exclude)).result()
+        logic.applyResult(alone, segmentationNode, segmentId, volumeNode, promptsBefore=(), promptsAfter=exclude)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), slab)
+
+        both = exclude + ((True, tuple(np.asarray(centerWorld) + (4.0, 0.0, 0.0))),)
+        result = logic.requestSegmentation(volumeNode, logic.clicksFromPrompts(volumeNode, both)).result()
+        self.assertTrue(result.first)
+        logic.applyResult(result, segmentationNode, segmentId, volumeNode, promptsBefore=exclude, promptsAfter=both)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), result.mask)
 
     def test_FailedWriteIsUndoable(self) -> None:
         self.delayDisplay("A write that fails part-way is recorded as far as it got")

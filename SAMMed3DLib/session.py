@@ -60,8 +60,9 @@ class SessionResult:
     regions: list[Region]
     timings: dict[str, float]
     changed: Optional[KJI]  # bounding box of voxels that differ from the previous result
-    # The session's first result (or a preview before it): `changed` then compares with an empty mask, so a
-    # caller writing into a segment that had voxels before must clear those outside `changed` itself.
+    # The session's first result with a region (or a preview before it): `changed` then compares with an empty
+    # mask, so a caller writing into a segment that had voxels before must clear those outside `changed` itself.
+    # Results before it (exclude clicks alone) have no mask and change nothing: a segment keeps its voxels.
     first: bool = False
 
 
@@ -115,6 +116,7 @@ class InteractiveSession:
         self._history: list[tuple[Click, ...]] = [()]
         self._position = 0
         self._last: Optional[SessionResult] = None
+        self._drawn = False  # whether a result had a region yet
         self._last_boxes: list[KJI] = []
         # Replay cache: _snapshots[n] = the regions' decoder state after the first n clicks of _replayed.
         self._replayed: tuple[Click, ...] = ()
@@ -302,7 +304,7 @@ class InteractiveSession:
         timings["paste"] += time.perf_counter() - started
         changed = self._changed_box(mask, boxes)
         result = SessionResult(
-            first=self._last is None,
+            first=bool(runs) and not self._drawn,
             clicks=clicks,
             mask=mask,
             iou=runs[0].iou if runs else float("nan"),
@@ -312,6 +314,7 @@ class InteractiveSession:
         )
         self._last = result
         self._last_boxes = boxes
+        self._drawn = self._drawn or bool(runs)
         return result
 
     def _footprint(self, region: Region) -> Footprint:

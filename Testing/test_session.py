@@ -295,7 +295,9 @@ def test_exclude_clicks_alone_give_no_mask_and_are_replayed_after_the_first_incl
     session = _session(tiny_model, prepared, regions="1")
     alone = session.add_click(exclude)
     assert not alone.mask.any() and alone.regions == [] and session.clicks == (exclude,)
+    assert not alone.first and alone.changed is None  # no mask yet: a segment written into keeps its voxels
     both = session.add_click(include)
+    assert both.first  # the first mask of the session: it replaces what the segment held
     include_first = _session(tiny_model, prepared, regions="1").set_clicks([include, exclude])
     assert np.array_equal(both.mask, include_first.mask) and both.mask.any()
     assert both.clicks == (exclude, include)  # the user's order is kept; only the decoder sees include first
