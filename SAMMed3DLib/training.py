@@ -140,11 +140,13 @@ def _compact(raw: np.ndarray) -> np.ndarray:
 
 
 class CaseCache:
-    """Prepared cases stored as compressed .npz files (prepared once), a few kept in memory."""
+    """Prepared cases stored as compressed .npz files (prepared once), a few kept in memory.
+
+    A folder it creates is readable by its owner alone: the cases are copies of the user's scans."""
 
     def __init__(self, folder: PathLike, keep_in_memory: int = 4):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._memory: OrderedDict[Path, PreparedCase] = OrderedDict()
         self._keep = keep_in_memory
 

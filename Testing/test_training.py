@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -449,6 +450,18 @@ def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, data, tmp_p
     out = tmp_path / "model.pth"
     assert run_command("train", cases_dir, data, out, "--config", str(tiny_config)) == 0
     assert load_model(out).image_encoder.pos_embed.shape[-1] == TINY.encoder_embed_dim
+
+
+def test_prepared_cases_go_to_a_private_folder_of_the_per_user_cache(cases_dir, tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setenv("SAMMED3D_CACHE_DIR", str(tmp_path / "user-cache"))
+    argv = ["train", str(cases_dir), "--out", str(tmp_path / "m.pth"), "--steps", "1", "--config", str(tiny_config)]
+    argv += ["--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1", "--device", "cpu"]
+    args = parser().parse_args(argv)
+    assert args.func(args) == 0
+    folder = tmp_path / "user-cache" / train_command.PREPARED_CASES_FOLDER
+    assert len(list(folder.glob("*.npz"))) == len(find_cases(cases_dir))
+    if os.name == "posix":  # the cases are copies of the user's scans
+        assert folder.stat().st_mode & 0o077 == 0
 
 
 def test_fine_tuning_starts_from_the_demo_model_when_no_checkpoint_is_given(tmp_path):

@@ -14,7 +14,7 @@ from ..atomic import check_output_folder, check_output_path
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
 from ..errors import InputError
-from ..published import PUBLISHED_CHECKPOINTS, resolve_checkpoint
+from ..published import CACHE_DIR_VARIABLE, PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
 from ..training import (
     CaseCache,
     CaseFiles,
@@ -42,7 +42,8 @@ CONFIGS = {
         decoder_mlp_dim=512,
     ),
 }
-DEFAULT_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / "sammed3d_train_cache"
+# Under the per-user cache (not a shared temporary folder): prepared cases are copies of the user's scans.
+PREPARED_CASES_FOLDER = "prepared-cases"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -124,7 +125,10 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
     parser.add_argument("--seed", type=seed_argument, default=0, help="random seed (0)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
     parser.add_argument(
-        "--cache", type=Path, default=DEFAULT_CACHE, help=f"prepared-case cache folder ({DEFAULT_CACHE})"
+        "--cache",
+        type=Path,
+        help=f"prepared-case cache folder (default: {PREPARED_CASES_FOLDER} in the per-user cache, "
+        f"~/.cache/sammed3d or ${CACHE_DIR_VARIABLE}; yours alone, safe to delete)",
     )
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to train")
     parser.add_argument("--resume", type=Path, help="continue a run from the checkpoint it wrote")
@@ -200,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     torch.set_num_threads(args.threads)
     cases = find_cases(args.data)
+    if args.cache is None:
+        args.cache = cache_dir() / PREPARED_CASES_FOLDER
     check_outputs(args, cases)
     # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
     config = None
