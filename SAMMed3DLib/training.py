@@ -300,23 +300,40 @@ def make_sample(
 # ------------------------------------------------------------------------------------------------ loss
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MONAI DiceCELoss(sigmoid=True, squared_pred=True): squared-prediction Dice plus BCE, per item, mean."""
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI DiceLoss(sigmoid=True, squared_pred=True): squared-prediction soft Dice, per item, mean."""
     probabilities = torch.sigmoid(logits)
     dims = tuple(range(2, logits.dim()))
     intersection = (probabilities * target).sum(dims)
     denominator = (probabilities * probabilities).sum(dims) + (target * target).sum(dims)
-    dice_loss = 1.0 - (2.0 * intersection + DICE_SMOOTHING) / (denominator + DICE_SMOOTHING)
-    return dice_loss.mean() + F.binary_cross_entropy_with_logits(logits, target)
+    return (1.0 - (2.0 * intersection + DICE_SMOOTHING) / (denominator + DICE_SMOOTHING)).mean()
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI (1.3 or later) DiceCELoss(sigmoid=True, squared_pred=True): `dice_loss` plus BCE over all voxels.
+
+    The official training script computes this loss; with MONAI 1.2.0, which its requirements pinned in 2023, the
+    cross-entropy term of a single channel is zero (softmax cross-entropy), so models trained then saw
+    `dice_loss` alone."""
+    return dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+# --loss: the training loss of each mask.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"dicece": dice_ce_loss, "dice": dice_loss}
 
 
 def ambiguity_loss(
-    logits: torch.Tensor, target: torch.Tensor, predicted_iou: torch.Tensor, iou_weight: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    predicted_iou: torch.Tensor,
+    iou_weight: float = 1.0,
+    mask_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dice_ce_loss,
 ) -> torch.Tensor:
-    """SAM's loss for alternative masks: DiceCE of the best of logits (1, M, S, S, S) against target (1, 1, S, S, S),
-    plus iou_weight (SAM: 1) times the squared error of predicted_iou (1, M) against each mask's measured IoU.
+    """SAM's loss for alternative masks: `mask_loss` of the best of logits (1, M, S, S, S) against target
+    (1, 1, S, S, S), plus iou_weight (SAM: 1) times the squared error of predicted_iou (1, M) against each mask's
+    measured IoU.
     """
-    losses = torch.stack([dice_ce_loss(logits[:, i : i + 1], target) for i in range(logits.shape[1])])
+    losses = torch.stack([mask_loss(logits[:, i : i + 1], target) for i in range(logits.shape[1])])
     with torch.no_grad():
         masks, truth = logits[0] > 0, target[0] > 0.5
         intersection = (masks & truth).flatten(1).sum(1).float()
@@ -350,7 +367,8 @@ def seed_multimask_outputs(decoder: MaskDecoder3D, generator: torch.Generator, n
 
 
 def mask_only_steps(steps: int, rng: np.random.Generator) -> set[int]:
-    """The last step and one random step in [2, steps - 2] (official: [2, 8] of 11) get no point."""
+    """The last step and, from 5 steps on, one random step in [2, steps - 2] (official: [2, 8] of 11) get no
+    point (with 4 steps a second mask-only step would leave only 2 clicks)."""
     chosen = {steps - 1}
     if steps >= 5:
         chosen.add(int(rng.integers(2, min(8, steps - 2) + 1)))
@@ -366,8 +384,13 @@ def interact(
     first_click: Optional[tuple[int, int, int]] = None,
     first_click_multimask: bool = False,
     iou_loss_weight: float = 1.0,
+    loss: str = "dicece",
 ) -> tuple[torch.Tensor, float]:
-    """Simulated interaction on one region; returns the loss summed over steps and the last step's Dice.
+    """Simulated interaction on one region; returns the loss (`LOSSES[loss]` of each step's mask) summed over
+    steps and the last step's Dice.
+
+    Clicks are drawn from the errors of the mask the user would see (logits above 0); the official script
+    thresholds the logits at 0.5 instead, a difference of a thin shell of voxels.
 
     first_click: the first (positive) click's region index, when the region was centred on it.
     first_click_multimask: the first click's step trains the three alternative masks (best-of-three loss
@@ -382,6 +405,7 @@ def interact(
     image_pe = model.prompt_encoder.get_dense_pe()
     clicks = np.random.RandomState(int(rng.integers(2**32)))
     no_point = mask_only_steps(steps, rng)
+    mask_loss = LOSSES[loss]
     total = torch.zeros((), device=device)
     for step in range(steps):
         if step == 0 and first_click is not None:
@@ -403,12 +427,12 @@ def interact(
         )
         upsampled = upsample_trilinear(low_res.float(), size)
         if multimask:
-            loss = ambiguity_loss(upsampled, target, predicted_iou, iou_loss_weight)
+            step_loss = ambiguity_loss(upsampled, target, predicted_iou, iou_loss_weight, mask_loss)
             picked = int(predicted_iou[0].argmax())
             low_res, upsampled = low_res[:, picked : picked + 1], upsampled[:, picked : picked + 1]
         else:
-            loss = dice_ce_loss(upsampled, target)
-        total = total + loss
+            step_loss = mask_loss(upsampled, target)
+        total = total + step_loss
         previous_logits = low_res
         previous_mask = (upsampled > 0)[0, 0].detach().cpu().numpy()
     return total, dice(previous_mask, label)
@@ -450,6 +474,7 @@ class TrainingOptions:
     click_centre_probability: float = 0.0  # not official: regions centred on the first click, as sessions do
     first_click_multimask: bool = False  # not official: SAM's three alternative masks for a lone first click
     iou_loss_weight: float = 1.0  # weight of the alternatives' IoU-prediction error (SAM: 1)
+    loss: str = "dicece"  # a key of LOSSES
     flip: bool = True
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
@@ -465,6 +490,8 @@ class TrainingOptions:
                 wanted = f"from {low} to {high}" if high is not None else f"of {low} or more"
                 flag = "--" + name.replace("_", "-")
                 raise InputError(f"{name} ({flag}) is {value}; give a value {wanted}.")
+        if self.loss not in LOSSES:
+            raise InputError(f"loss (--loss) is '{self.loss}'; give one of {', '.join(LOSSES)}.")
 
     @property
     def samples_per_step(self) -> int:
@@ -590,6 +617,7 @@ class Trainer:
                         first_click=sample.first_click,
                         first_click_multimask=options.first_click_multimask,
                         iou_loss_weight=options.iou_loss_weight,
+                        loss=options.loss,
                     )
                 loss = loss + sample_loss
                 losses.append(sample_loss.item() / options.clicks_per_sample)
