@@ -272,6 +272,21 @@ def test_demo_never_writes_over_a_users_files(tmp_path, image_path, capsys):
     assert sorted(path.name for path in folder.iterdir()) == ["image.nii.gz", "mask.nii.gz"]
 
 
+@pytest.mark.parametrize("name", ["mask.nii.gz", "preview.png"])
+def test_demo_replaces_a_mask_or_preview_of_someone_else_only_with_overwrite(tmp_path, image_path, name, capsys):
+    label = _label_file(tmp_path, image_path)
+    for arguments in (["demo"], ["demo", "--image", str(image_path), "--label", str(label)]):
+        folder = tmp_path / f"theirs{len(arguments)}"
+        folder.mkdir()
+        theirs = folder / name
+        theirs.write_bytes(b"a file of the user's")
+        assert main([*arguments, "--out", str(folder), "--checkpoint", str(tmp_path / "absent.pth")]) == 2
+        assert f"{theirs} already exists" in capsys.readouterr().err
+        assert theirs.read_bytes() == b"a file of the user's" and [p.name for p in folder.iterdir()] == [name]
+        assert main([*arguments, "--out", str(folder), "--overwrite"]) == 0
+        assert theirs.read_bytes() != b"a file of the user's"
+
+
 @pytest.mark.parametrize(
     "options, message",
     [(["--label", "labels.nii.gz"], "--label needs --image"), (["--target", "0"], "--target 0 is the background")],

@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label", help="label map of --image, on the same grid")
     parser.add_argument("--target", type=int, help="label value to segment (default: the largest structure)")
     parser.add_argument("--out", default="sammed3d-demo", help="output folder (default ./sammed3d-demo)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace a {MASK_FILE} or {PREVIEW_FILE} already in --out (in a phantom folder of an earlier demo they "
+        "are replaced anyway)",
+    )
     add_model_options(parser)
     parser.set_defaults(func=run)
 
@@ -75,6 +81,7 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
         if not args.label:
             raise InputError("--image needs --label (the truth to click in and compare with).")
         _check_inputs_are_not_outputs(out, args.image, args.label)
+        _check_result_files(out, may_replace=args.overwrite)
         image, label = Volume.from_file(args.image), Volume.from_file(args.label)
         image.check_same_grid(label)
         check_output_folder(out)
@@ -82,6 +89,7 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
     if args.label:
         raise InputError("--label needs --image (the scan it labels); leave both out to use a phantom.")
     _check_phantom_folder(out)
+    _check_result_files(out, may_replace=args.overwrite or _is_phantom_description(out / LABELS_JSON))
     phantom = make_phantom(args.seed)
     image_path, label_path = write_phantom(phantom, out)
     print(f"Generated phantom seed {args.seed}: {image_path}, {label_path}")
@@ -95,6 +103,13 @@ def _check_inputs_are_not_outputs(out: Path, *inputs: str) -> None:
         for given in inputs:
             if Path(given).resolve() == written:
                 raise InputError(f"{given} is where the demo writes its {name}; choose another --out folder.")
+
+
+def _check_result_files(out: Path, may_replace: bool) -> None:
+    """A mask or preview already in `out` is someone's file unless the demo may replace it."""
+    for name in (MASK_FILE, PREVIEW_FILE):
+        if (out / name).exists() and not may_replace:
+            raise InputError(f"{out / name} already exists; choose another --out folder or pass --overwrite.")
 
 
 def _check_phantom_folder(out: Path) -> None:

@@ -141,7 +141,7 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         "--cache",
         type=Path,
         help=f"prepared-case cache folder (default: {PREPARED_CASES_FOLDER} in the per-user cache, "
-        f"~/.cache/sammed3d or ${CACHE_DIR_VARIABLE}; yours alone, safe to delete)",
+        f"${CACHE_DIR_VARIABLE}, else $XDG_CACHE_HOME/sammed3d or ~/.cache/sammed3d; yours alone, safe to delete)",
     )
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to train")
     parser.add_argument("--resume", type=Path, help="continue a run from the checkpoint it wrote")
