@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import zlib
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import SimpleITK as sitk
 
@@ -17,6 +19,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 _GZIP_WINDOW = 16 + zlib.MAX_WBITS  # zlib's setting for data with a gzip header and trailer
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK_BYTES = 1 << 22
+# NIfTI headers by their size: (header bytes, dim (format, offset), bitpix (format, offset), vox_offset (format,
+# offset)); NIfTI-1 keeps int16 dims and a float32 offset, NIfTI-2 int64 dims and an int64 offset.
+_NIFTI_LAYOUTS = {
+    348: (("8h", 40), ("h", 72), ("f", 108)),
+    540: (("8q", 16), ("h", 14), ("q", 168)),
+}
 # Formats whose header names a second data file: a temporary name would end up inside the header.
 _TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".nhdr")
 # Single-file formats that keep a 3-D volume with its geometry (a .png or .tif would keep one 2-D slice).
@@ -33,6 +41,8 @@ def read_image(path: PathLike) -> sitk.Image:
             return _read_dicom_series(location)
         if location.name.lower().endswith(".gz"):
             _check_gzip_complete(location)
+        elif location.name.lower().endswith(".nii"):
+            _check_nifti_complete(location)
         return sitk.ReadImage(str(location))
     except RuntimeError as error:
         reason = _first_line(error)
@@ -59,6 +69,36 @@ def _check_gzip_complete(path: Path) -> None:
         raise InputError(f"Image {path} is damaged ({error}); copy or export it again.") from error
     if not decompressor.eof:
         raise InputError(f"Image {path} is cut off (its compressed data end early); copy or download it again.")
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK reads a cut-off uncompressed NIfTI file without complaint, the missing voxels as zeros; its header says
+    how many bytes the voxels take. A header this cannot make sense of is left to ITK."""
+    expected = _nifti_data_end(path)
+    if expected is not None and path.stat().st_size < expected:
+        raise InputError(
+            f"Image {path} is cut off ({path.stat().st_size} bytes, its header needs {expected}); copy or export it "
+            "again."
+        )
+
+
+def _nifti_data_end(path: Path) -> Optional[int]:
+    """The byte where a .nii file's voxel data end, from its header, or None when it is not a NIfTI header."""
+    with path.open("rb") as stream:
+        header = stream.read(max(_NIFTI_LAYOUTS))
+    for order in "<>":
+        size = struct.unpack_from(order + "i", header)[0] if len(header) >= 4 else None
+        layout = _NIFTI_LAYOUTS.get(size)
+        if layout is None or len(header) < size:
+            continue
+        (dim_format, dim_at), (bitpix_format, bitpix_at), (offset_format, offset_at) = layout
+        dims = struct.unpack_from(order + dim_format, header, dim_at)
+        bitpix = struct.unpack_from(order + bitpix_format, header, bitpix_at)[0]
+        offset = struct.unpack_from(order + offset_format, header, offset_at)[0]
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or not math.isfinite(offset) or min(dims[1 : dims[0] + 1]) < 0:
+            return None
+        return int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
+    return None
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -17,6 +17,9 @@ POINT_SPACES = ("ras", "lps", "ijk")
 _INSIDE_TOLERANCE = 1e-6
 # Voxel-to-RAS matrices this close (mm, or mm per voxel) describe one grid: header rounding, not another grid.
 GRID_TOLERANCE_MM = 1e-3
+# Largest departure of a direction matrix's D^T D from the identity still read as header rounding (oblique DICOM
+# orientations are written with a few decimals), not as a sheared or scaled grid.
+DIRECTION_TOLERANCE = 1e-3
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _POINT_PATTERN = re.compile(rf"^\s*[\[(]?\s*({_NUMBER})\s*[,;\s]\s*({_NUMBER})\s*[,;\s]\s*({_NUMBER})\s*[\])]?\s*$")
@@ -171,6 +174,13 @@ def _check_image(image: sitk.Image, name: str) -> None:
         raise InputError(f"The {name} is a 2D image; give a 3D volume (a single-slice 3D volume is fine).")
     if dimension != 3:
         raise InputError(f"The {name} is {dimension}D; extract a single 3D volume first.")
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), rtol=0, atol=DIRECTION_TOLERANCE):
+        raise InputError(
+            f"The {name}'s voxel axes are not at right angles with unit length (direction matrix "
+            f"{np.round(direction, 4).tolist()}): its header describes a sheared or scaled grid, on which masks would "
+            "land in the wrong place; resample it onto a regular grid or fix its header."
+        )
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"The {name} has complex voxels; convert it to real values first.")
     if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):

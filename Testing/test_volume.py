@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,27 @@ def test_unusable_images_are_rejected_in_one_sentence(image, problem):
         Volume.from_sitk(image)
 
 
+def _with_direction(direction: tuple) -> sitk.Image:
+    image = sitk.Image([4, 4, 4], sitk.sitkInt16)
+    image.SetDirection(direction)
+    return image
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0.5, 1, 0, 0, 0, 1), (2, 0, 0, 0, 2, 0, 0, 0, 2)])
+def test_a_sheared_or_scaled_direction_matrix_is_refused(direction):
+    with pytest.raises(InputError, match="not at right angles with unit length"):
+        Volume.from_sitk(_with_direction(direction))
+    sheared = np.diag([1.0, 1.0, 3.0, 1.0])
+    sheared[1, 2] = 1.5  # the third voxel axis leans along the second
+    with pytest.raises(InputError, match="sheared or scaled grid"):
+        Volume.from_array(np.zeros((4, 4, 4), dtype=np.int16), sheared)
+
+
+def test_header_rounding_of_an_oblique_direction_is_accepted():
+    rotation = np.array(sitk.VersorTransform((0.3, -0.2, 0.5), 0.4).GetMatrix())
+    assert Volume.from_sitk(_with_direction(tuple(np.round(rotation, 5)))).shape_kji == (4, 4, 4)
+
+
 def test_single_slice_volume_is_allowed():
     volume = Volume.from_array(np.ones((1, 8, 9), dtype=np.int16), np.diag([0.8, 0.8, 5.0, 1.0]))
     assert volume.shape_kji == (1, 8, 9)
@@ -124,6 +146,38 @@ def test_missing_and_unreadable_files(tmp_path):
         Volume.from_file(garbage)
     with pytest.raises(InputError, match="no DICOM series"):
         Volume.from_file(tmp_path)
+
+
+def test_a_cut_off_uncompressed_nifti_is_refused_not_read_as_zeros(tmp_path):
+    image = sitk.GetImageFromArray(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8))
+    whole = tmp_path / "whole.nii"
+    sitk.WriteImage(image, str(whole))
+    np.testing.assert_array_equal(Volume.from_file(whole).array_kji, sitk.GetArrayFromImage(image))
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(InputError, match="is cut off"):
+        Volume.from_file(cut)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_voxel_bytes_a_nifti_header_needs(tmp_path, order, version):
+    """NIfTI-1 and NIfTI-2 headers, either byte order: 5 x 6 x 7 int16 voxels after a 352- or 544-byte offset."""
+    size = 348 if version == 1 else 540
+    header = bytearray(size)
+    struct.pack_into(order + "i", header, 0, size)
+    if version == 1:
+        struct.pack_into(order + "8h", header, 40, 3, 5, 6, 7, 1, 1, 1, 1)
+        struct.pack_into(order + "h", header, 72, 16)
+        struct.pack_into(order + "f", header, 108, 352.0)
+    else:
+        struct.pack_into(order + "h", header, 14, 16)
+        struct.pack_into(order + "8q", header, 16, 3, 5, 6, 7, 1, 1, 1, 1)
+        struct.pack_into(order + "q", header, 168, 544)
+    path = tmp_path / "short.nii"
+    path.write_bytes(bytes(header) + bytes(100))
+    with pytest.raises(InputError, match=f"its header needs {size + 4 + 5 * 6 * 7 * 2}"):
+        Volume.from_file(path)
 
 
 def test_a_cut_off_or_damaged_gzip_image_is_refused_not_read_as_zeros(tmp_path):
