@@ -7,8 +7,9 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
+import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_destination, check_output_path
@@ -19,6 +20,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 _GZIP_WINDOW = 16 + zlib.MAX_WBITS  # zlib's setting for data with a gzip header and trailer
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK_BYTES = 1 << 22
+# DICOM tags of a slice's geometry, and how far slices may stray from an even stack before it is refused.
+_ORIENTATION_TAG, _POSITION_TAG, _THICKNESS_TAG = "0020|0037", "0020|0032", "0018|0050"
+_DICOM_ORIENTATION_TOLERANCE = 1e-3
+_DICOM_STEP_TOLERANCE = 0.05  # of the median step between slices
+_DICOM_DRIFT_TOLERANCE_MM = 0.1
 # NIfTI headers by their size: (header bytes, dim (format, offset), bitpix (format, offset), vox_offset (format,
 # offset)); NIfTI-1 keeps int16 dims and a float32 offset, NIfTI-2 int64 dims and an int64 offset.
 _NIFTI_LAYOUTS = {
@@ -108,8 +114,71 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputError(f"Folder {folder} holds no DICOM series; give an image file or a DICOM folder.")
     if len(series) > 1:
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series; put one series per folder.")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    thickness = _check_slice_geometry(folder, files)
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    if len(files) == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
+        image.SetSpacing((*image.GetSpacing()[:2], thickness))
+    return image
+
+
+def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]:
+    """ITK stacks a series' slices at even steps along the first slice's normal; refuse a series where that would
+    put slices in the wrong place (a missing or damaged slice, uneven steps, a gantry tilt, a localizer of another
+    orientation). Returns the Slice Thickness (mm) when given. Slices without position tags are left to ITK."""
+    headers = [_slice_header(file) for file in files]
+    if any(header is None for header in headers):
+        return None
+    orientation, _, thickness = headers[len(headers) // 2]  # a middle slice: not a stray localizer at either end
+    for file, (other, _, _) in zip(files, headers):
+        if not np.allclose(other, orientation, atol=_DICOM_ORIENTATION_TOLERANCE):
+            raise InputError(
+                f"{file} lies in another orientation than the rest of the series in {folder} (a localizer?); "
+                "move it out of the folder."
+            )
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.array([position for _, position, _ in headers])
+    depths = positions @ normal
+    steps = np.diff(depths)
+    if len(steps) and np.abs(steps).min() < _DICOM_DRIFT_TOLERANCE_MM:
+        raise InputError(
+            f"Two slices of {folder} lie at the same place (several echoes, phases or times in one series); "
+            "put each volume's slices in a folder of their own."
+        )
+    if len(steps) and (np.abs(steps - np.median(steps)).max() > _DICOM_STEP_TOLERANCE * abs(np.median(steps))):
+        raise InputError(
+            f"The slices of {folder} are not evenly spaced (steps from {steps.min():.3g} to {steps.max():.3g} mm): a "
+            "slice is missing or damaged, or the series mixes spacings; export the whole series again, or convert "
+            "it with a tool that resamples it (e.g. 3D Slicer's DICOM import)."
+        )
+    drift = positions - np.outer(depths, normal)
+    if np.abs(drift - drift[0]).max() > _DICOM_DRIFT_TOLERANCE_MM:
+        raise InputError(
+            f"The slices of {folder} are shifted sideways from one to the next (a gantry tilt): stacking them "
+            "straight would misplace them; correct the tilt first (e.g. 3D Slicer's DICOM import with acquisition "
+            "geometry regularization, or dcm2niix)."
+        )
+    return thickness
+
+
+def _slice_header(file: str) -> Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]:
+    """(orientation (6,), position (3,), slice thickness or None) of one DICOM file, or None without those tags."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        orientation = [float(v) for v in reader.GetMetaData(_ORIENTATION_TAG).split("\\")]
+        position = [float(v) for v in reader.GetMetaData(_POSITION_TAG).split("\\")]
+    except (RuntimeError, ValueError):
+        return None
+    if len(orientation) != 6 or len(position) != 3:
+        return None
+    try:
+        thickness = float(reader.GetMetaData(_THICKNESS_TAG)) if reader.HasMetaDataKey(_THICKNESS_TAG) else None
+    except ValueError:
+        thickness = None
+    return np.array(orientation), np.array(position), thickness if thickness and thickness > 0 else None
 
 
 def _first_line(error: Exception) -> str:
