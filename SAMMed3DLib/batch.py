@@ -50,9 +50,11 @@ class Case:
 
     @property
     def name(self) -> str:
-        """The image's name without its image extension: 'ct.v1' for ct.v1.nii.gz."""
+        """The image's name without its image extension: 'ct.v1' for ct.v1.nii.gz; a folder's whole name."""
         if self.image is None:
             return "(no image)"
+        if self.image.is_dir():  # a DICOM folder: no extension, whatever dots its name has (series UIDs)
+            return self.image.name
         return self.image.name[: len(self.image.name) - len(image_suffix(self.image))] or self.image.name
 
 

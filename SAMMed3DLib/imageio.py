@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 _GZIP_WINDOW = 16 + zlib.MAX_WBITS  # zlib's setting for data with a gzip header and trailer
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK_BYTES = 1 << 22
+_ITK_ERROR = "ITK ERROR:"
 # DICOM tags of a slice's geometry, and how far slices may stray from an even stack before it is refused.
 _ORIENTATION_TAG, _POSITION_TAG, _THICKNESS_TAG = "0020|0037", "0020|0032", "0018|0050"
 _DICOM_ORIENTATION_TOLERANCE = 1e-3
@@ -53,7 +55,8 @@ def read_image(path: PathLike) -> sitk.Image:
     except RuntimeError as error:
         reason = _first_line(error)
         raise InputError(
-            f"Could not read image {location} ({reason}); use a NIfTI, NRRD or MHA file or a DICOM folder."
+            f"Could not read image {location} ({reason}); give a whole NIfTI, NRRD, MHA or other ITK image file "
+            "with a valid header, or a DICOM folder."
         ) from error
 
 
@@ -182,7 +185,13 @@ def _slice_header(file: str) -> Optional[tuple[np.ndarray, np.ndarray, Optional[
 
 
 def _first_line(error: Exception) -> str:
+    """The reason an ITK error gives: its 'ITK ERROR' line without the class prefix, else the last plain line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if _ITK_ERROR in line:
+            reason = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", line.split(_ITK_ERROR, 1)[1]).strip()
+            if reason:
+                return reason
     meaningful = [line for line in lines if "Exception" not in line and not line.startswith("/")]
     return (meaningful or lines or ["unknown error"])[-1]
 

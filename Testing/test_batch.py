@@ -72,6 +72,14 @@ def test_names_keep_every_dot_but_the_image_extension(tmp_path):
     assert outs == [tmp_path / "out" / name for name in ("ct.v1_mask.nii.gz", "ct.v2_mask.nii.gz", "a_mask.nii.gz")]
 
 
+def test_dicom_folders_named_by_series_uid_keep_their_whole_name(tmp_path):
+    folders = [tmp_path / "study" / "1.2.840.113619.2.55.3", tmp_path / "study" / "1.2.840.113619.2.55.4"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    outs = [case.out for case in plan_outputs([Case(folder, []) for folder in folders], tmp_path / "out")]
+    assert outs == [tmp_path / "out" / f"{folder.name}_mask.nii.gz" for folder in folders]
+
+
 def test_planning_keeps_given_outputs_and_is_repeatable(tmp_path):
     cases = [Case(tmp_path / "a" / "x.nii.gz", [], out=tmp_path / "mine.nii.gz"), Case(tmp_path / "b" / "x.nii.gz", [])]
     planned = plan_outputs(cases, tmp_path / "out")

@@ -148,6 +148,14 @@ def test_missing_and_unreadable_files(tmp_path):
         Volume.from_file(tmp_path)
 
 
+def test_an_unreadable_header_is_refused_with_itks_reason(tmp_path):
+    path = tmp_path / "flat.mha"
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(path))
+    path.write_bytes(path.read_bytes().replace(b"ElementSpacing = 1 1 1", b"ElementSpacing = 3 0 3"))
+    with pytest.raises(InputError, match=r"\(Zero-valued spacing is not supported.*valid header"):
+        Volume.from_file(path)
+
+
 def test_a_cut_off_uncompressed_nifti_is_refused_not_read_as_zeros(tmp_path):
     image = sitk.GetImageFromArray(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8))
     whole = tmp_path / "whole.nii"
