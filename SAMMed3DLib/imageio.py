@@ -114,7 +114,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise InputError(f"Folder {folder} holds no DICOM series; give an image file or a DICOM folder.")
+        below = _first_series_folder_below(folder)
+        hint = f"{below} does: give that folder" if below else "give an image file or a DICOM folder"
+        raise InputError(f"Folder {folder} holds no DICOM series; {hint}.")
     if len(series) > 1:
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series; put one series per folder.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
@@ -124,6 +126,24 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(files) == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
         image.SetSpacing((*image.GetSpacing()[:2], thickness))
     return image
+
+
+def _first_series_folder_below(folder: Path, depth: int = 3) -> Optional[Path]:
+    """The first sub-folder (breadth first, at most `depth` levels down) holding a DICOM series, as exports of
+    DICOMDIR media nest them (DICOM/S0001/...)."""
+    level = [folder]
+    for _ in range(depth):
+        children: list[Path] = []
+        for parent in level:
+            try:
+                children += [child for child in parent.iterdir() if child.is_dir()]
+            except OSError:  # a sub-folder it may not read is no place to look
+                continue
+        level = sorted(children)
+        for child in level:
+            if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(child)):
+                return child
+    return None
 
 
 def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]:

@@ -100,3 +100,9 @@ def test_a_lone_slice_is_as_thick_as_its_header_says(tmp_path):
     volume = Volume.from_file(tmp_path / "one")
     assert volume.shape_kji == (1, 10, 12)
     np.testing.assert_allclose(volume.spacing, SPACING, atol=1e-4)
+
+
+def test_a_folder_whose_series_lies_deeper_names_the_sub_folder(tmp_path):
+    write_series(tmp_path / "export" / "DICOM" / "S0001")
+    with pytest.raises(InputError, match=r"holds no DICOM series; .*S0001 does: give that folder"):
+        Volume.from_file(tmp_path / "export")
