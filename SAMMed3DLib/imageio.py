@@ -26,7 +26,7 @@ _ITK_ERROR = "ITK ERROR:"
 _ORIENTATION_TAG, _POSITION_TAG, _THICKNESS_TAG = "0020|0037", "0020|0032", "0018|0050"
 _DICOM_ORIENTATION_TOLERANCE = 1e-3
 _DICOM_STEP_TOLERANCE = 0.05  # of the median step between slices
-_DICOM_DRIFT_TOLERANCE_MM = 0.1
+_DICOM_POSITION_TOLERANCE_MM = 0.1  # two slices this close lie at one place; a slice this far sideways, tilted
 # NIfTI headers by their size: (header bytes, dim (format, offset), bitpix (format, offset), vox_offset (format,
 # offset)); NIfTI-1 keeps int16 dims and a float32 offset, NIfTI-2 int64 dims and an int64 offset.
 _NIFTI_LAYOUTS = {
@@ -123,7 +123,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     thickness = _check_slice_geometry(folder, files)
     reader.SetFileNames(files)
     image = reader.Execute()
-    if len(files) == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
+    if image.GetSize()[2] == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
         image.SetSpacing((*image.GetSpacing()[:2], thickness))
     return image
 
@@ -164,7 +164,7 @@ def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]
     positions = np.array([position for _, position, _ in headers])
     depths = positions @ normal
     steps = np.diff(depths)
-    if len(steps) and np.abs(steps).min() < _DICOM_DRIFT_TOLERANCE_MM:
+    if len(steps) and np.abs(steps).min() < _DICOM_POSITION_TOLERANCE_MM:
         raise InputError(
             f"Two slices of {folder} lie at the same place (several echoes, phases or times in one series); "
             "put each volume's slices in a folder of their own."
@@ -176,7 +176,7 @@ def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]
             "it with a tool that resamples it (e.g. 3D Slicer's DICOM import)."
         )
     drift = positions - np.outer(depths, normal)
-    if np.abs(drift - drift[0]).max() > _DICOM_DRIFT_TOLERANCE_MM:
+    if np.abs(drift - drift[0]).max() > _DICOM_POSITION_TOLERANCE_MM:
         raise InputError(
             f"The slices of {folder} are shifted sideways from one to the next (a gantry tilt): stacking them "
             "straight would misplace them; correct the tilt first (e.g. 3D Slicer's DICOM import with acquisition "
