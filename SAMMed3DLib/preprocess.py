@@ -53,6 +53,13 @@ def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Ima
             f"The image spans {extent} mm (voxel spacing {tuple(round(float(s), 4) for s in old_spacing)} mm in "
             f"its header): far larger than a body, too large to resample to {TARGET_SPACING} mm; check the spacing."
         )
+    if np.count_nonzero(exact_size <= 1) >= 2:  # one thin axis is a single slice; two leave nothing to segment
+        extent = " x ".join(f"{mm:.3g}" for mm in old_size * old_spacing)
+        raise InputError(
+            f"The image spans only {extent} mm (voxel spacing {tuple(float(f'{s:.4g}') for s in old_spacing)} mm in "
+            f"its header): at most one {TARGET_SPACING} mm voxel across on two axes; check the spacing (metres "
+            "instead of millimetres?)."
+        )
     new_size = exact_size.astype(np.uint16)
     new_size[old_size == 1] = 1
     origin_index = 0.5 * (new_spacing / old_spacing - 1)

@@ -228,3 +228,13 @@ def test_a_spacing_far_beyond_any_body_is_refused_before_resampling():
     rod.SetSpacing((1.5, 1.5, 1.5))
     with pytest.raises(InputError, match=r"spans 105000 x 2 x 2 mm"):
         resample_to_target_spacing(rod, sitk.sitkLinear)
+
+
+def test_a_spacing_in_metres_is_refused_before_resampling():
+    image = sitk.Image([200, 200, 100], sitk.sitkInt16)
+    image.SetSpacing((0.0008, 0.0008, 0.003))  # a header in metres read as millimetres
+    with pytest.raises(InputError, match=r"spans only 0.16 x 0.16 x 0.3 mm .*metres instead of millimetres"):
+        resample_to_target_spacing(image, sitk.sitkLinear)
+    single_slice = sitk.Image([200, 200, 1], sitk.sitkInt16)
+    single_slice.SetSpacing((0.8, 0.8, 5.0))
+    assert resample_to_target_spacing(single_slice, sitk.sitkLinear).GetSize() == (107, 107, 1)
