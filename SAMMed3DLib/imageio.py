@@ -24,6 +24,7 @@ _CHUNK_BYTES = 1 << 22
 _ITK_ERROR = "ITK ERROR:"
 # DICOM tags of a slice's geometry, and how far slices may stray from an even stack before it is refused.
 _ORIENTATION_TAG, _POSITION_TAG, _THICKNESS_TAG = "0020|0037", "0020|0032", "0018|0050"
+_DESCRIPTION_TAG = "0008|103e"
 _DICOM_ORIENTATION_TOLERANCE = 1e-3
 _DICOM_STEP_TOLERANCE = 0.05  # of the median step between slices
 _DICOM_POSITION_TOLERANCE_MM = 0.1  # two slices this close lie at one place; a slice this far sideways, tilted
@@ -118,7 +119,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         hint = f"{below} does: give that folder" if below else "give an image file or a DICOM folder"
         raise InputError(f"Folder {folder} holds no DICOM series; {hint}.")
     if len(series) > 1:
-        raise InputError(f"Folder {folder} holds {len(series)} DICOM series; put one series per folder.")
+        listed = "; ".join(_describe_series(reader, folder, uid) for uid in series)
+        raise InputError(f"Folder {folder} holds {len(series)} DICOM series ({listed}); put one series per folder.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     thickness = _check_slice_geometry(folder, files)
     reader.SetFileNames(files)
@@ -126,6 +128,19 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if image.GetSize()[2] == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
         image.SetSpacing((*image.GetSpacing()[:2], thickness))
     return image
+
+
+def _describe_series(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:
+    """'<Series Description or UID>: N files' for the message that lists a folder's series."""
+    files = reader.GetGDCMSeriesFileNames(str(folder), uid)
+    header = sitk.ImageFileReader()
+    header.SetFileName(files[0])
+    try:
+        header.ReadImageInformation()
+        description = header.GetMetaData(_DESCRIPTION_TAG).strip() if header.HasMetaDataKey(_DESCRIPTION_TAG) else ""
+    except RuntimeError:
+        description = ""
+    return f"{description or uid}: {len(files)} file{'s' if len(files) != 1 else ''}"
 
 
 def _first_series_folder_below(folder: Path, depth: int = 3) -> Optional[Path]:

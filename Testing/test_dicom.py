@@ -106,3 +106,10 @@ def test_a_folder_whose_series_lies_deeper_names_the_sub_folder(tmp_path):
     write_series(tmp_path / "export" / "DICOM" / "S0001")
     with pytest.raises(InputError, match=r"holds no DICOM series; .*S0001 does: give that folder"):
         Volume.from_file(tmp_path / "export")
+
+
+def test_a_folder_of_two_series_lists_them(tmp_path):
+    write_series(tmp_path / "study", slices=3)
+    write_series(tmp_path / "study", slices=2, series_uid="1.2.826.0.1.3680043.2.1125.2", first_number=10)
+    with pytest.raises(InputError, match=r"holds 2 DICOM series \(.*: 3 files; .*: 2 files\); put one series"):
+        Volume.from_file(tmp_path / "study")
