@@ -52,7 +52,10 @@ def read_image(path: PathLike) -> sitk.Image:
             _check_gzip_complete(location)
         elif location.name.lower().endswith(".nii"):
             _check_nifti_complete(location)
-        return sitk.ReadImage(str(location))
+        image = sitk.ReadImage(str(location))
+        if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+            _refuse_one_slice_of_a_series(location)
+        return image
     except RuntimeError as error:
         reason = _first_line(error)
         raise InputError(
@@ -128,6 +131,17 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if image.GetSize()[2] == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
         image.SetSpacing((*image.GetSpacing()[:2], thickness))
     return image
+
+
+def _refuse_one_slice_of_a_series(file: Path) -> None:
+    """A DICOM file given alone is read as one slice: refuse it when it belongs to a series of more."""
+    if sitk.ImageFileReader.GetImageIOFromFileName(str(file)) != "GDCMImageIO":
+        return
+    folder = file.resolve().parent
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        if len(files) > 1 and any(Path(name).resolve() == file.resolve() for name in files):
+            raise InputError(f"{file} is one slice of a {len(files)}-slice DICOM series; give its folder, {folder}.")
 
 
 def _describe_series(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:

@@ -113,3 +113,11 @@ def test_a_folder_of_two_series_lists_them(tmp_path):
     write_series(tmp_path / "study", slices=2, series_uid="1.2.826.0.1.3680043.2.1125.2", first_number=10)
     with pytest.raises(InputError, match=r"holds 2 DICOM series \(.*: 3 files; .*: 2 files\); put one series"):
         Volume.from_file(tmp_path / "study")
+
+
+def test_one_file_of_a_series_is_refused_naming_the_folder(tmp_path):
+    write_series(tmp_path / "ct", slices=3)
+    with pytest.raises(InputError, match=r"slice001.dcm is one slice of a 3-slice DICOM series; give its folder"):
+        Volume.from_file(tmp_path / "ct" / "slice001.dcm")
+    write_series(tmp_path / "one", slices=1)
+    assert Volume.from_file(tmp_path / "one" / "slice000.dcm").shape_kji == (1, 10, 12)  # a series of one slice
