@@ -10,7 +10,7 @@ Regions: the first include click centres the first region (the official click-ce
 click outside every region opens a region centred on it; an exclude click there changes nothing. In
 `auto` mode a mask that touches a region's face extends the work with a neighbouring region overlapping
 by half (the paper's strategy for targets larger than 192 mm), seeded with a click inside the mask and
-the overlapping part of the logits.
+the overlapping part of the logits; a neighbour holding background alone (nothing above 0) is left out.
 """
 
 from __future__ import annotations
@@ -280,9 +280,12 @@ class InteractiveSession:
                 begin[axis] += direction * (run.size // 2)
                 if any(np.array_equal(begin, other.region.begin) for other in runs):
                     continue
-                new = self._open_region(self.prepared.region(begin), timings)
                 seed = _seed_in_overlap(run.mask, axis, direction)
                 if seed is None:
+                    continue
+                try:
+                    new = self._open_region(self.prepared.region(begin), timings)
+                except InputError:  # nothing above 0 there, or one value only (air, padding): nothing to extend into
                     continue
                 new.logits = _shift_logits(run.logits, axis, direction)
                 self._step(new, seed, 1, timings)

@@ -210,6 +210,16 @@ def test_mask_touching_the_border_extends_to_neighbouring_regions(tiny_model):
     assert len(single.regions) == 1
 
 
+def test_a_neighbour_of_background_alone_is_not_extended_into(tiny_model):
+    """The mask reaches a face, but the region beyond holds air only (nothing above 0): the click still works."""
+    array = np.full((8, 8, 400), -1000, dtype=np.int16)
+    array[:, :, :150] = _textured((8, 8, 150))
+    body_then_air = Volume.from_array(array, np.eye(4))
+    click = Click(_ras(body_then_air, (60, 4, 4)))
+    result = InteractiveSession(AllForegroundPredictor(tiny_model), PreparedVolume(body_then_air)).add_click(click)
+    assert len(result.regions) == 2 and result.mask[:, :, :150].all()  # the body's neighbour yes, the air's no
+
+
 def test_sessions_share_region_embeddings(tiny_model, volume, prepared):
     predictor = CountingPredictor(tiny_model)
     click = Click(_ras(volume, (45, 40, 20)))
