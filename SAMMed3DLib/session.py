@@ -7,7 +7,8 @@ edited list gives, with no hidden history. It starts at the first include click 
 before it follow it); a list of exclude clicks alone gives an empty mask.
 
 Regions: the first include click centres the first region (the official click-centred crop). An include
-click outside every region opens a region centred on it; an exclude click there changes nothing. In
+click outside every region opens a region centred on it; an exclude click there acts on the automatic
+neighbour region (below) that holds it, if any, else changes nothing. In
 `auto` mode a mask that touches a region's face extends the work with a neighbouring region overlapping
 by half (the paper's strategy for targets larger than 192 mm), seeded with a click inside the mask and
 the overlapping part of the logits; a neighbour holding background alone (nothing above 0) is left out.
@@ -213,7 +214,9 @@ class InteractiveSession:
         for run in runs:
             self._finish(run, timings)
         if self.regions == "auto":
+            opened = len(runs)
             self._extend_along_borders(runs, timings)
+            self._exclude_in_extensions(ordered, runs[:opened], runs[opened:], timings)
         result = self._assemble(clicks, runs, timings)
         timings["total"] = time.perf_counter() - started
         return result
@@ -292,6 +295,29 @@ class InteractiveSession:
                 self._finish(new, timings)
                 runs.append(new)
                 queue.append(new)
+
+    def _exclude_in_extensions(
+        self,
+        clicks: tuple[Click, ...],
+        opened: list[_RegionRun],
+        extensions: list[_RegionRun],
+        timings: dict[str, float],
+    ) -> None:
+        """Exclude clicks outside every region that clicks opened act, in click order, on the automatic
+        neighbours that hold them (made after the clicks, from the mask)."""
+        changed: dict[int, _RegionRun] = {}  # by identity: regions compare by their tensors' values otherwise
+        for click in clicks:
+            if click.positive:
+                continue
+            voxel = self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float))
+            if any(run.contains(voxel - run.region.begin) for run in opened):
+                continue
+            for run in extensions:
+                if run.contains(voxel - run.region.begin):
+                    self._step(run, voxel - run.region.begin, 0, timings)
+                    changed[id(run)] = run
+        for run in changed.values():
+            self._finish(run, timings)
 
     def _assemble(self, clicks: tuple[Click, ...], runs: list[_RegionRun], timings: dict[str, float]) -> SessionResult:
         started = time.perf_counter()

@@ -180,7 +180,8 @@ def test_click_outside_the_region(tiny_model):
     alone = _session(tiny_model, big_prepared, regions="auto").set_clicks(clicks[:1])
     excluded = _session(tiny_model, big_prepared, regions="auto").set_clicks(far_exclude)
     assert [r.begin for r in excluded.regions] == [r.begin for r in alone.regions]  # no region for it alone
-    assert np.array_equal(excluded.mask, alone.mask)
+    differs = np.argwhere(excluded.mask != alone.mask)  # it acts only on the automatic neighbour that holds it
+    assert not len(differs) or differs[:, 2].min() > 100
 
 
 def test_click_outside_the_volume_is_refused(tiny_model, volume, prepared):
@@ -218,6 +219,21 @@ def test_a_neighbour_of_background_alone_is_not_extended_into(tiny_model):
     click = Click(_ras(body_then_air, (60, 4, 4)))
     result = InteractiveSession(AllForegroundPredictor(tiny_model), PreparedVolume(body_then_air)).add_click(click)
     assert len(result.regions) == 2 and result.mask[:, :, :150].all()  # the body's neighbour yes, the air's no
+
+
+def test_an_exclude_click_in_an_automatic_neighbour_region_acts_there(tiny_model):
+    long_volume = Volume.from_array(_textured((10, 12, 300)), np.diag([1.5, 1.5, 1.5, 1.0]))
+    prepared = PreparedVolume(long_volume)
+    include, exclude = Click(_ras(long_volume, (30, 6, 5))), Click(_ras(long_volume, (200, 6, 5)), positive=False)
+    session = InteractiveSession(CountingPredictor(tiny_model), prepared)
+    before = session.add_click(include)
+    assert len(before.regions) > 2 and before.mask[5, 6, 200]  # the mask reached the clicked voxel by extension
+    after = session.add_click(exclude)
+    assert [r.begin for r in after.regions] == [r.begin for r in before.regions] and after.changed is not None
+    differs = np.argwhere(after.mask != before.mask)
+    assert len(differs) and differs[:, 2].min() > 120  # only in the neighbour far from the first region
+    fresh = InteractiveSession(CountingPredictor(tiny_model), prepared).set_clicks([include, exclude])
+    assert np.array_equal(fresh.mask, after.mask)
 
 
 def test_sessions_share_region_embeddings(tiny_model, volume, prepared):
