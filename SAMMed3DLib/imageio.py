@@ -87,11 +87,10 @@ def _check_gzip_complete(path: Path) -> None:
 def _check_nifti_complete(path: Path) -> None:
     """ITK reads a cut-off uncompressed NIfTI file without complaint, the missing voxels as zeros; its header says
     how many bytes the voxels take. A header this cannot make sense of is left to ITK."""
-    expected = _nifti_data_end(path)
-    if expected is not None and path.stat().st_size < expected:
+    expected, size = _nifti_data_end(path), path.stat().st_size
+    if expected is not None and size < expected:
         raise InputError(
-            f"Image {path} is cut off ({path.stat().st_size} bytes, its header needs {expected}); copy or export it "
-            "again."
+            f"Image {path} is cut off ({size} bytes, its header needs {expected}); copy or export it again."
         )
 
 
@@ -137,23 +136,20 @@ def _refuse_one_slice_of_a_series(file: Path) -> None:
     """A DICOM file given alone is read as one slice: refuse it when it belongs to a series of more."""
     if sitk.ImageFileReader.GetImageIOFromFileName(str(file)) != "GDCMImageIO":
         return
-    folder = file.resolve().parent
+    resolved = file.resolve()
+    folder = resolved.parent
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        if len(files) > 1 and any(Path(name).resolve() == file.resolve() for name in files):
+        if len(files) > 1 and any(Path(name).resolve() == resolved for name in files):
             raise InputError(f"{file} is one slice of a {len(files)}-slice DICOM series; give its folder, {folder}.")
 
 
 def _describe_series(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:
     """'<Series Description or UID>: N files' for the message that lists a folder's series."""
     files = reader.GetGDCMSeriesFileNames(str(folder), uid)
-    header = sitk.ImageFileReader()
-    header.SetFileName(files[0])
-    try:
-        header.ReadImageInformation()
-        description = header.GetMetaData(_DESCRIPTION_TAG).strip() if header.HasMetaDataKey(_DESCRIPTION_TAG) else ""
-    except RuntimeError:
-        description = ""
+    header = _dicom_header(files[0])
+    has_description = header is not None and header.HasMetaDataKey(_DESCRIPTION_TAG)
+    description = header.GetMetaData(_DESCRIPTION_TAG).strip() if has_description else ""
     return f"{description or uid}: {len(files)} file{'s' if len(files) != 1 else ''}"
 
 
@@ -216,10 +212,10 @@ def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]
 
 def _slice_header(file: str) -> Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]:
     """(orientation (6,), position (3,), slice thickness or None) of one DICOM file, or None without those tags."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
+    reader = _dicom_header(file)
+    if reader is None:
+        return None
     try:
-        reader.ReadImageInformation()
         orientation = [float(v) for v in reader.GetMetaData(_ORIENTATION_TAG).split("\\")]
         position = [float(v) for v in reader.GetMetaData(_POSITION_TAG).split("\\")]
     except (RuntimeError, ValueError):
@@ -231,6 +227,17 @@ def _slice_header(file: str) -> Optional[tuple[np.ndarray, np.ndarray, Optional[
     except ValueError:
         thickness = None
     return np.array(orientation), np.array(position), thickness if thickness and thickness > 0 else None
+
+
+def _dicom_header(file: str) -> Optional[sitk.ImageFileReader]:
+    """A reader holding the file's header (its voxels are not read), or None when the header cannot be read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
 
 
 def _first_line(error: Exception) -> str:
