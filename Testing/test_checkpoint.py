@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import shutil
+import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -134,6 +136,19 @@ def test_truncated_file(tmp_path):
     path = tmp_path / "truncated.pth"
     path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(path)
+
+
+def test_flipped_bit_in_the_weights_is_refused(tmp_path, tiny_checkpoint):
+    data = bytearray(Path(tiny_checkpoint).read_bytes())
+    with zipfile.ZipFile(tiny_checkpoint) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # a weight tensor's bytes
+        name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    data[record.header_offset + 30 + name_length + extra_length + record.file_size // 2] ^= 0x01
+    path = tmp_path / "flipped.pth"
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True) is not None  # torch.load alone takes it as it is
+    with pytest.raises(CheckpointError, match=f"damaged: its record {record.filename} fails its checksum"):
         load_model(path)
 
 
