@@ -100,8 +100,10 @@ def crop_with_zero_padding(array: np.ndarray, begin: Sequence[int], size: int = 
 
 def normalise_intensities(raw: np.ndarray) -> torch.Tensor:
     """(x - mean) / std over voxels > 0 (unbiased std, float32 by torch), as (1, 1, *shape) float32."""
-    if raw.dtype in (np.uint16, np.uint32, np.uint64):
+    if raw.dtype in (np.uint16, np.uint32):
         raw = raw.astype(np.int64)
+    elif raw.dtype == np.uint64:  # int64 would wrap values of 2^63 and more to negative ones
+        raw = raw.astype(np.float64)
     data = torch.from_numpy(np.ascontiguousarray(raw))
     mask = data > 0
     values = data.float()

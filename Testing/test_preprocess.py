@@ -154,6 +154,17 @@ def test_network_input_is_z_normalised_over_positive_voxels():
     assert abs(float(tensor[0, 0][torch.from_numpy(raw) > 0].std()) - 1.0) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_voxels_normalise_like_their_values(dtype):
+    raw = np.zeros((ROI_SIZE,) * 3, dtype=dtype)
+    high = np.iinfo(dtype).max - 2  # uint64: above 2^63, where a cast to int64 turns values negative
+    raw[10:20, 10:20, 10:20] = high
+    raw[10:20, 10:20, 10:15] = high - high // 2
+    tensor = normalise_intensities(raw)[0, 0]
+    assert tensor[15, 15, 12] < 0 < tensor[15, 15, 17]
+    assert float(tensor[raw > 0].mean()) == pytest.approx(0.0, abs=1e-5)
+
+
 @pytest.mark.parametrize("fill", [0, -1000, 7])
 def test_constant_or_empty_region_is_a_clear_error(fill):
     prepared = PreparedVolume(Volume.from_array(np.full((10, 10, 10), fill, np.int16), np.eye(4)))
