@@ -191,6 +191,20 @@ def test_demo_refuses_a_label_map_on_another_grid(tmp_path, image_path, size_cha
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value, message", [(0, "label map is empty"), (-3, "only negative values besides 0")])
+def test_demo_names_why_a_label_map_has_no_structure(tmp_path, image_path, value, message, capsys):
+    image = sitk.ReadImage(str(image_path))
+    array = np.zeros(image.GetSize()[::-1], dtype=np.int16)
+    array[5:10, 5:10, 5:10] = value
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    path = tmp_path / "labels.nii.gz"
+    sitk.WriteImage(labels, str(path))
+    arguments = ["demo", "--image", str(image_path), "--label", str(path), "--out", str(tmp_path / "d")]
+    assert main([*arguments, "--checkpoint", str(tmp_path / "absent.pth")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_evaluate_refuses_an_empty_label_map_before_loading_a_model(tmp_path, image_path, capsys):
     empty = tmp_path / "empty.nii.gz"
     sitk.WriteImage(sitk.Image(sitk.ReadImage(str(image_path)).GetSize(), sitk.sitkUInt8), str(empty))

@@ -134,5 +134,10 @@ def _is_phantom_description(path: Path) -> bool:
 def _largest_label(labels: np.ndarray) -> int:
     values, counts = np.unique(labels[labels > 0], return_counts=True)
     if not len(values):
+        if np.any(labels < 0):
+            raise InputError(
+                "The label map holds only negative values besides 0; give a label map whose structures have "
+                "label values above 0."
+            )
         raise InputError("The label map is empty; give a label map with at least one structure.")
     return int(values[np.argmax(counts)])
