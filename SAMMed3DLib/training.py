@@ -18,14 +18,17 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TextIO, Union
+from typing import Callable, Iterator, Optional, Sequence, TextIO, Union
 
 import numpy as np
 import torch
@@ -561,6 +564,27 @@ class ProgressLine:
             self.stream.flush()
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl+C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt when the block ends.
+
+    Only where Python's own handler is installed, in the main thread (signal handlers can only change there);
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 @dataclass
 class TrainingState:
     step: int = 0
@@ -623,15 +647,16 @@ class Trainer:
                 losses.append(sample_loss.item() / options.clicks_per_sample)
                 dices.append(sample_dice)
             self.scaler.scale(loss / options.samples_per_step).backward()
-        if options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.state.step += 1
-        self.state.losses.append(float(np.mean(losses)))
-        self.state.dices.append(float(np.mean(dices)))
+        with interrupts_deferred():  # the update is applied and counted whole, so a Ctrl+C saves a true step
+            if options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.state.step += 1
+            self.state.losses.append(float(np.mean(losses)))
+            self.state.dices.append(float(np.mean(dices)))
         return self.state.losses[-1], self.state.dices[-1]
 
     def _draw_sample(self, rng: np.random.Generator) -> Sample:

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import re
+import signal
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +34,7 @@ from SAMMed3DLib.training import (
     find_cases,
     flip_region,
     interact,
+    interrupts_deferred,
     make_sample,
     mask_only_steps,
     model_for_training,
@@ -633,6 +636,37 @@ def test_an_interrupted_run_saves_its_last_step(data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert read_training_checkpoint(tmp_path / "run.pth")["step"] == 2
+
+
+def test_a_ctrl_c_during_the_update_lands_after_it_and_saves_that_step(data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=5, checkpoint_every=100), tmp_path / "run.pth")
+    scaler_update = trainer.scaler.update
+
+    def interrupted_mid_update():  # the weights have changed; the schedule and the step count not yet
+        signal.raise_signal(signal.SIGINT)
+        scaler_update()
+
+    monkeypatch.setattr(trainer.scaler, "update", interrupted_mid_update)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    saved = read_training_checkpoint(tmp_path / "run.pth")
+    assert saved["step"] == trainer.state.step == 1 and len(saved["losses"]) == 1
+    assert saved["lr_scheduler_state_dict"]["last_epoch"] == 1
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(saved["model_state_dict"][name], value), name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupts_are_not_held_off_the_main_thread():
+    def off_main_thread():
+        with interrupts_deferred():
+            outcome.append(signal.getsignal(signal.SIGINT))
+
+    outcome = []
+    worker = threading.Thread(target=off_main_thread)
+    worker.start()
+    worker.join()
+    assert outcome == [signal.default_int_handler]
 
 
 def test_epochs_of_a_resumed_run_are_counted_with_the_batch_it_keeps(data, tmp_path):
