@@ -112,7 +112,7 @@ def download_file(
     if check is not None:
         try:
             check(part)
-        except BaseException:
+        except Exception:  # a verdict on the file; Ctrl+C while checking is none, so the file is kept
             _discard(part)
             raise
     record_sha256(destination, digest)
@@ -213,21 +213,30 @@ def _receive(response, url: str, name: str, part: Path, offset: int, progress, c
     """Write the response body to `part` (appending after `offset` bytes) and hash the whole file."""
     hasher = _hash_file(part, chunk_size) if offset else hashlib.sha256()
     length = response.headers.get("Content-Length")
-    total = offset + int(length) if length is not None and length.isdigit() else None
+    if length is not None and length.isdigit():
+        total = offset + int(length)
+    else:  # a 206 without a length still states the full size, so that a body cut short is not taken as whole
+        total = _content_range_total(response.headers.get("Content-Range"))
     done = offset
     _report(progress, name, done, total)
-    with open(part, "ab" if offset else "wb") as out:
-        while True:
-            try:
-                chunk = response.read(chunk_size)
-            except (OSError, http.client.HTTPException) as error:
-                raise _interrupted(url, name, done, total, str(error) or type(error).__name__) from error
-            if not chunk:
-                break
-            out.write(chunk)
-            hasher.update(chunk)
-            done += len(chunk)
-            _report(progress, name, done, total)
+    try:
+        with open(part, "ab" if offset else "wb") as out:
+            while True:
+                try:
+                    chunk = response.read1(chunk_size)  # what has arrived, so progress and cancelling keep up
+                except (OSError, http.client.HTTPException) as error:
+                    raise _interrupted(url, name, done, total, str(error) or type(error).__name__) from error
+                if not chunk:
+                    break
+                out.write(chunk)
+                hasher.update(chunk)
+                done += len(chunk)
+                _report(progress, name, done, total)
+    except OSError as error:  # a full disk: the error of a write names no file, so say where it was going
+        raise DownloadError(
+            f"Cannot write the download of {name} into {part.parent} ({error.strerror or error}): make room or "
+            f"fix the permissions there and run the same command again to resume it, or {_MANUAL_HINT}."
+        ) from error
     if total is not None and done != total:
         raise _interrupted(url, name, done, total, "the connection closed early")
     return hasher

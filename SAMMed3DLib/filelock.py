@@ -17,7 +17,11 @@ def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> 
     """Hold the lock on `path` (created if absent) for the block, waiting while another process holds it;
     `on_wait()` is called once if it has to wait, before waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
+    try:
+        handle = open(path, "a+b")
+    except PermissionError:  # made by another user of a shared cache: taking the lock needs no write access
+        handle = open(path, "rb")
+    with handle:
         if not _try_lock(handle):
             if on_wait is not None:
                 on_wait()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import random
 import re
 import socket
@@ -15,6 +17,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
+from SAMMed3DLib import download
 from SAMMed3DLib.download import (
     ChecksumMismatch,
     DownloadCancelled,
@@ -42,6 +45,7 @@ class FileServer(ThreadingHTTPServer):
         self.cut_after: Optional[int] = None
         self.ignore_range = False
         self.stall_seconds = 0.0
+        self.send_length = True  # False: the body ends where the connection closes (HTTP/1.0 style)
         self.ranges_seen: List[Optional[str]] = []
         self.version = '"v1"'
         self.if_ranges_seen: List[Optional[str]] = []
@@ -80,7 +84,8 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.send_response(200)
         body = content[start:]
         self.send_header("ETag", self.server.version)
-        self.send_header("Content-Length", str(len(body)))
+        if self.server.send_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.server.cut_after is not None:
             # Promise the whole body, send part of it, then hang up: a transfer cut mid-way.
@@ -173,6 +178,20 @@ def test_stalled_transfer_times_out_and_keeps_the_part(server: FileServer, tmp_p
     assert kept == CONTENT[: len(kept)] and len(kept) > 0
 
 
+def test_progress_and_cancelling_follow_a_slow_server_without_waiting_for_a_whole_chunk(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    server.cut_after = 50_000
+    server.stall_seconds = 3.0  # a slow link: far less than the 1 MB chunk arrives in a while
+    started = time.monotonic()
+    with pytest.raises(DownloadCancelled):
+        fetch(server, destination, chunk_size=1 << 20, progress=lambda done, total: False if done else None)
+    assert time.monotonic() - started < 1.5
+    kept = part_path(destination).read_bytes()
+    assert kept == CONTENT[: len(kept)] and len(kept) > 0
+
+
 def test_wrong_hash_deletes_the_part_and_names_both_hashes(server: FileServer, tmp_path: Path) -> None:
     destination = tmp_path / "model.pth"
     wrong = "0" * 64
@@ -236,6 +255,60 @@ def test_part_longer_than_the_file_is_discarded_and_downloaded_again(server: Fil
     assert fetch(server, destination) == CONTENT_SHA256
     assert server.ranges_seen == [f"bytes={len(CONTENT) + 5}-", None]
     assert destination.read_bytes() == CONTENT
+
+
+def test_ctrl_c_while_checking_keeps_the_download_for_the_next_run(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+
+    def interrupted(downloaded: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch(server, destination, check=interrupted)
+    assert part_path(destination).read_bytes() == CONTENT
+    assert fetch(server, destination, check=lambda downloaded: None) == CONTENT_SHA256
+    assert server.bytes_sent == [len(CONTENT), 0]
+    assert destination.read_bytes() == CONTENT
+
+
+def test_resumed_body_without_length_cut_short_is_not_taken_as_whole(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+    part_path(destination).write_bytes(CONTENT[:100_000])
+    server.send_length, server.cut_after = False, 50_000
+    with pytest.raises(DownloadError, match=r"stopped after 150000 of 300000 bytes"):
+        fetch(server, destination, sha256=CONTENT_SHA256)
+    assert part_path(destination).read_bytes() == CONTENT[:150_000]
+
+    server.cut_after = None
+    assert fetch(server, destination, sha256=CONTENT_SHA256) == CONTENT_SHA256
+    assert server.ranges_seen == ["bytes=100000-", "bytes=150000-"]
+
+
+def test_a_full_disk_names_the_folder_and_the_part_resumes(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    destination = tmp_path / "model.pth"
+    real_open = open
+
+    class FillingFile(io.FileIO):
+        def write(self, data) -> int:
+            if self.tell() + len(data) > 100_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    def filling_open(path, mode: str = "r", *args, **kwargs):
+        if Path(path) == part_path(destination) and "r" not in mode:
+            return FillingFile(path, mode.replace("b", ""))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(download, "open", filling_open, raising=False)
+    with pytest.raises(DownloadError, match=rf"into {re.escape(str(tmp_path))} \(No space left on device\): make room"):
+        fetch(server, destination)
+    monkeypatch.undo()
+    kept = part_path(destination).read_bytes()
+    assert kept == CONTENT[: len(kept)] and len(kept) > 0
+    assert fetch(server, destination) == CONTENT_SHA256
+    assert server.ranges_seen[-1] == f"bytes={len(kept)}-"
 
 
 def test_unreachable_host_gives_one_clear_sentence(tmp_path: Path) -> None:

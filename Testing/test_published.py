@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import threading
 import time
 from dataclasses import replace
@@ -14,7 +16,7 @@ import pytest
 import torch
 from test_download import FileServer, random_bytes, serve
 
-from SAMMed3DLib import published
+from SAMMed3DLib import filelock, published
 from SAMMed3DLib.download import read_recorded_sha256, sidecar_path
 from SAMMed3DLib.errors import CheckpointError, DownloadError
 from SAMMed3DLib.filelock import exclusive_lock
@@ -175,6 +177,30 @@ def test_two_resolvers_at_once_download_once(
     assert results == [path, path] and path.read_bytes() == CONTENT
     assert len(server.ranges_seen) == 1
     assert "Another process is downloading" in caplog.text  # a waiting user is told why nothing happens
+
+
+def test_a_lock_file_another_user_made_in_a_shared_cache_still_locks(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    resolve_checkpoint("turbo")
+    lock = path.with_name(path.name + ".lock")
+    real_open = open
+
+    def as_another_user(file, mode: str = "r", *args, **kwargs):
+        if Path(file) == lock and mode != "rb":  # the lock file is theirs, readable but not writable (umask 022)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    results: list[Path] = []
+    with exclusive_lock(lock):  # held by the other user's process
+        monkeypatch.setattr(filelock, "open", as_another_user, raising=False)
+        waiting = threading.Thread(target=lambda: results.append(resolve_checkpoint("turbo")))
+        waiting.start()
+        time.sleep(0.3)
+        assert results == []
+    waiting.join(timeout=30)
+    assert results == [path] and len(server.ranges_seen) == 1
 
 
 def test_a_cache_folder_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
