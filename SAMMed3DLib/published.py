@@ -22,6 +22,7 @@ from .download import (
 )
 from .errors import CheckpointError, DownloadError
 from .filelock import exclusive_lock
+from .torch_version import require_supported_torch
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def _demo_checkpoint() -> Path:
 def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | None) -> Path:
     """The cached file of `entry`, verified, downloading it when absent or damaged. One process at a time (a
     lock beside the file): two downloading at once would write into one partial file."""
+    require_supported_torch()  # checked first: an old PyTorch would refuse the file only after the whole download
     folder = cache_dir()
     if folder.exists() and not folder.is_dir():
         raise DownloadError(

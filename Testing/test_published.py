@@ -18,7 +18,7 @@ from test_download import FileServer, random_bytes, serve
 
 from SAMMed3DLib import filelock, published
 from SAMMed3DLib.download import read_recorded_sha256, sidecar_path
-from SAMMed3DLib.errors import CheckpointError, DownloadError
+from SAMMed3DLib.errors import CheckpointError, DownloadError, SAMMed3DError
 from SAMMed3DLib.filelock import exclusive_lock
 from SAMMed3DLib.published import PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
 
@@ -201,6 +201,16 @@ def test_a_lock_file_another_user_made_in_a_shared_cache_still_locks(
         assert results == []
     waiting.join(timeout=30)
     assert results == [path] and len(server.ranges_seen) == 1
+
+
+def test_an_old_pytorch_is_named_before_anything_is_downloaded(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    with pytest.raises(SAMMed3DError, match="PyTorch 2.4.1 is too old"):
+        resolve_checkpoint("turbo")
+    assert server.ranges_seen == [] and not path.exists()
 
 
 def test_a_cache_folder_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
