@@ -125,6 +125,8 @@ def read_manifest(path: PathLike) -> list[Case]:
     whole is an InputError; an entry that cannot be used becomes a case with a `problem` naming the entry
     (CSV rows and JSON entries are counted from 1, the CSV header not included)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"Manifest {path} is a folder; give a .csv or .json file listing images and clicks.")
     if not path.is_file():
         raise InputError(f"Manifest {path} does not exist: give a .csv or .json file listing images and clicks.")
     if path.suffix.lower() not in (".csv", ".json"):
@@ -229,19 +231,20 @@ def _out(value: object, folder: Path) -> Optional[Path]:
 
 def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = False) -> list[Case]:
     """The cases with `out` set: a case's own `out`, else <out_dir>/<image name>_mask.nii.gz, or
-    <out_dir>/<image's folder>_<image name>_mask.nii.gz where several such cases share an image name (the usual
-    case-per-folder layout). Raises InputError if `out_dir` is unusable or two cases would write one file; a case
-    whose output is an input, or exists and not `overwrite`, gets that as its `problem`. Checked before any work;
-    planned cases are planned again unchanged."""
+    <out_dir>/<image's folder>_<image name>_mask.nii.gz where several such cases share an image name, in any case
+    (the usual case-per-folder layout). Raises InputError if `out_dir` is unusable or two cases would write one
+    file; a case whose output is an input, or exists and not `overwrite`, gets that as its `problem`. Checked
+    before any work; planned cases are planned again unchanged."""
     out_dir = check_output_folder(out_dir)
-    # Counted over every case, runnable or not, so that fixing one row does not rename another's mask.
-    unnamed = Counter(case.name for case in cases if case.image is not None and case.out is None)
+    # Counted over every case, runnable or not, so that fixing one row does not rename another's mask; without
+    # case, as CT_mask.nii.gz and ct_mask.nii.gz are one file on macOS and Windows.
+    unnamed = Counter(case.name.casefold() for case in cases if case.image is not None and case.out is None)
     repeated = {name for name, count in unnamed.items() if count > 1}
     planned = [
         replace(case, out=_default_out(case, out_dir, repeated)) if _needs_default_out(case) else case for case in cases
     ]
     _refuse_shared_outputs(planned)
-    images = [case.image for case in cases if case.image is not None]
+    images = {case.image.resolve() for case in cases if case.image is not None}  # once, not once per output
     return [_with_checked_output(case, images, overwrite) for case in planned]
 
 
@@ -250,28 +253,30 @@ def _needs_default_out(case: Case) -> bool:
 
 
 def _default_out(case: Case, out_dir: Path, repeated: set[str]) -> Path:
-    if case.name not in repeated:
+    if case.name.casefold() not in repeated:
         return out_dir / f"{case.name}_mask.nii.gz"
     folder = Path(os.path.abspath(case.image)).parent.name  # abspath, not resolve: a linked image keeps its folder
     return out_dir / f"{folder}_{case.name}_mask.nii.gz"
 
 
-def _with_checked_output(case: Case, images: Sequence[Path], overwrite: bool) -> Case:
+def _with_checked_output(case: Case, images: set[Path], overwrite: bool) -> Case:
     if case.problem is not None:
         return case
     try:
-        check_image_output(case.out, inputs=images, overwrite=overwrite)
+        # Given only the input it may be: check_image_output would resolve every input again for each output.
+        inputs = [case.out] if case.out.resolve() in images else []
+        check_image_output(case.out, inputs=inputs, overwrite=overwrite)
     except InputError as error:
         return replace(case, problem=str(error))
     return case
 
 
 def _refuse_shared_outputs(cases: Sequence[Case]) -> None:
-    writers: dict[Path, int] = {}
+    writers: dict[str, int] = {}
     for number, case in enumerate(cases, start=1):
         if case.problem is not None:
             continue
-        first = writers.setdefault(case.out.resolve(), number)
+        first = writers.setdefault(str(case.out.resolve()).casefold(), number)  # one file where case is ignored
         if first != number:
             raise InputError(
                 f"Cases {first} and {number} (counted in manifest order) would both write {case.out}; "

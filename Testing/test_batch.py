@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,16 @@ def test_dicom_folders_named_by_series_uid_keep_their_whole_name(tmp_path):
     assert outs == [tmp_path / "out" / f"{folder.name}_mask.nii.gz" for folder in folders]
 
 
+def test_outputs_differing_only_in_case_are_one_file(tmp_path):
+    """On macOS and Windows mask.nii.gz and Mask.nii.gz are one file: the second case would replace the first."""
+    cases = [Case(tmp_path / "a" / "CT.nii.gz", []), Case(tmp_path / "b" / "ct.nii.gz", [])]
+    outs = [case.out for case in plan_outputs(cases, tmp_path / "out")]
+    assert outs == [tmp_path / "out" / "a_CT_mask.nii.gz", tmp_path / "out" / "b_ct_mask.nii.gz"]
+    given = [replace(case, out=tmp_path / name) for case, name in zip(cases, ("Mask.nii.gz", "mask.nii.gz"))]
+    with pytest.raises(InputError, match="Cases 1 and 2"):
+        plan_outputs(given, tmp_path / "out")
+
+
 def test_planning_keeps_given_outputs_and_is_repeatable(tmp_path):
     cases = [Case(tmp_path / "a" / "x.nii.gz", [], out=tmp_path / "mine.nii.gz"), Case(tmp_path / "b" / "x.nii.gz", [])]
     planned = plan_outputs(cases, tmp_path / "out")
@@ -138,6 +149,22 @@ def test_outputs_are_checked_when_planned(tmp_path):
     assert "already exists" in first.problem and "input" in second.problem and third.problem is None
     first, second, third = plan_outputs(cases, tmp_path / "out", overwrite=True)
     assert first.problem is None and "input" in second.problem
+
+
+def test_planning_resolves_each_path_a_few_times_not_once_per_pair_of_cases(tmp_path, monkeypatch):
+    """Each output is compared with every input: resolving every input again for each output took minutes for
+    a few thousand cases."""
+    resolve, calls = Path.resolve, []
+
+    def counted(path, *args, **kwargs):
+        calls.append(path)
+        return resolve(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "resolve", counted)
+    cases = [Case(tmp_path / f"image{number}.nii.gz", []) for number in range(300)]
+    planned = plan_outputs(cases, tmp_path / "out")
+    assert all(case.problem is None for case in planned)
+    assert len(calls) < 20 * len(cases)  # 300 x 300 = 90,000 when every check resolved all inputs again
 
 
 def test_an_out_dir_under_a_file_fails_before_the_model_loads(tmp_path, image_path, capsys):
@@ -223,6 +250,66 @@ def test_csv_headers_are_read_without_case_or_spaces_and_unknown_columns_are_ref
         read_manifest(manifest)
 
 
+def test_csv_cells_are_read_without_surrounding_spaces(tmp_path, image_path):
+    """Hand-written and spreadsheet CSV: ', ' between cells and trailing spaces are not part of a path or point."""
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'image, positive, space, out\n {image_path} , "1,2,3", ijk , mask.nii.gz \n')
+    (case,) = read_manifest(manifest)
+    assert case.problem is None and case.image == image_path and case.out == tmp_path / "mask.nii.gz"
+    assert case.clicks == [((1.0, 2.0, 3.0), True)] and case.space == "ijk"
+
+
+def test_csv_rows_of_empty_cells_are_skipped_like_blank_lines(tmp_path, image_path):
+    """Spreadsheets export rows they once formatted as ',,,'; they are not cases without an image."""
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'image,positive\r\n\r\n{image_path},"1,2,3",\r\n,\r\n , ,,\r\n')
+    (case,) = read_manifest(manifest)
+    assert case.problem is None and case.clicks == [((1.0, 2.0, 3.0), True)]
+
+
+def test_an_unclosed_quote_is_refused_rather_than_swallowing_the_rows_below(tmp_path, image_path):
+    manifest = tmp_path / "cases.csv"
+    rows = [f'{image_path},"1,2,3",{name}.nii.gz' for name in ("a", "b", "c", "d")]
+    rows[1] = rows[1].replace('3"', "3")
+    manifest.write_text("image,positive,out\n" + "\n".join(rows) + "\n")
+    with pytest.raises(InputError, match="row 2 has a quote that is not closed"):
+        read_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("cases.csv", "image,positive,negative,Negative\na.nii.gz,1;2;3,4;5;6,\n", "the column(s) negative twice"),
+        ("cases.json", '[{"image": "a.nii.gz", "positive": [[1, 2, 3]], "positive": [[4, 5, 6]]}]', "positive twice"),
+        (
+            "cases.json",
+            '[{"image": "a.nii.gz", "clicks": [{"point": [1, 2, 3], "positive": true, "positive": false}]}]',
+            "positive twice",
+        ),
+        (
+            "cases.json",
+            '{"space": "ijk", "cases": [{"image": "a.nii.gz", "positive": [[1, 2, 3]]}]}',
+            "the key(s) space",
+        ),
+    ],
+)
+def test_what_would_be_read_over_or_ignored_is_refused(tmp_path, name, content, message):
+    """Python keeps the last of repeated CSV columns and JSON keys, and nothing reads keys beside "cases"."""
+    manifest = tmp_path / name
+    manifest.write_text(content)
+    with pytest.raises(InputError, match=re.escape(message)):
+        read_manifest(manifest)
+
+
+def test_a_header_not_separated_by_commas_is_named(tmp_path):
+    """Spreadsheets set to a comma-decimal language save CSV with ';' between cells."""
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("image;positive\na.nii.gz;1,2,3\n")
+    with pytest.raises(InputError, match=re.escape("in its first row ('image;positive')")) as error:
+        read_manifest(manifest)
+    assert "separated by commas" in str(error.value)
+
+
 def test_csv_problems_name_the_row(tmp_path, image_path):
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f'image,positive,space\n{image_path},"1,2,3",ijk\n{image_path},"1,2",ijk\n')
@@ -256,6 +343,12 @@ def test_only_json_booleans_say_whether_a_click_is_positive(tmp_path, image_path
     clicks = [{"point": [25, 30, 15]}, {"point": [20, 30, 15], "positive": False}]
     (case,) = read_manifest(_manifest(tmp_path, [{"image": str(image_path), "clicks": clicks}]))
     assert case.problem is None and [positive for _, positive in case.clicks] == [True, False]
+
+
+def test_a_folder_given_as_the_manifest_is_named_as_one(tmp_path):
+    """`finetune` takes a folder of cases; `batch` needs clicks, so a manifest, and the folder does exist."""
+    with pytest.raises(InputError, match="is a folder"):
+        read_manifest(tmp_path)
 
 
 def test_an_empty_manifest_is_an_error(tmp_path):

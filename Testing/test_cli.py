@@ -72,6 +72,14 @@ def test_segment_errors_are_one_clear_sentence(tmp_path, checkpoint, image_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("point, message", [("9999,0,0", "outside"), ("1e999,0,0", "finite")])
+def test_a_point_that_cannot_be_used_fails_before_the_model_loads(tmp_path, image_path, point, message, capsys):
+    """A published checkpoint may have to be downloaded first: a typo in a point must not wait for it."""
+    assert _segment(image_path, tmp_path / "absent.pth", tmp_path / "mask.nii.gz", "--pos", point) == 2
+    error = capsys.readouterr().err
+    assert message in error and "absent.pth" not in error
+
+
 def test_missing_image_and_bad_checkpoint(tmp_path, checkpoint, capsys):
     assert _segment(tmp_path / "absent.nii.gz", checkpoint, tmp_path / "m.nii.gz", "--pos", "1,2,3") == 2
     assert "absent.nii.gz" in capsys.readouterr().err

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("No positive click was given: add one with --pos X,Y,Z.")
     check_image_output(args.out, inputs=[args.image], overwrite=args.overwrite)
     volume = Volume.from_file(args.image)
+    volume.points_to_ras([point for point, _ in args.clicks], args.space)  # a bad point fails before a download
     predictor = predictor_from_args(args)
     result = segment_volume(predictor, volume, args.clicks, args.space, args.prompt_mode, args.regions)
     path = write_mask(result.mask, volume, args.out)
