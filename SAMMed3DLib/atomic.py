@@ -41,7 +41,7 @@ def check_output_path(path: PathLike, inputs: Iterable[PathLike] = (), overwrite
     unless `overwrite`, and no file stands where its folder should be. Checked before any work starts."""
     path = Path(path)
     resolved = path.resolve()
-    if any(resolved == Path(source).resolve() for source in inputs):
+    if any(resolved == Path(source).resolve() or _same_file(path, source) for source in inputs):
         raise InputError(f"The output {path} is one of the input files; choose another output path.")
     if path.is_dir():
         raise InputError(f"The output {path} is a folder; give a file name inside it.")
@@ -49,6 +49,14 @@ def check_output_path(path: PathLike, inputs: Iterable[PathLike] = (), overwrite
         raise InputError(f"{path} already exists; choose another output path, or pass --overwrite to replace it.")
     check_output_folder(path.parent)
     return path
+
+
+def _same_file(path: Path, source: PathLike) -> bool:
+    """One file under two names that resolve apart: a hard link, or another spelling on a case-insensitive disk."""
+    try:
+        return os.path.samefile(path, source)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def check_output_folder(folder: PathLike) -> Path:

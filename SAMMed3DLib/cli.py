@@ -43,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SAMMed3DError as error:
         print(f"sammed3d: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: a line, not a traceback; every file is written whole or not at all
+        print("sammed3d: interrupted; files already written are whole, nothing was left half-written.", file=sys.stderr)
+        return 130
     except OSError as error:  # a disk that filled up, a folder that went away: no traceback, the reason
         print(f"sammed3d: error: {error}; check the path, its permissions and the free space.", file=sys.stderr)
         return 2

@@ -280,6 +280,8 @@ def _writable_suffix(target: Path) -> str:
     suffix = image_suffix(target)
     if not suffix:
         raise InputError(f"Output path {target} has no file extension; use e.g. .nii.gz, .nrrd or .mha.")
+    if suffix != suffix.lower():  # ITK reads .MHA or .Nii.gz as no format: the mask could not be read back
+        raise InputError(f"Output path {target} has the extension {suffix}; write it in lower case ({suffix.lower()}).")
     if suffix.lower() in _TWO_FILE_SUFFIXES:
         raise InputError(f"Output format {suffix} stores two files and cannot be written atomically; use .nii.gz.")
     return suffix

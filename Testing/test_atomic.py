@@ -31,6 +31,15 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
 
 
+def test_an_output_that_is_an_input_under_another_name_is_refused(tmp_path):
+    image = tmp_path / "ct.nii.gz"
+    image.write_text("scan")
+    other_name = tmp_path / "link.nii.gz"  # as `CT.nii.gz` would be on a case-insensitive disk
+    os.link(image, other_name)
+    with pytest.raises(InputError, match="one of the input files"):
+        check_output_path(other_name, inputs=[image], overwrite=True)
+
+
 def test_output_checks_protect_inputs_and_existing_files(tmp_path):
     image = tmp_path / "ct.nii.gz"
     image.write_text("scan")

@@ -11,6 +11,7 @@ import torch
 from conftest import shared_path
 
 from SAMMed3DLib.cli import main
+from SAMMed3DLib.commands import phantom as phantom_command
 from SAMMed3DLib.commands.segment import OrderedClick
 
 
@@ -78,6 +79,17 @@ def test_a_point_that_cannot_be_used_fails_before_the_model_loads(tmp_path, imag
     assert _segment(image_path, tmp_path / "absent.pth", tmp_path / "mask.nii.gz", "--pos", point) == 2
     error = capsys.readouterr().err
     assert message in error and "absent.pth" not in error
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phantom_command, "run", interrupted)
+    assert main(["phantom", "--seed", "1", "--out", str(tmp_path / "p")]) == 130
+    assert capsys.readouterr().err == (
+        "sammed3d: interrupted; files already written are whole, nothing was left half-written.\n"
+    )
 
 
 def test_missing_image_and_bad_checkpoint(tmp_path, checkpoint, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -247,8 +248,14 @@ def test_two_file_formats_and_missing_extensions_are_refused(tmp_path):
 def test_a_volume_output_in_a_slice_or_unknown_format_is_refused_before_any_work(tmp_path, name):
     with pytest.raises(InputError, match="not a volume format.*nii.gz"):
         imageio.check_image_output(tmp_path / name)
-    for good in ("mask.nii.gz", "mask.NRRD", "mask.seg.nrrd", "mask.mha"):
+    for good in ("mask.nii.gz", "mask.seg.nrrd", "mask.mha"):
         assert imageio.check_image_output(tmp_path / good) == tmp_path / good
+
+
+@pytest.mark.parametrize("name, lower", [("mask.MHA", ".mha"), ("mask.Nii.gz", ".nii.gz"), ("mask.NRRD", ".nrrd")])
+def test_an_output_extension_not_in_lower_case_is_refused_before_any_work(tmp_path, name, lower):
+    with pytest.raises(InputError, match=rf"write it in lower case \({re.escape(lower)}\)"):
+        imageio.check_image_output(tmp_path / name)
 
 
 def test_image_suffix():
