@@ -88,12 +88,14 @@ def merge_changes(older: PatchChange, newer: PatchChange) -> PatchChange:
 
 @dataclass(frozen=True, eq=False)
 class HistoryStep:
-    """One user action: its voxel changes and the prompts before and after it (opaque to the history)."""
+    """One user action: its voxel changes, the prompts before and after it, and the grid its boxes index (the
+    last three opaque to the history; a caller compares `grid` before applying a step on another volume)."""
 
     segment_id: Hashable
     changes: tuple[PatchChange, ...]
     prompts_before: Any = None
     prompts_after: Any = None
+    grid: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -105,7 +107,7 @@ class HistoryStep:
         for change in newer.changes:
             earlier = merged.get(change.segment_id)
             merged[change.segment_id] = change if earlier is None else merge_changes(earlier, change)
-        return HistoryStep(self.segment_id, tuple(merged.values()), self.prompts_before, newer.prompts_after)
+        return HistoryStep(self.segment_id, tuple(merged.values()), self.prompts_before, newer.prompts_after, self.grid)
 
 
 @dataclass(eq=False)
@@ -165,6 +167,16 @@ class SegmentHistory:
     def can_redo(self, segment_id: Hashable) -> bool:
         stacks = self._stacks.get(segment_id)
         return bool(stacks and stacks.redo)
+
+    def next_undo(self, segment_id: Hashable) -> Optional[HistoryStep]:
+        """The step `undo` would return, left where it is."""
+        stacks = self._stacks.get(segment_id)
+        return stacks.undo[-1].step if stacks and stacks.undo else None
+
+    def next_redo(self, segment_id: Hashable) -> Optional[HistoryStep]:
+        """The step `redo` would return, left where it is."""
+        stacks = self._stacks.get(segment_id)
+        return stacks.redo[-1].step if stacks and stacks.redo else None
 
     def undo(self, segment_id: Hashable) -> Optional[HistoryStep]:
         """The step to revert (apply its changes' `undo_onto` in reverse order), moved to the redo stack."""

@@ -65,6 +65,9 @@ class SessionResult:
     # mask, so a caller writing into a segment that had voxels before must clear those outside `changed` itself.
     # Results before it (exclude clicks alone) have no mask and change nothing: a segment keeps its voxels.
     first: bool = False
+    # The previous result's mask, which `changed` compares with (None for a session's very first result): a
+    # caller can write only the voxels the model changed and keep edits made to its segment by other means.
+    previous: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -340,6 +343,7 @@ class InteractiveSession:
             regions=[run.region for run in runs],
             timings=timings,
             changed=changed,
+            previous=self._last.mask if self._last is not None else None,
         )
         self._last = result
         self._last_boxes = boxes

@@ -185,6 +185,18 @@ def test_preview_steps_merge_into_one_undo_step_that_spans_the_whole_drag():
     assert_same(segments.arrays, final)
 
 
+def test_the_next_step_can_be_looked_at_before_it_is_applied_and_keeps_its_grid():
+    segments = Segments(a=np.zeros(SHAPE, np.uint8))
+    history = SegmentHistory()
+    assert history.next_undo("a") is None and history.next_redo("a") is None
+    history.record(HistoryStep("a", (segments.edit("a", WHOLE, sphere((10, 10, 10), 3)),), grid="ct"), preview=True)
+    history.record(HistoryStep("a", (segments.edit("a", WHOLE, sphere((12, 10, 10), 3)),), grid="ct"))
+    step = history.next_undo("a")
+    assert step.grid == "ct" and history.next_undo("a") is step  # looking moves nothing
+    assert history.undo("a") is step and history.next_undo("a") is None
+    assert history.next_redo("a") is step and history.redo("a") is step
+
+
 def test_close_ends_an_open_preview_step():
     segments = Segments(a=np.zeros(SHAPE, np.uint8))
     history = SegmentHistory()

@@ -146,6 +146,9 @@ def test_changed_box_bounds_every_difference(tiny_model, volume, prepared):
     inside[two.changed] = True
     assert not (differs & ~inside).any()
     assert all(s.stop - s.start == int(np.ptp(np.nonzero(differs)[a])) + 1 for a, s in enumerate(two.changed))
+    assert one.previous is None and two.previous is one.mask  # what `changed` was measured against
+    three = session.preview([*two.clicks, Click(_ras(volume, (40, 38, 18)))])
+    assert three.previous is two.mask and np.array_equal(session.undo().previous, three.mask)
 
 
 def test_only_the_first_result_of_a_session_compares_with_an_empty_mask(tiny_model, volume, prepared):
