@@ -210,6 +210,12 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedPrompts: tuple = ()
         self._appliedFinal = True
         self._submitted: Optional[tuple[tuple, bool]] = None
+        # (points, model settings) of the last request that failed or was declined: not sent again until one
+        # of them changes (placing moves a hidden preview point with the mouse, which would ask every time).
+        self._failedRequest: Optional[tuple] = None
+        # Set when another model is loaded: earlier undo steps were written by the previous model, so the model's
+        # state cannot be brought back to match them (see _resyncSession).
+        self._modelChangedInSegment = False
         self._shownInputs: Optional[tuple] = None
         self._loadedDevice: Optional[tuple] = None  # (device choice, the torch device it gave)
         self._restoringPrompts = False
@@ -279,6 +285,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._removeShortcuts()
+        self._downloadCancel.set()  # a reloaded module could neither see nor cancel this download
+        self._closeDownloadDialog()
+        for promptNode in self._observedPromptNodes:
+            promptNode.SetLocked(False)  # locked while a first region was computed; nobody would unlock them
         self.removeObservers()
         for timer in (self._pollTimer, self._previewTimer, self._updateTimer):
             if timer is not None:
@@ -293,6 +303,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self) -> None:
         self._removeShortcuts()
+        if self._blockedPlaceWidget:
+            self._blockedPlaceWidget = False  # placing must not come back on in another module when the step ends
         for placeWidget in (self.ui.positivePlaceWidget, self.ui.negativePlaceWidget):
             placeWidget.setPlaceModeEnabled(False)
         # The place widgets made placing persistent on the shared interaction node: other modules place one at a time.
@@ -353,6 +365,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             previous, self._shownInputs = self._shownInputs, inputs
             if previous is not None and any(old is not None and old != new for old, new in zip(previous, inputs)):
                 self._finishSegment()  # points placed for another volume or segmentation mean nothing here
+                if previous[0] is not None and previous[0] != inputs[0]:
+                    node.currentSegmentId = ""  # a click on another volume makes a new segment, not a replaced one
             self.ui.segmentsTableView.setSegmentationNode(node.segmentation)
         if node.currentSegmentId and node.currentSegmentId not in self.ui.segmentsTableView.selectedSegmentIDs():
             self.ui.segmentsTableView.setSelectedSegmentIDs([node.currentSegmentId])
@@ -394,6 +408,13 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.positivePoints = self._createPromptNode(_("SAM-Med3D include"), POSITIVE_COLOR, "+%d")
         if node.negativePoints is None:
             node.negativePoints = self._createPromptNode(_("SAM-Med3D exclude"), NEGATIVE_COLOR, "-%d")
+        if node.inputVolume is None:
+            return
+        # Under the volume's transform, as the segmentation is: a registration moved later moves the points along.
+        transformId = node.inputVolume.GetTransformNodeID()
+        for promptNode in (node.positivePoints, node.negativePoints):
+            if promptNode.GetTransformNodeID() != transformId:
+                promptNode.SetAndObserveTransformNodeID(transformId)
 
     @staticmethod
     def _createPromptNode(name: str, color: tuple, labelFormat: str):
@@ -480,14 +501,22 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedPrompts = ()
         self._appliedFinal = True
         self._submitted = None
+        self._failedRequest = None
+        self._modelChangedInSegment = False
 
     def _isDuplicate(self, prompts: tuple, preview: bool) -> bool:
         """Whether the newest submitted (else applied) state already covers this request.
 
         A final request after a preview of the same points still runs: it closes the drag's undo step.
         """
+        if self._failedRequest == (prompts, self._modelSettings()):
+            return True  # it failed or was declined: again once the points or the model change
         latest = self._submitted if self._submitted is not None else (self._appliedPrompts, self._appliedFinal)
         return latest[0] == prompts and (preview or latest[1])
+
+    def _modelSettings(self) -> tuple:
+        node = self._parameterNode
+        return node.model, str(node.checkpointPath), node.device
 
     # Segments ---------------------------------------------------------------------------------
 
@@ -508,6 +537,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._currentSegmentKey() is None:
             self.logic.endSession()  # the session's mask so far went to a segment that is gone: write all of it
             node.currentSegmentId = self.logic.addSegment(node.segmentation)
+            # The new segment holds nothing of the earlier points: undoing its first step removes them all.
+            self._appliedPrompts, self._appliedFinal = (), True
 
     def onSegmentSelectionChanged(self, selected=None, deselected=None) -> None:
         selectedIds = self.ui.segmentsTableView.selectedSegmentIDs()
@@ -616,16 +647,20 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None:
             self._setStatus(_("Choose a volume first."))
             return
+        if preview and not self.logic.modelReady():
+            return  # a drag (or the mouse moving while placing) never asks to install or download: the release does
         if not self._ensureEngineReady():
+            self._failedRequest = (prompts, self._modelSettings())
             return
         try:
             clicks = self.logic.clicksFromPrompts(volumeNode, prompts)
         except Exception as error:
+            self._failedRequest = (prompts, self._modelSettings())
             self._setStatus(str(error))
             return
-        self._submitted = (prompts, not preview)
         firstOfSession = not self.logic.sessionStarted
         future = self.logic.requestSegmentation(volumeNode, clicks, self._parameterNode.promptMode.value, preview)
+        self._submitted = (prompts, not preview)
         key, generation = self._currentSegmentKey(), self._generation
         label = _("Computing the image embedding (first click of a region)...") if firstOfSession else _("Updating...")
         if firstOfSession:
@@ -645,6 +680,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = future.result()
         except Exception as error:
             self._submitted = None
+            if not preview:
+                self._failedRequest = (prompts, self._modelSettings())
             self._showError(_("Segmentation failed."), error, quiet=preview or not self.logic.modelReady())
             return
         node = self._parameterNode
@@ -721,6 +758,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         spec, device = self._modelSpec(), self._parameterNode.device.value
         if self.logic.modelRequested(spec, device):
             return
+        self._modelChangedInSegment = self._modelChangedInSegment or self.logic.hasModelRequest()
         needsDownload = spec == "turbo" and not self.logic.publishedCheckpointCached("turbo")
         if needsDownload and not slicer.app.testingEnabled():
             if not slicer.util.confirmOkCancelDisplay(
@@ -747,6 +785,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.forgetModelRequest()
             self._submitted = None
             self._showError(_("The model could not be loaded."), error, quiet=isinstance(error, DownloadCancelled))
+            return
+        if self._parameterNode is None:  # the scene was closed while it loaded
             return
         self._loadedDevice = (self._parameterNode.device, info["device"])
         self._updateDeviceWarning()
@@ -871,7 +911,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _resyncSession(self) -> None:
         """Bring the model's state to the restored points (the voxels already came from the history)."""
-        if not self.logic.modelReady() or not self._appliedPrompts:
+        if not self.logic.modelReady() or not self._appliedPrompts or self._modelChangedInSegment:
+            # A fresh session's first mask replaces the segment whole: right whatever model wrote what is restored.
             self.logic.endSession()
             self.logic.showRegionBoxes(None, [], visible=False)
             self._setStatus(_("Restored."))
@@ -1086,6 +1127,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         future = self._modelFuture
         return future is not None and future.done() and not future.cancelled() and future.exception() is None
 
+    def hasModelRequest(self) -> bool:
+        return self._modelKey is not None
+
     def forgetModelRequest(self) -> None:
         self._modelKey = self._modelFuture = None
 
@@ -1135,6 +1179,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         from SAMMed3DLib.device import resolve_device
         from SAMMed3DLib.published import resolve_checkpoint
 
+        # The model asked for replaces the old one even if it fails to load: segmenting on with the old one would
+        # write masks of a model the user no longer chose.
+        self._engine.predictor = self._engine.session = None
         path = resolve_checkpoint(checkpoint, progress=progress)
         torchDevice = resolve_device(device)
         info = self._workUseModel(load_model(path, torchDevice), torchDevice)
@@ -1437,9 +1484,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
     ):
         """Write a `SessionResult` into one segment and record it for undo.
 
-        Only voxels inside `result.changed` are written, except for the first result of a session with a mask: that
-        one replaces the segment whole (it may hold voxels from before the session, which the session never saw).
-        Exclude points alone give no mask and change nothing.
+        Only voxels inside `result.changed` are written, and of those only the ones the model changed (edits made
+        there by hand, e.g. with the Segment Editor, stay), except for the first result of a session with a mask:
+        that one replaces the segment whole (it may hold voxels from before the session, which the session never
+        saw). Exclude points alone give no mask and change nothing.
         Other segments are changed only with `overwriteOthers`, and then only where the new mask is.
         Returns the recorded `HistoryStep`; what was written before a failure is recorded too.
         """
@@ -1450,12 +1498,23 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         try:
             if box is not None:
                 patch = (result.mask[box] > 0).astype(np.uint8)
-                self._writeTracked(segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes)
+                previous = None if result.first or result.previous is None else (result.previous[box] > 0)
+                self._writeTracked(
+                    segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes, previous
+                )
         finally:
             key = self.segmentKey(segmentationNode, segmentId)
-            step = HistoryStep(key, tuple(c for c in changes if c is not None), promptsBefore, promptsAfter)
+            changes = tuple(c for c in changes if c is not None)
+            step = HistoryStep(key, changes, promptsBefore, promptsAfter, grid=self.gridKey(volumeNode))
             self.history.record(step, preview=preview)
         return step
+
+    @staticmethod
+    def gridKey(volumeNode) -> tuple:
+        """What undo boxes are indexed on: the volume and its voxel grid."""
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        return volumeNode.GetID(), tuple(slicer.util.arrayFromVTKMatrix(ijkToRas).ravel().tolist())
 
     def _boxToWrite(self, result, segmentationNode, segmentId: str, volumeNode):
         """`result.changed`, grown over the segment's present voxels for a session's first result."""
@@ -1468,10 +1527,13 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                 box = present if box is None else union_box(box, present)
         return box
 
-    def _writeTracked(self, segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes) -> None:
+    def _writeTracked(
+        self, segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes, previous=None
+    ) -> None:
         """Write a patch, erasing it from other segments when asked, appending each `PatchChange` (or None) to
         `changes` before its write: undo only reverts voxels that reached the new state, so a write that
-        fails part-way is still undone exactly as far as it got."""
+        fails part-way is still undone exactly as far as it got. With `previous` (the model's mask before, as
+        bool over the box), voxels where the model's mask did not change keep what the segment holds."""
         from SAMMed3DLib.segment_history import patch_change
 
         others = [i for i in segmentationNode.GetSegmentation().GetSegmentIDs() if i != segmentId]
@@ -1485,6 +1547,8 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                     changes.append(patch_change(self.segmentKey(segmentationNode, other), box, before, after))
                     self.writeSegmentPatch(segmentationNode, other, box, after, volumeNode, current=before)
             before = self.readSegmentPatch(segmentationNode, segmentId, box, volumeNode)
+            if previous is not None:
+                patch = np.where(patch.astype(bool) != previous, patch, before).astype(np.uint8)
             changes.append(patch_change(self.segmentKey(segmentationNode, segmentId), box, before, patch))
             self.writeSegmentPatch(
                 segmentationNode,
@@ -1502,16 +1566,30 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     def undo(self, segmentationNode, segmentId: str, volumeNode):
         """Revert the segment's last step (its own voxels first, then others it overwrote); the step or None."""
-        step = self.history.undo(self.segmentKey(segmentationNode, segmentId))
+        key = self.segmentKey(segmentationNode, segmentId)
+        self._requireGridOf(self.history.next_undo(key), volumeNode)
+        step = self.history.undo(key)
         if step is not None:
             self._applyStep(step, segmentationNode, volumeNode, undo=True)
         return step
 
     def redo(self, segmentationNode, segmentId: str, volumeNode):
-        step = self.history.redo(self.segmentKey(segmentationNode, segmentId))
+        key = self.segmentKey(segmentationNode, segmentId)
+        self._requireGridOf(self.history.next_redo(key), volumeNode)
+        step = self.history.redo(key)
         if step is not None:
             self._applyStep(step, segmentationNode, volumeNode, undo=False)
         return step
+
+    def _requireGridOf(self, step, volumeNode) -> None:
+        """A step's boxes are voxels of the volume it was made on: applied on another grid they would land elsewhere."""
+        if step is None or step.grid is None or step.grid == self.gridKey(volumeNode):
+            return
+        madeOn = slicer.mrmlScene.GetNodeByID(step.grid[0])
+        if madeOn is not None and madeOn is not volumeNode:
+            text = _("This step was made on the volume '{name}': select it as the input volume to undo or redo it.")
+            raise ValueError(text.format(name=madeOn.GetName()))
+        raise ValueError(_("The volume of this step was removed or its voxel grid changed since: it cannot be undone."))
 
     def _applyStep(self, step, segmentationNode, volumeNode, undo: bool) -> None:
         ownFirst = sorted(step.changes, key=lambda change: change.segment_id != step.segment_id)
@@ -1756,6 +1834,8 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         for test in (
             self.test_PointsMapThroughParentTransform,
             self.test_WritingUndoAndOtherSegments,
+            self.test_HandEditsWhereTheModelChangedNothingStay,
+            self.test_UndoOnAnotherVolumeIsRefused,
             self.test_NewSessionReplacesTheSegment,
             self.test_ExcludePointsAloneKeepTheSegment,
             self.test_FailedWriteIsUndoable,
@@ -1833,7 +1913,9 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
         changed = differing_box(np.zeros_like(mask) if previous is None else previous, mask)
         clicks = (Click((0.0, 0.0, 0.0)),) if first else ()
-        return SessionResult(clicks=clicks, mask=mask, iou=1.0, regions=[], timings={}, changed=changed, first=first)
+        return SessionResult(
+            clicks=clicks, mask=mask, iou=1.0, regions=[], timings={}, changed=changed, first=first, previous=previous
+        )
 
     def _segmentWithSlab(self, volumeNode, sphere: np.ndarray):
         """A segmentation with one segment holding a slab that reaches far beyond the sphere's box."""
@@ -1889,6 +1971,44 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, other, volumeNode), slab)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, target, volumeNode), moved)
         self.assertEqual(int(self._segmentArray(segmentationNode, overwriting, volumeNode).sum()), 0)
+
+    def test_HandEditsWhereTheModelChangedNothingStay(self) -> None:
+        self.delayDisplay("A new mask changes only the voxels the model changed; hand edits elsewhere stay")
+        volumeNode, sphere, _centerWorld = self._createScene()
+        logic = self.logic
+        segmentationNode = logic.ensureSegmentation(volumeNode)
+        segmentId = logic.addSegment(segmentationNode, "edited")
+        logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
+        i, j, k = self.synthetic.CENTER_IJK
+        moved = self.synthetic.sphere_mask((i - 6, j + 3, k))
+        changed = self._fakeResult(moved, sphere)
+        edited = sphere.copy()
+        edited[k, j, i] = 0  # a hole painted by hand inside the box that the next mask changes, where it stays 1
+        self.assertTrue(sphere[k, j, i] and moved[k, j, i])
+        whole = tuple(slice(0, n) for n in sphere.shape)
+        logic.writeSegmentPatch(segmentationNode, segmentId, whole, edited, volumeNode)
+        logic.applyResult(changed, segmentationNode, segmentId, volumeNode)
+        expected = moved.copy()
+        expected[k, j, i] = 0
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), expected)
+        logic.undo(segmentationNode, segmentId, volumeNode)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), edited)
+
+    def test_UndoOnAnotherVolumeIsRefused(self) -> None:
+        self.delayDisplay("Undo boxes belong to the volume they were made on")
+        volumeNode, sphere, _centerWorld = self._createScene()
+        logic = self.logic
+        segmentationNode = logic.ensureSegmentation(volumeNode)
+        segmentId = logic.addSegment(segmentationNode, "target")
+        logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
+        otherVolume = slicer.util.addVolumeFromArray(
+            self.synthetic.bright_sphere_image()[:, ::2, ::2].copy(), np.diag([2.0, 2.0, 1.0, 1.0]), name="other"
+        )
+        with self.assertRaises(ValueError):
+            logic.undo(segmentationNode, segmentId, otherVolume)
+        np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), sphere)
+        self.assertIsNotNone(logic.undo(segmentationNode, segmentId, volumeNode))
+        self.assertEqual(int(self._segmentArray(segmentationNode, segmentId, volumeNode).sum()), 0)
 
     def test_NewSessionReplacesTheSegment(self) -> None:
         self.delayDisplay("A session's first result replaces the segment whole; undo brings it back")
