@@ -1228,10 +1228,16 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _volumeKey(volumeNode) -> tuple:
+        imageData = volumeNode.GetImageData()
+        if imageData is None:
+            raise ValueError(_("The volume has no voxels: load an image first."))
+        return volumeNode.GetID(), imageData.GetMTime(), SAMMed3DLogic._ijkToRasValues(volumeNode)
+
+    @staticmethod
+    def _ijkToRasValues(volumeNode) -> tuple:
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
-        matrix = tuple(slicer.util.arrayFromVTKMatrix(ijkToRas).ravel().round(9))
-        return volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), matrix
+        return tuple(slicer.util.arrayFromVTKMatrix(ijkToRas).ravel().round(9).tolist())
 
     def _workPrepare(self, volume):
         from SAMMed3DLib.preprocess import PreparedVolume
@@ -1512,9 +1518,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def gridKey(volumeNode) -> tuple:
         """What undo boxes are indexed on: the volume and its voxel grid."""
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        return volumeNode.GetID(), tuple(slicer.util.arrayFromVTKMatrix(ijkToRas).ravel().tolist())
+        return volumeNode.GetID(), SAMMed3DLogic._ijkToRasValues(volumeNode)
 
     def _boxToWrite(self, result, segmentationNode, segmentId: str, volumeNode):
         """`result.changed`, grown over the segment's present voxels for a session's first result."""
