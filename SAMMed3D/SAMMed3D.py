@@ -1921,6 +1921,14 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
             clicks=clicks, mask=mask, iou=1.0, regions=[], timings={}, changed=changed, first=first, previous=previous
         )
 
+    def _sceneWithSphereSegment(self):
+        """(volume node, sphere mask KJI, segmentation node, id of a segment the sphere was written into)."""
+        volumeNode, sphere, _centerWorld = self._createScene()
+        segmentationNode = self.logic.ensureSegmentation(volumeNode)
+        segmentId = self.logic.addSegment(segmentationNode, "sphere")
+        self.logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
+        return volumeNode, sphere, segmentationNode, segmentId
+
     def _segmentWithSlab(self, volumeNode, sphere: np.ndarray):
         """A segmentation with one segment holding a slab that reaches far beyond the sphere's box."""
         segmentationNode = self.logic.ensureSegmentation(volumeNode)
@@ -1978,11 +1986,8 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
     def test_HandEditsWhereTheModelChangedNothingStay(self) -> None:
         self.delayDisplay("A new mask changes only the voxels the model changed; hand edits elsewhere stay")
-        volumeNode, sphere, _centerWorld = self._createScene()
+        volumeNode, sphere, segmentationNode, segmentId = self._sceneWithSphereSegment()
         logic = self.logic
-        segmentationNode = logic.ensureSegmentation(volumeNode)
-        segmentId = logic.addSegment(segmentationNode, "edited")
-        logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
         i, j, k = self.synthetic.CENTER_IJK
         moved = self.synthetic.sphere_mask((i - 6, j + 3, k))
         changed = self._fakeResult(moved, sphere)
@@ -2000,11 +2005,8 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
     def test_UndoOnAnotherVolumeIsRefused(self) -> None:
         self.delayDisplay("Undo boxes belong to the volume they were made on")
-        volumeNode, sphere, _centerWorld = self._createScene()
+        volumeNode, sphere, segmentationNode, segmentId = self._sceneWithSphereSegment()
         logic = self.logic
-        segmentationNode = logic.ensureSegmentation(volumeNode)
-        segmentId = logic.addSegment(segmentationNode, "target")
-        logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
         otherVolume = slicer.util.addVolumeFromArray(
             self.synthetic.bright_sphere_image()[:, ::2, ::2].copy(), np.diag([2.0, 2.0, 1.0, 1.0]), name="other"
         )
