@@ -496,6 +496,16 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._restoringPrompts = False
 
+    def _removePoints(self, promptNodes: Sequence) -> None:
+        """Remove the points of the segment being finished: those of the nodes observed so far (after a scene import
+        the parameter node already names the imported nodes, whose points must stay)."""
+        self._restoringPrompts = True
+        try:
+            for promptNode in promptNodes:
+                promptNode.RemoveAllControlPoints()
+        finally:
+            self._restoringPrompts = False
+
     def _forgetPromptState(self) -> None:
         self._placementOrder = []
         self._appliedPrompts = ()
@@ -575,7 +585,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             history.close(key)
         if completed and key:
             self.logic.markSegmentCompleted(self._parameterNode.segmentation, self._parameterNode.currentSegmentId)
-        self._restorePrompts(())
+        self._removePoints(self._observedPromptNodes)
         self._forgetPromptState()
         self.logic.endSession()
         self.logic.showRegionBoxes(None, [], visible=False)
