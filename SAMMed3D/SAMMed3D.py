@@ -213,9 +213,6 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # (points, model settings) of the last request that failed or was declined: not sent again until one
         # of them changes (placing moves a hidden preview point with the mouse, which would ask every time).
         self._failedRequest: Optional[tuple] = None
-        # Set when another model is loaded: earlier undo steps were written by the previous model, so the model's
-        # state cannot be brought back to match them (see _resyncSession).
-        self._modelChangedInSegment = False
         self._shownInputs: Optional[tuple] = None
         self._loadedDevice: Optional[tuple] = None  # (device choice, the torch device it gave)
         self._restoringPrompts = False
@@ -287,8 +284,9 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeShortcuts()
         self._downloadCancel.set()  # a reloaded module could neither see nor cancel this download
         self._closeDownloadDialog()
-        for promptNode in self._observedPromptNodes:
-            promptNode.SetLocked(False)  # locked while a first region was computed; nobody would unlock them
+        if self._blockedPlaceWidget is not None:
+            for promptNode in self._observedPromptNodes:
+                promptNode.SetLocked(False)  # locked while a first region was computed; nobody would unlock them
         self.removeObservers()
         for timer in (self._pollTimer, self._previewTimer, self._updateTimer):
             if timer is not None:
@@ -367,6 +365,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._finishSegment()  # points placed for another volume or segmentation mean nothing here
                 if previous[0] is not None and previous[0] != inputs[0]:
                     node.currentSegmentId = ""  # a click on another volume makes a new segment, not a replaced one
+                    self.ui.segmentsTableView.setSelectedSegmentIDs([])  # picking one again selects it anew
             self.ui.segmentsTableView.setSegmentationNode(node.segmentation)
         if node.currentSegmentId and node.currentSegmentId not in self.ui.segmentsTableView.selectedSegmentIDs():
             self.ui.segmentsTableView.setSelectedSegmentIDs([node.currentSegmentId])
@@ -414,7 +413,22 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         transformId = node.inputVolume.GetTransformNodeID()
         for promptNode in (node.positivePoints, node.negativePoints):
             if promptNode.GetTransformNodeID() != transformId:
-                promptNode.SetAndObserveTransformNodeID(transformId)
+                self._moveUnderTransform(promptNode, transformId)
+
+    def _moveUnderTransform(self, promptNode, transformId) -> None:
+        """Put the node under a transform with its points staying where they are in the world."""
+        world = [0.0, 0.0, 0.0]
+        positions = []
+        for index in range(promptNode.GetNumberOfControlPoints()):
+            promptNode.GetNthControlPointPositionWorld(index, world)
+            positions.append(tuple(world))
+        self._restoringPrompts = True
+        try:
+            promptNode.SetAndObserveTransformNodeID(transformId)
+            for index, position in enumerate(positions):
+                promptNode.SetNthControlPointPositionWorld(index, *position)
+        finally:
+            self._restoringPrompts = False
 
     @staticmethod
     def _createPromptNode(name: str, color: tuple, labelFormat: str):
@@ -434,7 +448,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         events = (
             (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onPointsChanged),
-            (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onPointsChanged),
+            (slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self._onPointReleased),
             (slicer.vtkMRMLMarkupsNode.PointRemovedEvent, self._onPointsChanged),
             (slicer.vtkMRMLMarkupsNode.PointModifiedEvent, self._onPointDragged),
         )
@@ -451,6 +465,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._previewTimer.stop()
         self._updateTimer.start()
+
+    def _onPointReleased(self, caller=None, event=None) -> None:
+        self._failedRequest = None  # clicking a point (moved or not) asks again after a failure
+        self._onPointsChanged()
 
     def _onPointDragged(self, caller=None, event=None) -> None:
         if self._restoringPrompts:
@@ -512,7 +530,6 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedFinal = True
         self._submitted = None
         self._failedRequest = None
-        self._modelChangedInSegment = False
 
     def _isDuplicate(self, prompts: tuple, preview: bool) -> bool:
         """Whether the newest submitted (else applied) state already covers this request.
@@ -523,6 +540,15 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True  # it failed or was declined: again once the points or the model change
         latest = self._submitted if self._submitted is not None else (self._appliedPrompts, self._appliedFinal)
         return latest[0] == prompts and (preview or latest[1])
+
+    def _readyForPreview(self) -> bool:
+        """The chosen model is loaded and the segment exists: a preview needs nothing set up."""
+        try:
+            spec = self._modelSpec()
+        except Exception:  # e.g. no checkpoint file chosen: the final request says so
+            return False
+        ready = self.logic.modelReady() and self.logic.modelRequested(spec, self._parameterNode.device.value)
+        return ready and self._currentSegmentKey() is not None
 
     def _modelSettings(self) -> tuple:
         node = self._parameterNode
@@ -657,8 +683,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None:
             self._setStatus(_("Choose a volume first."))
             return
-        if preview and not self.logic.modelReady():
-            return  # a drag (or the mouse moving while placing) never asks to install or download: the release does
+        if preview and not self._readyForPreview():
+            return  # a drag (or the mouse moving while placing) never asks, loads or downloads: the release does
         if not self._ensureEngineReady():
             self._failedRequest = (prompts, self._modelSettings())
             return
@@ -669,7 +695,12 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(str(error))
             return
         firstOfSession = not self.logic.sessionStarted
-        future = self.logic.requestSegmentation(volumeNode, clicks, self._parameterNode.promptMode.value, preview)
+        try:
+            future = self.logic.requestSegmentation(volumeNode, clicks, self._parameterNode.promptMode.value, preview)
+        except Exception as error:  # e.g. a volume the worker cannot prepare
+            self._failedRequest = (prompts, self._modelSettings())
+            self._setStatus(str(error))
+            return
         self._submitted = (prompts, not preview)
         key, generation = self._currentSegmentKey(), self._generation
         label = _("Computing the image embedding (first click of a region)...") if firstOfSession else _("Updating...")
@@ -718,6 +749,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._submitted = None
             raise
         self._appliedPrompts, self._appliedFinal = prompts, not preview
+        self._failedRequest = None
         if self._submitted == (prompts, not preview):
             self._submitted = None
         self.logic.showRegionBoxes(node.inputVolume, result.regions, visible=node.showRegionBox)
@@ -768,7 +800,6 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         spec, device = self._modelSpec(), self._parameterNode.device.value
         if self.logic.modelRequested(spec, device):
             return
-        self._modelChangedInSegment = self._modelChangedInSegment or self.logic.hasModelRequest()
         needsDownload = spec == "turbo" and not self.logic.publishedCheckpointCached("turbo")
         if needsDownload and not slicer.app.testingEnabled():
             if not slicer.util.confirmOkCancelDisplay(
@@ -796,6 +827,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._submitted = None
             self._showError(_("The model could not be loaded."), error, quiet=isinstance(error, DownloadCancelled))
             return
+        self._failedRequest = None  # the model is there now: the same points may be sent again
         if self._parameterNode is None:  # the scene was closed while it loaded
             return
         self._loadedDevice = (self._parameterNode.device, info["device"])
@@ -904,6 +936,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._jobs:
             self._setStatus(_("Busy: try again when the current step has finished."))
             return
+        refusal = self.logic.undoRefusal(node.segmentation, node.currentSegmentId, node.inputVolume, undo)
+        if refusal:
+            self._setStatus(refusal)
+            return
         with slicer.util.tryWithErrorDisplay(_("Undo/redo failed."), waitCursor=True):
             if undo:
                 step = self.logic.undo(node.segmentation, node.currentSegmentId, node.inputVolume)
@@ -921,13 +957,16 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _resyncSession(self) -> None:
         """Bring the model's state to the restored points (the voxels already came from the history)."""
-        if not self.logic.modelReady() or not self._appliedPrompts or self._modelChangedInSegment:
-            # A fresh session's first mask replaces the segment whole: right whatever model wrote what is restored.
-            self.logic.endSession()
-            self.logic.showRegionBoxes(None, [], visible=False)
+        if not self.logic.modelReady() or not self._appliedPrompts:
+            self._startAfresh()
             self._setStatus(_("Restored."))
             return
-        clicks = self.logic.clicksFromPrompts(self._parameterNode.inputVolume, self._appliedPrompts)
+        try:
+            clicks = self.logic.clicksFromPrompts(self._parameterNode.inputVolume, self._appliedPrompts)
+        except Exception as error:
+            self._startAfresh()
+            self._setStatus(_("Restored.") + " " + str(error))
+            return
         future = self.logic.requestSegmentation(
             self._parameterNode.inputVolume, clicks, self._parameterNode.promptMode.value, coalesce=False
         )
@@ -940,11 +979,26 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             result = future.result()
         except Exception as error:
+            self._startAfresh()
             self._showError(_("Could not restore the model state."), error, quiet=True)
             return
         node = self._parameterNode
+        segmentationNode, segmentId = self.logic.nodesOfKey(self._currentSegmentKey())
+        if segmentationNode is None or not self.logic.segmentEquals(
+            result.mask, segmentationNode, segmentId, node.inputVolume
+        ):
+            # The restored voxels are not what the model now draws for these points (another model or prompt mode,
+            # edits by hand): later masks compared with the model's would leave a mix of both.
+            self._startAfresh()
+            self._setStatus(_("Restored. The next point starts a new model session, whose mask replaces the segment."))
+            return
         self.logic.showRegionBoxes(node.inputVolume, result.regions, visible=node.showRegionBox)
         self._setStatus(_("Restored.") + " " + self._describeResult(result))
+
+    def _startAfresh(self) -> None:
+        """The next point starts a new model session, whose first mask replaces the segment whole."""
+        self.logic.endSession()
+        self.logic.showRegionBoxes(None, [], visible=False)
 
     # Jobs, polling, cursor --------------------------------------------------------------------
 
@@ -1136,9 +1190,6 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
     def modelReady(self) -> bool:
         future = self._modelFuture
         return future is not None and future.done() and not future.cancelled() and future.exception() is None
-
-    def hasModelRequest(self) -> bool:
-        return self._modelKey is not None
 
     def forgetModelRequest(self) -> None:
         self._modelKey = self._modelFuture = None
@@ -1414,6 +1465,19 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             return whole
         return intersect_boxes(shift_box(allocated, [-s for s in shift]), whole)
 
+    def segmentEquals(self, mask: np.ndarray, segmentationNode, segmentId: str, volumeNode) -> bool:
+        """Whether the segment holds exactly the voxels of `mask` (K, J, I on the volume's grid)."""
+        from SAMMed3DLib.segment_history import differing_box
+        from SAMMed3DLib.transforms import union_box
+
+        maskBox = differing_box(np.zeros_like(mask), mask)
+        heldBox = self.segmentBox(segmentationNode, segmentId, volumeNode)
+        box = union_box(maskBox, heldBox) if maskBox and heldBox else maskBox or heldBox
+        if box is None:
+            return True
+        held = self.readSegmentPatch(segmentationNode, segmentId, box, volumeNode)
+        return bool(np.array_equal(held > 0, mask[box] > 0))
+
     def readSegmentPatch(self, segmentationNode, segmentId: str, box, volumeNode) -> np.ndarray:
         """The segment's voxels (0/1, uint8) inside a (K, J, I) box of the volume's grid."""
         from SAMMed3DLib.transforms import box_shape, intersect_boxes, relative_box, shift_box, vtk_extent_to_box
@@ -1552,12 +1616,14 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
         others = [i for i in segmentationNode.GetSegmentation().GetSegmentIDs() if i != segmentId]
         with slicer.util.RenderBlocker(), _KeepClosedSurface(segmentationNode):
+            # Other segments lose only voxels the model newly puts in this one (not those kept as they were).
+            taken = patch if previous is None else (patch.astype(bool) & ~previous).astype(np.uint8)
             if overwriteOthers:
                 for other in others:
                     before = self.readSegmentPatch(segmentationNode, other, box, volumeNode)
-                    if not np.any(before & patch):
+                    if not np.any(before & taken):
                         continue
-                    after = before & (1 - patch)
+                    after = before & (1 - taken)
                     changes.append(patch_change(self.segmentKey(segmentationNode, other), box, before, after))
                     self.writeSegmentPatch(segmentationNode, other, box, after, volumeNode, current=before)
             before = self.readSegmentPatch(segmentationNode, segmentId, box, volumeNode)
@@ -1580,30 +1646,39 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     def undo(self, segmentationNode, segmentId: str, volumeNode):
         """Revert the segment's last step (its own voxels first, then others it overwrote); the step or None."""
-        key = self.segmentKey(segmentationNode, segmentId)
-        self._requireGridOf(self.history.next_undo(key), volumeNode)
-        step = self.history.undo(key)
+        refusal = self.undoRefusal(segmentationNode, segmentId, volumeNode, undo=True)
+        if refusal:
+            raise ValueError(refusal)
+        step = self.history.undo(self.segmentKey(segmentationNode, segmentId))
         if step is not None:
             self._applyStep(step, segmentationNode, volumeNode, undo=True)
         return step
 
     def redo(self, segmentationNode, segmentId: str, volumeNode):
-        key = self.segmentKey(segmentationNode, segmentId)
-        self._requireGridOf(self.history.next_redo(key), volumeNode)
-        step = self.history.redo(key)
+        refusal = self.undoRefusal(segmentationNode, segmentId, volumeNode, undo=False)
+        if refusal:
+            raise ValueError(refusal)
+        step = self.history.redo(self.segmentKey(segmentationNode, segmentId))
         if step is not None:
             self._applyStep(step, segmentationNode, volumeNode, undo=False)
         return step
 
-    def _requireGridOf(self, step, volumeNode) -> None:
+    def undoRefusal(self, segmentationNode, segmentId: str, volumeNode, undo: bool = True) -> Optional[str]:
+        """Why the segment's next undo (or redo) step cannot be applied with this volume, or None."""
+        key = self.segmentKey(segmentationNode, segmentId)
+        return self._gridRefusal(self.history.next_undo(key) if undo else self.history.next_redo(key), volumeNode)
+
+    def _gridRefusal(self, step, volumeNode) -> Optional[str]:
         """A step's boxes are voxels of the volume it was made on: applied on another grid they would land elsewhere."""
         if step is None or step.grid is None or step.grid == self.gridKey(volumeNode):
-            return
+            return None
         madeOn = slicer.mrmlScene.GetNodeByID(step.grid[0])
         if madeOn is not None and madeOn is not volumeNode:
-            text = _("This step was made on the volume '{name}': select it as the input volume to undo or redo it.")
-            raise ValueError(text.format(name=madeOn.GetName()))
-        raise ValueError(_("The volume of this step was removed or its voxel grid changed since: it cannot be undone."))
+            text = _(
+                "This step was made on the volume '{name}': select that volume, then this segment, to undo or redo it."
+            )
+            return text.format(name=madeOn.GetName())
+        return _("The volume of this step was removed or its voxel grid changed since: it cannot be undone.")
 
     def _applyStep(self, step, segmentationNode, volumeNode, undo: bool) -> None:
         ownFirst = sorted(step.changes, key=lambda change: change.segment_id != step.segment_id)
@@ -2020,6 +2095,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         otherVolume = slicer.util.addVolumeFromArray(
             self.synthetic.bright_sphere_image()[:, ::2, ::2].copy(), np.diag([2.0, 2.0, 1.0, 1.0]), name="other"
         )
+        self.assertIn("'SAMMed3D test volume'", logic.undoRefusal(segmentationNode, segmentId, otherVolume))
         with self.assertRaises(ValueError):
             logic.undo(segmentationNode, segmentId, otherVolume)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), sphere)
