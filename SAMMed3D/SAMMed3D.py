@@ -409,26 +409,12 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.negativePoints = self._createPromptNode(_("SAM-Med3D exclude"), NEGATIVE_COLOR, "-%d")
         if node.inputVolume is None:
             return
-        # Under the volume's transform, as the segmentation is: a registration moved later moves the points along.
+        # Under the volume's transform, as the segmentation is: the points keep their place in the volume's frame, so
+        # a registration applied to the volume moves them along.
         transformId = node.inputVolume.GetTransformNodeID()
         for promptNode in (node.positivePoints, node.negativePoints):
             if promptNode.GetTransformNodeID() != transformId:
-                self._moveUnderTransform(promptNode, transformId)
-
-    def _moveUnderTransform(self, promptNode, transformId) -> None:
-        """Put the node under a transform with its points staying where they are in the world."""
-        world = [0.0, 0.0, 0.0]
-        positions = []
-        for index in range(promptNode.GetNumberOfControlPoints()):
-            promptNode.GetNthControlPointPositionWorld(index, world)
-            positions.append(tuple(world))
-        self._restoringPrompts = True
-        try:
-            promptNode.SetAndObserveTransformNodeID(transformId)
-            for index, position in enumerate(positions):
-                promptNode.SetNthControlPointPositionWorld(index, *position)
-        finally:
-            self._restoringPrompts = False
+                promptNode.SetAndObserveTransformNodeID(transformId)
 
     @staticmethod
     def _createPromptNode(name: str, color: tuple, labelFormat: str):
@@ -721,8 +707,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = future.result()
         except Exception as error:
             self._submitted = None
-            if not preview:
-                self._failedRequest = (prompts, self._modelSettings())
+            self._failedRequest = (prompts, self._modelSettings())
             self._showError(_("Segmentation failed."), error, quiet=preview or not self.logic.modelReady())
             return
         node = self._parameterNode
@@ -950,7 +935,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             prompts = step.prompts_before if undo else step.prompts_after
             self._restorePrompts(prompts or ())
-            self._appliedPrompts, self._appliedFinal = prompts or (), True
+            # Read back: under a transform the markups round the world positions a little differently.
+            self._appliedPrompts, self._appliedFinal = self._currentPrompts(), True
             self._submitted = None
             self._resyncSession()
         self._updateButtons()
@@ -971,9 +957,11 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.inputVolume, clicks, self._parameterNode.promptMode.value, coalesce=False
         )
         generation = self._generation
+        self._blockPrompts()  # a point placed now would continue a session that may still have to start afresh
         self._addJob(future, lambda f: self._onResynced(f, generation), _("Restoring the model state..."))
 
     def _onResynced(self, future, generation: int) -> None:
+        self._unblockPrompts()
         if future.cancelled() or generation != self._generation:
             return
         try:
