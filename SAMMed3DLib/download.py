@@ -211,6 +211,12 @@ def _open(url: str, name: str, offset: int, timeout: float, version: str | None 
 
 def _receive(response, url: str, name: str, part: Path, offset: int, progress, chunk_size: int):
     """Write the response body to `part` (appending after `offset` bytes) and hash the whole file."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # its bytes would be stored as they came: not the file, whatever it says
+        raise DownloadError(
+            f"The server of {url} sent it compressed (Content-Encoding: {encoding}) although asked for the file as "
+            f"it is; try again later, or {_MANUAL_HINT}."
+        )
     hasher = _hash_file(part, chunk_size) if offset else hashlib.sha256()
     length = response.headers.get("Content-Length")
     if length is not None and length.isdigit():

@@ -46,6 +46,7 @@ class FileServer(ThreadingHTTPServer):
         self.ignore_range = False
         self.stall_seconds = 0.0
         self.send_length = True  # False: the body ends where the connection closes (HTTP/1.0 style)
+        self.content_encoding: Optional[str] = None  # a Content-Encoding header to claim, whatever was asked
         self.ranges_seen: List[Optional[str]] = []
         self.version = '"v1"'
         self.if_ranges_seen: List[Optional[str]] = []
@@ -84,6 +85,8 @@ class _RangeHandler(BaseHTTPRequestHandler):
             self.send_response(200)
         body = content[start:]
         self.send_header("ETag", self.server.version)
+        if self.server.content_encoding:
+            self.send_header("Content-Encoding", self.server.content_encoding)
         if self.server.send_length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -309,6 +312,14 @@ def test_a_full_disk_names_the_folder_and_the_part_resumes(
     assert kept == CONTENT[: len(kept)] and len(kept) > 0
     assert fetch(server, destination) == CONTENT_SHA256
     assert server.ranges_seen[-1] == f"bytes={len(kept)}-"
+
+
+def test_a_body_sent_compressed_against_the_request_is_refused_by_name(server: FileServer, tmp_path: Path) -> None:
+    destination = tmp_path / "model.pth"
+    server.content_encoding = "gzip"
+    with pytest.raises(DownloadError, match=r"sent it compressed \(Content-Encoding: gzip\).*--checkpoint PATH"):
+        fetch(server, destination)
+    assert not destination.exists() and not part_path(destination).exists()
 
 
 def test_unreachable_host_gives_one_clear_sentence(tmp_path: Path) -> None:
