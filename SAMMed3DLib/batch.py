@@ -244,7 +244,8 @@ def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = Fal
         replace(case, out=_default_out(case, out_dir, repeated)) if _needs_default_out(case) else case for case in cases
     ]
     _refuse_shared_outputs(planned)
-    images = {case.image.resolve() for case in cases if case.image is not None}  # once, not once per output
+    # Resolved once, not once per output; keyed without case, where another spelling may name the same file.
+    images = {str(case.image.resolve()).casefold(): case.image for case in cases if case.image is not None}
     return [_with_checked_output(case, images, overwrite) for case in planned]
 
 
@@ -259,12 +260,13 @@ def _default_out(case: Case, out_dir: Path, repeated: set[str]) -> Path:
     return out_dir / f"{folder}_{case.name}_mask.nii.gz"
 
 
-def _with_checked_output(case: Case, images: set[Path], overwrite: bool) -> Case:
+def _with_checked_output(case: Case, images: dict[str, Path], overwrite: bool) -> Case:
     if case.problem is not None:
         return case
     try:
         # Given only the input it may be: check_image_output would resolve every input again for each output.
-        inputs = [case.out] if case.out.resolve() in images else []
+        same_name = images.get(str(case.out.resolve()).casefold())
+        inputs = [same_name] if same_name is not None else []
         check_image_output(case.out, inputs=inputs, overwrite=overwrite)
     except InputError as error:
         return replace(case, problem=str(error))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -89,6 +90,15 @@ def test_outputs_differing_only_in_case_are_one_file(tmp_path):
     given = [replace(case, out=tmp_path / name) for case, name in zip(cases, ("Mask.nii.gz", "mask.nii.gz"))]
     with pytest.raises(InputError, match="Cases 1 and 2"):
         plan_outputs(given, tmp_path / "out")
+
+
+def test_an_out_naming_an_input_in_other_letter_case_is_refused_where_it_is_that_file(tmp_path):
+    image = tmp_path / "CT.nii.gz"
+    image.write_text("scan")
+    other_case = tmp_path / "ct.nii.gz"
+    os.link(image, other_case)  # what a case-insensitive disk (macOS, Windows) makes of the other spelling
+    planned = plan_outputs([Case(image, [], out=other_case)], tmp_path / "out", overwrite=True)
+    assert "one of the input files" in planned[0].problem
 
 
 def test_planning_keeps_given_outputs_and_is_repeatable(tmp_path):
