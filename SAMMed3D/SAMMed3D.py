@@ -713,6 +713,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         segmentationNode, segmentId = self.logic.nodesOfKey(key)
         if segmentationNode is None or node.inputVolume is None:
+            self._submitted = None
+            self._setStatus(_("The segment or volume is gone: the next point starts a new segment."))
             return
         try:
             # No message box for a failed drag preview (it would interrupt the drag); the error is still logged.
@@ -916,7 +918,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _undoOrRedo(self, undo: bool) -> None:
         node = self._parameterNode
-        if node is None or node.inputVolume is None or self._currentSegmentKey() is None:
+        if node is None or node.inputVolume is None:
+            return
+        if self._currentSegmentKey() is None:
+            self._setStatus(_("No current segment (deleted, or none picked): nothing to undo or redo."))
             return
         if self._jobs:
             self._setStatus(_("Busy: try again when the current step has finished."))
