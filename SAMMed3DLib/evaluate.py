@@ -77,6 +77,17 @@ def label_values(label: Volume) -> list[int]:
     return [int(v) for v in values if v != 0]
 
 
+def chosen_values(values: Optional[Sequence[int]], present: Sequence[int]) -> list[int]:
+    """The label values to evaluate, ascending and each once (a value given twice would be evaluated twice and
+    weigh double in the mean): `values`, or every value `present` in the label map when none are given."""
+    if not values:
+        return list(present)
+    missing = sorted(set(values) - set(present))
+    if missing:
+        raise InputError(f"Label values {missing} do not occur in the label map; it has {present}.")
+    return sorted(set(values))
+
+
 def evaluate_case(
     predictor: RegionPredictor,
     image: Volume,
@@ -114,10 +125,7 @@ def evaluate_case(
     present = label_values(label)
     merged = np.zeros(image.shape_kji, dtype=_label_dtype(present))
     results = []
-    missing = sorted(set(values or ()) - set(present))
-    if missing:
-        raise InputError(f"Label values {missing} do not occur in the label map; it has {present}.")
-    for value in sorted(values) if values else present:
+    for value in chosen_values(values, present):
         recorded = None if recorded_clicks is None else recorded_clicks.get(value)
         result, patch, box = run.label_value(value, recorded)
         paste_into(merged, patch, box, value)

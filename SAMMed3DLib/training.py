@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -34,7 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model, model_from_checkpoint, read_checkpoint_file, save_checkpoint
+from .atomic import atomic_destination
+from .checkpoint import (
+    FIRST_CLICK_MULTIMASK_KEY,
+    load_model,
+    model_from_checkpoint,
+    read_checkpoint_file,
+    save_checkpoint,
+)
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError
@@ -70,11 +76,16 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
     """Cases of a folder (`*/image.nii.gz` with `*/label.nii.gz`) or of a CSV/JSON manifest of image,label pairs."""
     data = Path(data)
     if data.is_dir():
-        cases = [
-            CaseFiles(folder / IMAGE_FILE, folder / LABEL_FILE)
-            for folder in sorted(p for p in data.iterdir() if p.is_dir())
-            if (folder / IMAGE_FILE).is_file() and (folder / LABEL_FILE).is_file()
-        ]
+        cases = []
+        for folder in sorted(p for p in data.iterdir() if p.is_dir()):
+            image, label = folder / IMAGE_FILE, folder / LABEL_FILE
+            if image.is_file() and label.is_file():
+                cases.append(CaseFiles(image, label))
+            elif image.is_file() or label.is_file():  # a case left out silently would shrink the data unnoticed
+                present, absent = (image, label) if image.is_file() else (label, image)
+                raise InputError(
+                    f"{folder} has {present.name} but no {absent.name}; add it, or move the folder out of {data}."
+                )
     elif data.is_file():
         if data.suffix.lower() not in (".csv", ".json"):
             raise InputError(
@@ -94,7 +105,7 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
 
 def _read_manifest(path: Path) -> list[CaseFiles]:
     rows = manifest_rows(path, columns=("image", "label"))
-    cases = []
+    rows_of_cases: dict[CaseFiles, int] = {}  # a case and the row that first lists it
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not all(
             isinstance(row.get(key), str) and row[key] for key in ("image", "label")
@@ -102,10 +113,18 @@ def _read_manifest(path: Path) -> list[CaseFiles]:
             raise InputError(f"Row {number} of {path} lacks an 'image' or 'label' path; give both, as text.")
         image, label = (path.parent / row["image"]).resolve(), (path.parent / row["label"]).resolve()
         for file in (image, label):
+            if file.is_dir():  # training caches a case by its file's size and time, which a folder does not give
+                raise InputError(
+                    f"{file} (row {number} of {path}) is a folder (a DICOM series?); training reads image and label "
+                    "files: convert it to .nii.gz first."
+                )
             if not file.is_file():
                 raise InputError(f"{file} (row {number} of {path}) does not exist; fix the manifest.")
-        cases.append(CaseFiles(image, label))
-    return cases
+        case = CaseFiles(image, label)
+        if case in rows_of_cases:  # a pasted row twice would silently double the weight of its targets
+            raise InputError(f"Row {number} of {path} repeats row {rows_of_cases[case]}; list each case once.")
+        rows_of_cases[case] = number
+    return list(rows_of_cases)
 
 
 @dataclass
@@ -122,13 +141,25 @@ def prepare_case(files: CaseFiles) -> PreparedCase:
     """Resample and reorient image and label exactly as inference does (one binary label per value)."""
     prepared = PreparedVolume(Volume.from_file(files.image))
     label = Volume.from_file(files.label)
-    values = [int(v) for v in np.unique(label.array_kji) if v != 0]
+    found = np.unique(label.array_kji)
+    if not np.all(found == np.round(found)):  # int() would truncate 0.5 to 0 and train on the background
+        raise InputError(
+            f"{files.label} has non-integer values; give a label map of whole-number label values "
+            "(resampled with nearest neighbour, not linear interpolation)."
+        )
+    values = [int(v) for v in found if v != 0]
     if len(values) > 255:
-        raise InputError(f"{files.label} has {len(values)} label values; at most 255 are supported.")
+        raise InputError(
+            f"{files.label} has {len(values)} label values, more than the 255 training takes: it looks like an "
+            "image, not a label map; give the case's label map as its label."
+        )
     targets = np.zeros(prepared.canonical_shape, dtype=np.uint8)
     kept_values, counts = [], []
     for value in values:
-        binary = prepared.prepare_label(label, value).astype(bool)
+        try:
+            binary = prepared.prepare_label(label, value).astype(bool)
+        except InputError as error:  # e.g. another grid: which of many cases must be named
+            raise InputError(f"{files.label}: {error}") from error
         if binary.any():
             kept_values.append(value)
             counts.append(int(binary.sum()))
@@ -165,12 +196,12 @@ class CaseCache:
         path = self.path_for(files)
         if not path.is_file():
             case = prepare_case(files)
-            # A name of its own: another run sharing the cache may be writing the same case.
-            temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.npz")
-            np.savez_compressed(
-                temporary, raw=case.raw, targets=case.targets, values=case.values, voxel_counts=case.voxel_counts
-            )
-            os.replace(temporary, path)
+            # A temporary name of its own (another run sharing the cache may be writing the same case), removed if
+            # the write fails or is interrupted.
+            with atomic_destination(path, ".npz") as temporary:
+                np.savez_compressed(
+                    temporary, raw=case.raw, targets=case.targets, values=case.values, voxel_counts=case.voxel_counts
+                )
             self._remember(path, case)
             return case
         return self.load(files)
@@ -742,6 +773,9 @@ class Trainer:
         if epochs is not None:
             self.options = replace(self.options, steps=steps_for_epochs(epochs, len(self.data.targets), self.options))
         self.model.load_state_dict(content["model_state_dict"], strict=True)
+        if self.options.first_click_multimask and content.get(FIRST_CLICK_MULTIMASK_KEY) is not True:
+            # The alternatives start with this run: loading the weights undid their seeding in __init__.
+            seed_multimask_outputs(self.model.mask_decoder, torch.Generator().manual_seed(self.options.seed))
         # The schedule's function is not saved: made again from the kept settings, before the optimiser's state
         # (a new scheduler sets the learning rates of its first step; the loaded state puts the saved ones back).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(self.options))

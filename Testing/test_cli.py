@@ -233,6 +233,16 @@ def test_evaluate_refuses_an_empty_label_map_before_loading_a_model(tmp_path, im
     assert "is empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size_change, shift_mm", [(-2, 0.0), (0, 30.0)])
+def test_evaluate_refuses_a_label_map_on_another_grid_before_loading_a_model(
+    tmp_path, image_path, size_change, shift_mm, capsys
+):
+    label = _label_file(tmp_path, image_path, size_change, shift_mm)
+    arguments = ["evaluate", str(image_path), str(label), "--out", str(tmp_path / "pred.nii.gz")]
+    assert main([*arguments, "--checkpoint", str(tmp_path / "absent.pth")]) == 2
+    assert "must share one voxel grid" in capsys.readouterr().err
+
+
 def test_phantom_keeps_a_case_already_in_its_folder(tmp_path, capsys):
     (tmp_path / "label.nii.gz").write_text("someone's labels")
     assert main(["phantom", "--seed", "0", "--out", str(tmp_path)]) == 2
@@ -274,7 +284,12 @@ def test_a_seed_numpy_cannot_take_is_a_usage_error(tmp_path, image_path, seed, m
 
 
 @pytest.mark.parametrize(
-    "options, message", [(["--clicks", "0"], "--clicks is 0"), (["--report", "{out}"], "--report and --out both name")]
+    "options, message",
+    [
+        (["--clicks", "0"], "--clicks is 0"),
+        (["--report", "{out}"], "--report and --out both name"),
+        (["--labels", "1,7"], "Label values [7] do not occur in the label map; it has [1]"),
+    ],
 )
 def test_evaluate_refuses_bad_options_before_loading_a_model(tmp_path, image_path, options, message, capsys):
     label = _label_file(tmp_path, image_path)

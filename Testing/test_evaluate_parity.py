@@ -115,6 +115,12 @@ def test_label_values_above_255_keep_their_value_in_the_merged_map(predictor, sy
     assert result.mask.dtype == np.uint16 and np.array_equal(result.mask, plain.mask.astype(np.uint16) * 300)
 
 
+def test_a_label_value_given_twice_is_evaluated_once(predictor, synthetic):
+    twice = evaluate_case(predictor, synthetic.image, synthetic.label, prepared=synthetic.prepared, values=[2, 1, 2])
+    once = evaluate_case(predictor, synthetic.image, synthetic.label, prepared=synthetic.prepared)
+    assert twice.dice() == once.dice() and len(twice.labels) == 2
+
+
 def test_p3_official_three_clicks_replayed(predictor, synthetic):
     recorded = {
         facts["category"]: [(c["roi_index"], c["label"]) for c in facts["clicks"]]

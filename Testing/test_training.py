@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +26,7 @@ from SAMMed3DLib.preprocess import crop_with_zero_padding, normalise_intensities
 from SAMMed3DLib.published import DEMO_CHECKPOINT
 from SAMMed3DLib.training import (
     CaseCache,
+    CaseFiles,
     Trainer,
     TrainingData,
     TrainingOptions,
@@ -116,10 +118,90 @@ def test_a_manifest_lists_cases(cases_dir, tmp_path):
     broken.write_text("image,label\nmissing.nii.gz,missing_label.nii.gz\n")
     with pytest.raises(InputError, match="does not exist"):
         find_cases(broken)
+    folder = tmp_path / "series.csv"  # a DICOM folder as the image
+    folder.write_text(f"image,label\n{cases_dir}/phantom_1000,{cases_dir}/phantom_1000/label.nii.gz\n")
+    with pytest.raises(InputError, match=r"phantom_1000 \(row 1 of .*series.csv\) is a folder \(a DICOM series\?\)"):
+        find_cases(folder)
     numbered = tmp_path / "numbered.json"
     numbered.write_text(json.dumps([{"image": f"{cases_dir}/phantom_1000/image.nii.gz", "label": 5}]))
     with pytest.raises(InputError, match="Row 1 .* lacks an 'image' or 'label' path"):
         find_cases(numbered)
+    (tmp_path / "linked").symlink_to(cases_dir, target_is_directory=True)
+    repeated = tmp_path / "repeated.csv"  # the same files, the second time by a relative path through a link
+    repeated.write_text(f"image,label\n{row}\nlinked/phantom_1000/image.nii.gz,linked/phantom_1000/label.nii.gz\n")
+    with pytest.raises(InputError, match="Row 2 of .*repeated.csv repeats row 1; list each case once"):
+        find_cases(repeated)
+
+
+def test_a_case_folder_without_its_label_or_image_is_refused_not_left_out(cases_dir, tmp_path):
+    (tmp_path / "notes").mkdir()  # a folder that is no case at all is passed over
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "complete").symlink_to(cases_dir / "phantom_1000", target_is_directory=True)
+    assert len(find_cases(tmp_path)) == 1
+    for present, absent in (("image.nii.gz", "label.nii.gz"), ("label.nii.gz", "image.nii.gz")):
+        half = tmp_path / f"only_{present.split('.')[0]}"
+        half.mkdir()
+        (half / present).symlink_to(cases_dir / "phantom_1000" / present)
+        with pytest.raises(InputError, match=f"only_{present.split('.')[0]} has {present} but no {absent}"):
+            find_cases(tmp_path)
+        (half / present).unlink()
+
+
+def _case_with_label(cases_dir, folder, change) -> CaseFiles:
+    """The phantom's image with its label map changed by `change` (a SimpleITK image to a SimpleITK image)."""
+    folder.mkdir()
+    (folder / "image.nii.gz").symlink_to(cases_dir / "phantom_1000" / "image.nii.gz")
+    sitk.WriteImage(change(sitk.ReadImage(str(cases_dir / "phantom_1000" / "label.nii.gz"))), str(folder / "l.nii.gz"))
+    return CaseFiles(folder / "image.nii.gz", folder / "l.nii.gz")
+
+
+def _only_value(value: int, scale: float):
+    def change(label):
+        array = (sitk.GetArrayFromImage(label) == value).astype(np.float32) * scale
+        changed = sitk.GetImageFromArray(array)
+        changed.CopyInformation(label)
+        return changed
+
+    return change
+
+
+def test_a_float_label_map_of_whole_numbers_trains_and_one_of_fractions_is_refused(data, cases_dir, tmp_path):
+    largest = max(data.targets, key=lambda target: target.voxels)
+    cache = CaseCache(tmp_path / "cache")
+    whole = cache.summary(_case_with_label(cases_dir, tmp_path / "whole", _only_value(largest.value, 1.0)))
+    assert whole.values == [1] and whole.voxel_counts == [largest.voxels]
+    # Resampled with linear interpolation, or a probability map: int() would make 0.5 the background, value 0.
+    fractions = _case_with_label(cases_dir, tmp_path / "fractions", _only_value(largest.value, 0.5))
+    with pytest.raises(InputError, match=re.escape(f"{fractions.label} has non-integer values")):
+        cache.summary(fractions)
+
+
+def test_an_image_given_as_the_label_map_is_refused_saying_so(cases_dir, tmp_path):
+    image = cases_dir / "phantom_1000" / "image.nii.gz"
+    with pytest.raises(InputError, match="it looks like an image, not a label map; give the case's label map"):
+        CaseCache(tmp_path / "cache").summary(CaseFiles(image, image))
+
+
+def test_a_label_map_on_another_grid_is_refused_naming_its_file(cases_dir, tmp_path):
+    def shifted(label):
+        label.SetOrigin([coordinate + 30.0 for coordinate in label.GetOrigin()])
+        return label
+
+    files = _case_with_label(cases_dir, tmp_path / "shifted", shifted)
+    with pytest.raises(InputError, match=re.escape(f"{files.label}: The label and the image are not on the same")):
+        CaseCache(tmp_path / "cache").summary(files)
+
+
+def test_an_interrupted_preparation_leaves_no_part_file_in_the_cache(cases_dir, tmp_path, monkeypatch):
+    def cut_off(file, **arrays):
+        file.write_bytes(b"PK part of a case")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", cut_off)
+    cache = CaseCache(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        cache.summary(find_cases(cases_dir)[0])
+    assert list(cache.folder.iterdir()) == []
 
 
 def test_a_sample_is_the_flipped_region_of_its_target(data):
@@ -310,6 +392,15 @@ def test_multimask_training_trains_the_iou_head_and_marks_the_checkpoint(data, t
     assert resumed.first_click_multimask
     continued = Trainer(resumed, data, tiny_options(steps=3), tmp_path / "more.pth")
     assert continued.options.first_click_multimask  # a model answering with alternatives keeps training them
+
+
+def test_resuming_with_alternative_masks_added_starts_them_from_the_single_mask(data, tmp_path):
+    run = tmp_path / "single.pth"
+    Trainer(tiny_model(), data, tiny_options(steps=1), run).run()
+    trainer = Trainer(model_for_training(resume=run), data, tiny_options(first_click_multimask=True), run)
+    trainer.resume(run)
+    tokens = trainer.model.mask_decoder.mask_tokens.weight.detach()
+    assert all((tokens[i] - tokens[0]).norm() < 0.2 * tokens[0].norm() for i in range(1, len(tokens)))
 
 
 @pytest.mark.parametrize("multimask, iou_loss_weight", [(False, 1.0), (True, 0.0)])

@@ -11,7 +11,7 @@ import numpy as np
 from ..atomic import check_output_path, write_text_atomic
 from ..batch import write_mask
 from ..errors import InputError
-from ..evaluate import OFFICIAL_SEED, EvaluationResult, evaluate_case, label_values
+from ..evaluate import OFFICIAL_SEED, EvaluationResult, chosen_values, evaluate_case, label_values
 from ..imageio import check_image_output
 from ..volume import Volume
 from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback, seed_argument
@@ -48,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--report and --out both name {args.out}; give the report its own file (report.json).")
         check_output_path(args.report, inputs, args.overwrite)
     image, label = Volume.from_file(args.image), Volume.from_file(args.label)
-    if not label_values(label):
+    present = label_values(label)
+    if not present:
         raise InputError(f"{args.label} is empty (all zero); give a label map with at least one structure.")
-    values = _parse_values(args.labels)
+    # Before the model loads (a published one may first be downloaded): a label map it cannot use fails at once.
+    image.check_same_grid(label)
+    values = chosen_values(_parse_values(args.labels), present)
     predictor = predictor_from_args(args)
     result = evaluate_case(
         predictor, image, label, args.clicks, args.seed, accumulate_clicks=not args.newest_only, values=values
