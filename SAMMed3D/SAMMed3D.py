@@ -12,10 +12,12 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
+import os
 import pathlib
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -1396,6 +1398,14 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self._volumeIjkToSegmentation(volumeNode, segmentationNode)  # fails early for incompatible transforms
         labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
         if segmentationNode.GetSegmentation().GetSourceRepresentationName() != labelmapName:
+            if segmentationNode.GetSegmentation().GetNumberOfSegments() > 0:  # converting drops the source surfaces
+                raise ValueError(
+                    _(
+                        "The segmentation '{name}' is made of surfaces (its source is not a binary labelmap); "
+                        "converting it would replace them: convert it in the Segmentations module first, or "
+                        "choose another segmentation."
+                    ).format(name=segmentationNode.GetName())
+                )
             segmentationNode.CreateBinaryLabelmapRepresentation()
             segmentationNode.SetSourceRepresentationToBinaryLabelmap()
         return segmentationNode
@@ -1554,8 +1564,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         promptsBefore: Any = None,
         promptsAfter: Any = None,
         preview: bool = False,
+        record: bool = True,
     ):
-        """Write a `SessionResult` into one segment and record it for undo.
+        """Write a `SessionResult` into one segment and record it for undo (unless `record` is False: a batch's
+        steps would push the panel's older steps out of the history's memory cap).
 
         Only voxels inside `result.changed` are written, and of those only the ones the model changed (edits made
         there by hand, e.g. with the Segment Editor, stay), except for the first result of a session with a mask:
@@ -1579,7 +1591,8 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             key = self.segmentKey(segmentationNode, segmentId)
             changes = tuple(c for c in changes if c is not None)
             step = HistoryStep(key, changes, promptsBefore, promptsAfter, grid=self.gridKey(volumeNode))
-            self.history.record(step, preview=preview)
+            if record:
+                self.history.record(step, preview=preview)
         return step
 
     @staticmethod
@@ -1740,25 +1753,27 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         segmentName: Optional[str] = None,
         checkpoint=None,
         device: str = "auto",
+        recordUndo: bool = True,
     ):
         """Segment one structure from world-RAS points; returns (segmentationNode, segmentId). Blocks.
 
         checkpoint: None keeps the model already loaded here (else the panel's model choice), "turbo" or
         "demo" or a checkpoint file path. Positive points are applied first, then negative ones. The
-        result is one undoable step (`undo(segmentationNode, segmentId, volumeNode)`).
+        result is one undoable step (`undo(segmentationNode, segmentId, volumeNode)`) unless `recordUndo` is False.
         """
-        from SAMMed3DLib.session import InteractiveSession
-
-        if len(positivePointsRAS) == 0:
+        positive, negative = _pointsList(positivePointsRAS), _pointsList(negativePointsRAS)
+        if not positive:
             raise ValueError(_("Give at least one positive point (world RAS)."))
+        if volumeNode is None or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(_("Give a scalar image volume: a labelmap volume holds labels, not an image."))
         if not self.ensureTorch(askConfirmation=not slicer.app.testingEnabled()):
             raise MissingDependencyError(_("PyTorch is needed and was not installed."))
-        self._loadModelForConsole(checkpoint, device)
-        prompts = tuple((True, tuple(float(v) for v in p)) for p in positivePointsRAS)
-        prompts += tuple((False, tuple(float(v) for v in p)) for p in negativePointsRAS)
+        from SAMMed3DLib.session import InteractiveSession  # imports torch: only once it is there
+
+        prompts = tuple((True, point) for point in positive) + tuple((False, point) for point in negative)
         clicks = self.clicksFromPrompts(volumeNode, prompts)
-        self.prepareVolume(volumeNode)
-        prepared = self._preparedFuture
+        self._loadModelForConsole(checkpoint, device)
+        prepared = self._preparedForConsole(volumeNode)
         engine = self._engine
 
         def run():
@@ -1769,13 +1784,25 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             result = self.worker.submit(run).result()
         segmentationNode = self.ensureSegmentation(volumeNode, segmentationNode)
         segmentId = self.addSegment(segmentationNode, segmentName)
-        self.applyResult(result, segmentationNode, segmentId, volumeNode, promptsBefore=(), promptsAfter=prompts)
+        self.applyResult(
+            result, segmentationNode, segmentId, volumeNode, promptsBefore=(), promptsAfter=prompts, record=recordUndo
+        )
         self.lastResult = result
         return segmentationNode, segmentId
 
+    def _preparedForConsole(self, volumeNode):
+        """The resampled volume: the shared one unless the panel's session works on another volume, which a
+        console call must not end (its resampling and embeddings would have to be made again)."""
+        if self.sessionStarted and self._volumeKey(volumeNode) != self._preparedKey:
+            from SAMMed3DLib.preprocess import PreparedVolume
+
+            return self.worker.submit(PreparedVolume, self.volumeFromNode(volumeNode))
+        self.prepareVolume(volumeNode)
+        return self._preparedFuture
+
     def _loadModelForConsole(self, checkpoint, device: str) -> None:
         if checkpoint is None and self._modelFuture is not None:
-            self._modelFuture.result()
+            self._waitForModel(self._modelFuture)
             return
         if checkpoint is None:
             parameters = self.getParameterNode()
@@ -1784,8 +1811,17 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             )
         elif checkpoint == "demo":
             checkpoint = None
-        with slicer.util.WaitCursor():
-            self.loadModel(checkpoint, device).result()
+        self._waitForModel(self.loadModel(checkpoint, device))
+
+    def _waitForModel(self, future) -> None:
+        """Wait for a model load; a failed one is forgotten, so that the next call (or the panel) tries again."""
+        try:
+            with slicer.util.WaitCursor():
+                future.result()
+        except Exception:
+            if self._modelFuture is future:
+                self.forgetModelRequest()
+            raise
 
     def segmentBatch(
         self,
@@ -1794,33 +1830,46 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         outputDirectory=None,
         checkpoint=None,
         device: str = "auto",
+        overwrite: bool = False,
     ) -> list:
-        """Segment many volumes, one structure each; a failing item is reported and the rest still run.
+        """Segment many volumes, one structure each; a failing item is reported and the rest still run. Blocks
+        Slicer until done (the progress dialog cancels between items).
 
-        volumeNodesOrFiles: volume nodes or image file paths (files are loaded into the scene).
-        pointsPerVolume: per item, {"positive": [...], "negative": [...]} or a list of positive points,
-        in world RAS. outputDirectory: if given, each segmentation is saved there as <name>.seg.nrrd.
-        Returns a `BatchOutcome` per item.
+        volumeNodesOrFiles: volume nodes or image file paths. pointsPerVolume: per item, {"positive": [...],
+        "negative": [...]} or a list of positive points, in world RAS. outputDirectory: if given, each
+        segmentation is saved there as <name>.seg.nrrd (a repeated name gets _2, _3...; an existing file is an
+        error unless `overwrite`), and volumes loaded from files are removed from the scene again once saved,
+        so that a long list does not fill the memory. Batch steps are not recorded for undo.
+        Returns a `BatchOutcome` per item (error "cancelled" for items a cancel skipped).
         """
         if len(volumeNodesOrFiles) != len(pointsPerVolume):
             raise ValueError(_("Give one list of points per volume."))
+        if not self.ensureTorch(askConfirmation=not slicer.app.testingEnabled()):  # asked once, not per item
+            raise MissingDependencyError(_("PyTorch is needed and was not installed."))
         outputFolder = pathlib.Path(outputDirectory) if outputDirectory else None
         if outputFolder is not None:
             outputFolder.mkdir(parents=True, exist_ok=True)
+        outputNames = _uniqueNames([self._describeItem(item) for item in volumeNodesOrFiles])
         progress = slicer.util.createProgressDialog(
             maximum=len(volumeNodesOrFiles), windowTitle=_("SAM-Med3D batch"), autoClose=False
         )
         outcomes = []
         try:
             for number, (item, points) in enumerate(zip(volumeNodesOrFiles, pointsPerVolume)):
+                slicer.app.processEvents()  # before the check: a cancel clicked during the last item counts now
                 if progress.wasCanceled:
+                    outcomes += [
+                        BatchOutcome(source=self._describeItem(rest), error="cancelled")
+                        for rest in volumeNodesOrFiles[number:]
+                    ]
                     break
                 progress.labelText = _("Segmenting {item} ({number} of {count})...").format(
                     item=self._describeItem(item), number=number + 1, count=len(volumeNodesOrFiles)
                 )
                 progress.value = number
                 slicer.app.processEvents()
-                outcomes.append(self._segmentBatchItem(item, points, outputFolder, checkpoint, device))
+                output = outputFolder / f"{outputNames[number]}.seg.nrrd" if outputFolder is not None else None
+                outcomes.append(self._segmentBatchItem(item, points, output, overwrite, checkpoint, device))
         finally:
             progress.close()
         failures = [o for o in outcomes if not o.ok]
@@ -1836,24 +1885,45 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _describeItem(item) -> str:
-        return item.GetName() if hasattr(item, "GetName") else str(item)
+        """A node's name, or a file's name without its image extension."""
+        if hasattr(item, "GetName"):
+            return item.GetName()
+        from SAMMed3DLib.imageio import image_suffix
 
-    def _segmentBatchItem(self, item, points, outputFolder, checkpoint, device: str) -> BatchOutcome:
+        path = pathlib.Path(item)
+        return path.name[: len(path.name) - len(image_suffix(path))] or path.name
+
+    def _segmentBatchItem(self, item, points, output, overwrite: bool, checkpoint, device: str) -> BatchOutcome:
         outcome = BatchOutcome(source=self._describeItem(item))
+        loaded = []  # nodes this item added to the scene from a file, removed again once saved
         try:
-            volumeNode = item if hasattr(item, "GetImageData") else slicer.util.loadVolume(str(item))
+            if output is not None and output.exists() and not overwrite:
+                raise FileExistsError(
+                    _("{path} already exists; pass overwrite=True to replace it.").format(path=output)
+                )
+            if hasattr(item, "GetImageData"):
+                volumeNode = item
+            else:
+                volumeNode = slicer.util.loadVolume(str(item), {"show": False})
+                loaded.append(volumeNode)
             positive, negative = self._splitPoints(points)
             segmentationNode, segmentId = self.segment(
-                volumeNode, positive, negative, checkpoint=checkpoint, device=device
+                volumeNode, positive, negative, checkpoint=checkpoint, device=device, recordUndo=False
             )
+            loaded.append(segmentationNode)
             outcome.segmentationNode, outcome.segmentId = segmentationNode, segmentId
-            if outputFolder is not None:
-                path = outputFolder / f"{_safeFileName(volumeNode.GetName())}.seg.nrrd"
-                if not slicer.util.saveNode(segmentationNode, str(path)):
-                    raise OSError(_("Could not write {path}.").format(path=path))
-                outcome.outputPath = str(path)
+            if output is not None:
+                _saveNodeWhole(segmentationNode, output)
+                outcome.outputPath = str(output)
         except Exception as error:  # one broken item must not stop the batch
             outcome.error = str(error) or type(error).__name__
+        fromFile = not hasattr(item, "GetImageData")
+        if fromFile and output is not None and (outcome.ok or len(loaded) == 1):
+            # Saved, or failed before a segmentation existed: a long list of files must not fill the memory. An
+            # unsaved segmentation stays in the scene with its volume, to be saved by hand.
+            for node in loaded:
+                slicer.mrmlScene.RemoveNode(node)
+            outcome.segmentationNode = outcome.segmentId = None
         return outcome
 
     @staticmethod
@@ -1881,6 +1951,49 @@ class _KeepClosedSurface:
 
 def _safeFileName(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "volume"
+
+
+def _uniqueNames(names: Sequence[str]) -> list[str]:
+    """File-safe names, a repeated one (letter case ignored, as on macOS and Windows) with _2, _3... added."""
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        base = candidate = _safeFileName(name)
+        number = 1
+        while candidate.casefold() in used:
+            number += 1
+            candidate = f"{base}_{number}"
+        used.add(candidate.casefold())
+        unique.append(candidate)
+    return unique
+
+
+def _saveNodeWhole(node, path: pathlib.Path) -> None:
+    """Save through a temporary file beside `path`, renamed into place: a failed write leaves no half file."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp.seg.nrrd")
+    try:
+        if not slicer.util.saveNode(node, str(temporary)):
+            raise OSError(_("Could not write {path}.").format(path=path))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    node.GetStorageNode().SetFileName(str(path))
+
+
+def _pointsList(points) -> list[tuple[float, float, float]]:
+    """Points as (x, y, z) tuples from a list or array of points, a single [x, y, z], or None."""
+    if points is None:
+        return []
+    array = np.asarray(points, dtype=float)
+    if array.size == 0:
+        return []
+    if array.shape == (3,):
+        array = array[np.newaxis]
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise ValueError(
+            _("Give points as [x, y, z] or a list of [x, y, z] (world RAS), not {shape}.").format(shape=array.shape)
+        )
+    return [tuple(float(v) for v in point) for point in array]
 
 
 #
@@ -1924,6 +2037,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
             self.test_SegmentFromWorldPoints,
             self.test_MovingAPointChangesTheResult,
             self.test_BatchContinuesPastFailures,
+            self.test_BatchOutputsNeverCollideOrPileUp,
         ):
             self.setUp()
             try:
@@ -2193,6 +2307,30 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         step = logic.undo(segmentationNode, segmentId, volumeNode)
         self.assertEqual(step.prompts_before, first)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), after1)
+
+    def test_BatchOutputsNeverCollideOrPileUp(self) -> None:
+        self.delayDisplay("Batch: one file per item, none replaced, volumes loaded from files removed again")
+        import tempfile
+
+        volumeNode, sphere, centerWorld = self._createScene()
+        self._useTestModel()
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="SAMMed3D-batch-"))
+        imageFile = folder / "image.nrrd"
+        self.assertTrue(slicer.util.saveNode(volumeNode, str(imageFile)))
+        volumesBefore = len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+        local = np.linalg.inv(self._parentToWorld()) @ np.array([*centerWorld, 1.0])  # the file has no transform
+        outcomes = self.logic.segmentBatch(
+            [volumeNode, volumeNode, imageFile],
+            [[centerWorld], [centerWorld], [local[:3]]],
+            folder / "out",
+            device="cpu",
+        )
+        self.assertTrue(all(o.ok for o in outcomes), [o.error for o in outcomes])
+        self.assertEqual(len({o.outputPath for o in outcomes}), 3)
+        self.assertTrue(all(pathlib.Path(o.outputPath).is_file() for o in outcomes))
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")), volumesBefore)
+        again = self.logic.segmentBatch([volumeNode], [[centerWorld]], folder / "out", device="cpu")
+        self.assertIn("already exists", again[0].error)
 
     def test_BatchContinuesPastFailures(self) -> None:
         self.delayDisplay("Batch: a bad item is reported, the others still run")
