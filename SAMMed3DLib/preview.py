@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -12,6 +12,8 @@ from .imageio import PathLike, write_image_atomic
 MASK_COLOUR = (255, 60, 60)
 TRUTH_COLOUR = (60, 220, 60)
 CLICK_COLOUR = (255, 230, 0)
+CT_WINDOW = (-200.0, 300.0)  # soft tissue, Hounsfield units
+AIR_HU = -500.0  # slices holding values below this are a CT in Hounsfield units
 
 
 def save_preview(
@@ -20,42 +22,63 @@ def save_preview(
     point_ijk: Sequence[float],
     path: PathLike,
     truth: Optional[sitk.Image] = None,
-    window: tuple[float, float] = (-200.0, 300.0),
+    window: Optional[tuple[float, float]] = None,
 ) -> None:
-    """Axial, coronal and sagittal slices through `point_ijk` (radiological display, LPS-oriented),
-    the mask outlined in red, the truth (if given) in green, the point in yellow."""
+    """Axial, coronal and sagittal slices through `point_ijk` (radiological display, LPS-oriented) at one mm
+    scale, the mask outlined in red, the truth (if given) in green, the point in yellow. `window` (low, high)
+    maps intensities to black..white; by default the soft-tissue window for a CT (air in the slices), else the
+    slices' 1st to 99th percentiles, so that an MR or any scan in other units is not all white or all black."""
     physical = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in point_ijk])
-    image, mask = sitk.DICOMOrient(image, "LPS"), sitk.DICOMOrient(mask, "LPS")
-    truth = sitk.DICOMOrient(truth, "LPS") if truth is not None else None
-    i, j, k = (int(round(v)) for v in image.TransformPhysicalPointToContinuousIndex(physical))
-    grey = _window(sitk.GetArrayFromImage(image), window)
-    layers = [(sitk.GetArrayFromImage(mask) > 0, MASK_COLOUR)]
-    if truth is not None:
-        layers.append((sitk.GetArrayFromImage(truth) > 0, TRUTH_COLOUR))
-    sx, sy, sz = image.GetSpacing()
+    oriented = [sitk.DICOMOrient(item, "LPS") for item in (image, mask, truth) if item is not None]
+    i, j, k = (int(round(v)) for v in oriented[0].TransformPhysicalPointToContinuousIndex(physical))
+    arrays = [sitk.GetArrayViewFromImage(item) for item in oriented]  # views: only three slices are copied
+    depth = arrays[0].shape[0]
+    sx, sy, sz = oriented[0].GetSpacing()
     views = [
         (lambda a: a[k], (sy, sx), (j, i)),  # axial: anterior up, patient right on the left
-        (lambda a: a[::-1, j, :], (sz, sx), (grey.shape[0] - 1 - k, i)),  # coronal: superior up
-        (lambda a: a[::-1, :, i], (sz, sy), (grey.shape[0] - 1 - k, j)),  # sagittal: superior up
+        (lambda a: a[::-1, j, :], (sz, sx), (depth - 1 - k, i)),  # coronal: superior up
+        (lambda a: a[::-1, :, i], (sz, sy), (depth - 1 - k, j)),  # sagittal: superior up
     ]
-    panels = [_panel(cut, grey, layers, pixel, dot) for cut, pixel, dot in views]
+    cuts = [[cut(array) for array in arrays] for cut, _, _ in views]
+    low, high = window or _default_window([planes[0] for planes in cuts])
+    mm = min(sx, sy, sz)  # one scale for all three panels, so that a structure has one size in each
+    panels = [
+        _panel(_grey(planes[0], low, high), zip(planes[1:], (MASK_COLOUR, TRUTH_COLOUR)), pixel, dot, mm)
+        for planes, (_, pixel, dot) in zip(cuts, views)
+    ]
     height = max(p.shape[0] for p in panels)
     row = np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 4), (0, 0))) for p in panels], axis=1)
     write_image_atomic(sitk.GetImageFromArray(row, isVector=True), path)
 
 
-def _window(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    low, high = window
-    return (np.clip((array.astype(np.float32) - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+def _default_window(planes: list[np.ndarray]) -> tuple[float, float]:
+    values = np.concatenate([plane.ravel() for plane in planes]).astype(np.float64)
+    if values.min() < AIR_HU:
+        return CT_WINDOW
+    low, high = np.percentile(values, [1.0, 99.0])
+    return float(low), float(high)
 
 
-def _panel(cut, grey: np.ndarray, layers, pixel_mm: tuple[float, float], dot: tuple[int, int]) -> np.ndarray:
-    rgb = np.repeat(cut(grey)[..., None], 3, axis=2)
+def _grey(plane: np.ndarray, low: float, high: float) -> np.ndarray:
+    span = high - low if high > low else 1.0  # a constant image is one grey, not a division by zero
+    return (np.clip((plane.astype(np.float64) - low) / span, 0, 1) * 255).astype(np.uint8)
+
+
+def _panel(
+    grey: np.ndarray,
+    layers: Iterable[tuple[np.ndarray, tuple[int, int, int]]],
+    pixel_mm: tuple[float, float],
+    dot: tuple[int, int],
+    target_mm: float,
+) -> np.ndarray:
+    rgb = np.repeat(grey[..., None], 3, axis=2)
     for layer, colour in layers:
-        rgb[_outline(cut(layer))] = colour
-    rows, columns = dot
+        rgb[_outline(layer > 0)] = colour
+    rgb = _square_pixels(rgb, pixel_mm, target_mm)
+    # The click is drawn after the rescale: a 3-pixel dot at its voxel's centre, not a bar three thick slices tall.
+    rows, columns = (int((index + 0.5) * size / target_mm) for index, size in zip(dot, pixel_mm))
     rgb[max(rows - 1, 0) : rows + 2, max(columns - 1, 0) : columns + 2] = CLICK_COLOUR
-    return _square_pixels(rgb, pixel_mm)
+    return rgb
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -65,15 +88,14 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _square_pixels(rgb: np.ndarray, pixel_mm: tuple[float, float], target_mm: Optional[float] = None) -> np.ndarray:
-    """Nearest-neighbour rescale so that one output pixel is the same size in mm on both axes."""
-    target = target_mm or min(pixel_mm)
+def _square_pixels(rgb: np.ndarray, pixel_mm: tuple[float, float], target_mm: float) -> np.ndarray:
+    """Nearest-neighbour rescale so that one output pixel is `target_mm` wide and tall."""
     rows = np.minimum(
-        (np.arange(int(round(rgb.shape[0] * pixel_mm[0] / target))) * target / pixel_mm[0]).astype(int),
+        (np.arange(int(round(rgb.shape[0] * pixel_mm[0] / target_mm))) * target_mm / pixel_mm[0]).astype(int),
         rgb.shape[0] - 1,
     )
     columns = np.minimum(
-        (np.arange(int(round(rgb.shape[1] * pixel_mm[1] / target))) * target / pixel_mm[1]).astype(int),
+        (np.arange(int(round(rgb.shape[1] * pixel_mm[1] / target_mm))) * target_mm / pixel_mm[1]).astype(int),
         rgb.shape[1] - 1,
     )
     return rgb[rows][:, columns]

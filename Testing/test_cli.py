@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from conftest import shared_path
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.commands import phantom as phantom_command
 from SAMMed3DLib.commands.segment import OrderedClick
+from SAMMed3DLib.preprocess import PreparedVolume
+from SAMMed3DLib.preview import CLICK_COLOUR, save_preview
 
 
 @pytest.fixture(scope="module")
@@ -338,11 +342,60 @@ def test_demo_replaces_a_mask_or_preview_of_someone_else_only_with_overwrite(tmp
 
 @pytest.mark.parametrize(
     "options, message",
-    [(["--label", "labels.nii.gz"], "--label needs --image"), (["--target", "0"], "--target 0 is the background")],
+    [
+        (["--label", "labels.nii.gz"], "--label needs --image"),
+        (["--target", "0"], "--target 0 is the background"),
+        (["--image", "scan.nii.gz", "--label", "labels.nii.gz", "--seed", "3"], "--seed picks a phantom"),
+    ],
 )
 def test_demo_refuses_options_that_would_be_ignored_or_meaningless(tmp_path, options, message, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), *options]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_demo_times_the_click_not_the_resampling_done_before_it(tmp_path, checkpoint, image_path, monkeypatch, capsys):
+    """The Slicer module resamples a volume when it is selected: the click-to-mask time leaves that out."""
+    resample = PreparedVolume.__init__
+
+    def slow_resample(self, volume):
+        resample(self, volume)
+        time.sleep(2.0)
+
+    monkeypatch.setattr(PreparedVolume, "__init__", slow_resample)
+    label = _label_file(tmp_path, image_path)
+    arguments = ["demo", "--image", str(image_path), "--label", str(label), "--out", str(tmp_path / "d")]
+    assert main([*arguments, "--checkpoint", str(checkpoint)]) == 0
+    seconds = float(re.search(r"([0-9.]+) s from click to mask", capsys.readouterr().out).group(1))
+    assert seconds < 2.0
+
+
+def _preview(folder, array, spacing, point_ijk) -> np.ndarray:
+    """save_preview of `array` (K, J, I) with an empty mask, read back as (rows, columns, RGB)."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    save_preview(image, mask, point_ijk, folder / "preview.png")
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "preview.png")))
+
+
+def test_preview_of_a_scan_not_in_hounsfield_units_shows_its_contrast(tmp_path):
+    """An MR (here 1000 on the patient's right, 3000 on the left) was all white in the CT soft-tissue window."""
+    array = np.full((10, 20, 20), 1000, dtype=np.uint16)
+    array[:, :, 10:] = 3000
+    axial = _preview(tmp_path, array, (1.0, 1.0, 1.0), (10, 10, 5))[:20, :20]
+    assert axial[5, 2].tolist() != axial[5, 17].tolist()
+
+
+def test_preview_panels_share_one_mm_scale(tmp_path):
+    """With three different spacings, the sagittal panel was drawn at 1 mm a pixel and the others at 0.5 mm."""
+    preview = _preview(tmp_path, np.zeros((10, 20, 40), dtype=np.int16), (0.5, 1.0, 2.0), (20, 10, 5))
+    assert preview.shape[:2] == (40, 3 * (40 + 4))  # each panel 20 mm x 20 mm at 0.5 mm a pixel, then a gap
+
+
+def test_preview_marks_the_click_with_a_dot_not_a_bar_three_thick_slices_tall(tmp_path):
+    preview = _preview(tmp_path, np.zeros((8, 40, 40), dtype=np.int16), (0.7, 0.7, 5.0), (20, 20, 4))
+    assert np.all(preview == CLICK_COLOUR, axis=2).sum() == 3 * 3 * 3
 
 
 def test_a_scan_given_as_the_label_map_or_a_float_label_map_is_refused(tmp_path, image_path, capsys):

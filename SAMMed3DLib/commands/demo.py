@@ -18,6 +18,7 @@ from ..errors import InputError
 from ..evaluate import label_values
 from ..metrics import dice
 from ..phantom import IMAGE_FILE, LABEL_FILE, LABELS_JSON, make_phantom, write_phantom
+from ..preprocess import prepare
 from ..preview import save_preview
 from ..volume import Volume
 from .common import add_model_options, predictor_from_args, report_fallback
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="segment a generated phantom (or your labelled image) from one click and show the result"
     )
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--seed", type=int, help="phantom seed (default 0; not with --image)")
     parser.add_argument("--image", help="your own image instead of a phantom (needs --label)")
     parser.add_argument("--label", help="label map of --image, on the same grid")
     parser.add_argument("--target", type=int, help="label value to segment (default: the largest structure)")
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     click_ijk = deepest_voxel_ijk(truth)
     volume = Volume.from_sitk(image, name="image")
     predictor = predictor_from_args(args)
+    prepare(volume)  # resampled before the click, as the Slicer module does when the volume is selected
     started = time.perf_counter()
     result = segment_volume(predictor, volume, [(click_ijk, True)], space="ijk")
     seconds = time.perf_counter() - started
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"Target label {target}: one positive click at voxel IJK {click_ijk} = RAS ({ras}) mm")
     print(
         f"Dice against the truth: {dice(result.mask, truth):.3f}; predicted IoU {result.iou:.3f}; "
-        f"{len(result.regions)} region(s); {seconds:.2f} s from click to mask (model loaded beforehand)"
+        f"{len(result.regions)} region(s); {seconds:.2f} s from click to mask "
+        "(model loaded and image resampled beforehand)"
     )
     print(f"Wrote {mask_path} and {out / PREVIEW_FILE} (red: mask, green: truth, yellow: click)")
     return 0
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image]:
     if args.image:
+        if args.seed is not None:
+            raise InputError("--seed picks a phantom, which --image replaces; leave one of them out.")
         if not args.label:
             raise InputError("--image needs --label (the truth to click in and compare with).")
         _check_inputs_are_not_outputs(out, args.image, args.label)
@@ -90,9 +95,9 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
         raise InputError("--label needs --image (the scan it labels); leave both out to use a phantom.")
     _check_phantom_folder(out)
     _check_result_files(out, may_replace=args.overwrite or _is_phantom_description(out / LABELS_JSON))
-    phantom = make_phantom(args.seed)
+    phantom = make_phantom(0 if args.seed is None else args.seed)
     image_path, label_path = write_phantom(phantom, out)
-    print(f"Generated phantom seed {args.seed}: {image_path}, {label_path}")
+    print(f"Generated phantom seed {phantom.seed}: {image_path}, {label_path}")
     return phantom.image, phantom.label
 
 
