@@ -7,7 +7,7 @@ with `np.random.seed(233)` draws the official clicks. Method 'ritm' is the older
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -87,15 +87,18 @@ def simulate_click(
     return index, int(false_negative[tuple(index)])
 
 
-def deepest_voxel_ijk(mask: np.ndarray) -> tuple[int, int, int]:
-    """The (I, J, K) voxel of a (K, J, I) mask farthest from its surface: an unambiguous click."""
-    distance = sitk.GetArrayFromImage(
-        sitk.SignedMaurerDistanceMap(
-            sitk.GetImageFromArray(mask.astype(np.uint8)),
-            insideIsPositive=True,
-            squaredDistance=False,
-            useImageSpacing=False,
-        )
-    )
-    k, j, i = np.unravel_index(int(np.argmax(np.where(mask, distance, -np.inf))), mask.shape)
+def deepest_voxel_ijk(mask: np.ndarray, spacing_ijk: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[int, int, int]:
+    """The (I, J, K) voxel of a (K, J, I) mask farthest in mm from its surface, the volume's edge counting as
+    surface (a structure cut by the field of view is not clicked at the cut): an unambiguous click. Of voxels
+    equally deep, the one nearest the mask's centroid (in mm) is taken, not the first in raster order."""
+    padded = sitk.GetImageFromArray(np.pad(mask, 1).astype(np.uint8))
+    padded.SetSpacing([float(s) for s in spacing_ijk])
+    distance = sitk.GetArrayFromImage(  # a copy: a view would outlive the temporary image it points into
+        sitk.SignedMaurerDistanceMap(padded, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
+    )[1:-1, 1:-1, 1:-1]
+    depth = np.where(mask, distance, -np.inf)
+    deepest = np.argwhere(depth >= depth.max() - 1e-6)  # (K, J, I) rows; float noise counts as a tie
+    scale = np.asarray(spacing_ijk, dtype=np.float64)[::-1]
+    centroid = np.argwhere(mask).mean(axis=0)
+    k, j, i = deepest[int(np.argmin((((deepest - centroid) * scale) ** 2).sum(axis=1)))]
     return int(i), int(j), int(k)

@@ -9,7 +9,7 @@ the host organ; below 1 for organs, that they stop short), with one of two proto
   box, clicks drawn from the errors of the previous prediction with NumPy's RandomState seeded 233 once per
   case (separate runs for 1, 3 and 5 clicks, as the official script does);
 * session: what a user of the Slicer module or `sammed3d segment` gets: an interactive session whose first
-  click is the target's deepest voxel (its region is centred on that click, extended when the mask reaches a
+  click is the target's deepest voxel in mm (its region is centred on that click, extended when the mask reaches a
   face), later clicks drawn from the errors on the original grid with RandomState(233) per target.
 
     python Testing/evaluate_demo_model.py [--checkpoint FILE] [--seeds 0-49] [--protocol official|session]
@@ -42,7 +42,7 @@ from SAMMed3DLib.volume import Volume
 CLICK_COUNTS = (1, 3, 5)
 PROTOCOLS = {
     "official": "bbox-centred region, clicks from errors (RandomState 233 per case), Dice on the original grid",
-    "session": "interactive session, first click at the deepest voxel (click-centred region), later clicks from "
+    "session": "interactive session, first click at the deepest voxel in mm (click-centred region), later clicks from "
     "errors on the original grid (RandomState 233 per target), Dice on the original grid",
 }
 
@@ -107,7 +107,7 @@ def session_rows(
         truth_voxels = int(np.count_nonzero(truth))
         session = InteractiveSession(predictor, prepared, prompt_mode="accumulate" if accumulate else "newest")
         random_state = np.random.RandomState(OFFICIAL_SEED)
-        ijk, positive = deepest_voxel_ijk(truth), True
+        ijk, positive = deepest_voxel_ijk(truth, label.spacing), True
         for clicks in range(1, max(CLICK_COUNTS) + 1):
             result = session.add_click(Click(tuple(label.ijk_to_ras_points([ijk])[0]), positive=positive))
             if clicks in CLICK_COUNTS:

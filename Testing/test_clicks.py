@@ -141,3 +141,14 @@ def test_the_deepest_voxel_is_the_centre_of_a_ball_in_ijk_order():
     k, j, i = np.ogrid[:21, :31, :41]
     ball = (k - 10) ** 2 + (j - 12) ** 2 + (i - 30) ** 2 <= 36
     assert deepest_voxel_ijk(ball) == (30, 12, 10)
+
+
+def test_the_deepest_voxel_is_deepest_in_mm_and_central_among_ties():
+    k, j, i = np.ogrid[:9, :60, :60]
+    disc = ((j - 30) ** 2 + (i - 30) ** 2 <= 25**2) & (k >= 2) & (k <= 6)  # 5 slices of 5 mm, 1 mm pixels
+    # In voxels every voxel of the middle slice farther than 2 from the rim ties, and raster order took one
+    # near the rim; in mm the slice is the shallow direction and the centre of the disc is the deepest.
+    assert deepest_voxel_ijk(disc, spacing_ijk=(1.0, 1.0, 5.0)) == (30, 30, 4)
+    cut = np.zeros((20, 20, 20), dtype=bool)
+    cut[0:11, 4:15, 4:15] = True  # a box cut by the first slice of the volume
+    assert deepest_voxel_ijk(cut) == (9, 9, 5)  # the cut is surface too: the middle of what is there

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     truth = labels == target
     if not truth.any():
         raise InputError(f"Label value {target} does not occur in the label map; pick one with --target.")
-    click_ijk = deepest_voxel_ijk(truth)
+    click_ijk = deepest_voxel_ijk(truth, label_volume.spacing)
     volume = Volume.from_sitk(image, name="image")
     predictor = predictor_from_args(args)
     prepare(volume)  # resampled before the click, as the Slicer module does when the volume is selected
