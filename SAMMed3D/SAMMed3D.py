@@ -1076,6 +1076,9 @@ class _EngineState:
         self.session = None
 
 
+CANCELLED = "cancelled"  # the error of batch items a cancel skipped
+
+
 @dataclass
 class BatchOutcome:
     """One item of `segmentBatch`: where its result went, or why it failed."""
@@ -1112,6 +1115,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self._modelFuture = None
         self._preparedKey = None
         self._preparedFuture = None
+        self._consolePrepared: Optional[tuple] = None  # (volume key, future) of a volume the panel is not on
         self.sessionStarted = False
         self.lastResult = None
 
@@ -1175,6 +1179,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self._engine = _EngineState()  # let the model go; a still running step keeps the old state to itself
         self._modelKey = self._modelFuture = None
         self._preparedKey = self._preparedFuture = None
+        self._consolePrepared = None
         self.sessionStarted = False
 
     # Model ------------------------------------------------------------------------------------
@@ -1398,14 +1403,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self._volumeIjkToSegmentation(volumeNode, segmentationNode)  # fails early for incompatible transforms
         labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
         if segmentationNode.GetSegmentation().GetSourceRepresentationName() != labelmapName:
-            if segmentationNode.GetSegmentation().GetNumberOfSegments() > 0:  # converting drops the source surfaces
-                raise ValueError(
-                    _(
-                        "The segmentation '{name}' is made of surfaces (its source is not a binary labelmap); "
-                        "converting it would replace them: convert it in the Segmentations module first, or "
-                        "choose another segmentation."
-                    ).format(name=segmentationNode.GetName())
-                )
+            _refuseSurfaceSource(segmentationNode)
             segmentationNode.CreateBinaryLabelmapRepresentation()
             segmentationNode.SetSourceRepresentationToBinaryLabelmap()
         return segmentationNode
@@ -1770,6 +1768,8 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             raise MissingDependencyError(_("PyTorch is needed and was not installed."))
         from SAMMed3DLib.session import InteractiveSession  # imports torch: only once it is there
 
+        if segmentationNode is not None:
+            _refuseSurfaceSource(segmentationNode)  # before the work, not after it
         prompts = tuple((True, point) for point in positive) + tuple((False, point) for point in negative)
         clicks = self.clicksFromPrompts(volumeNode, prompts)
         self._loadModelForConsole(checkpoint, device)
@@ -1781,24 +1781,53 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             return session.set_clicks(clicks)
 
         with slicer.util.WaitCursor():
-            result = self.worker.submit(run).result()
+            try:
+                result = self.worker.submit(run).result()
+            except Exception:
+                self._forgetFailedPreparation(prepared)
+                raise
+        created = segmentationNode is None
         segmentationNode = self.ensureSegmentation(volumeNode, segmentationNode)
-        segmentId = self.addSegment(segmentationNode, segmentName)
-        self.applyResult(
-            result, segmentationNode, segmentId, volumeNode, promptsBefore=(), promptsAfter=prompts, record=recordUndo
-        )
+        try:
+            segmentId = self.addSegment(segmentationNode, segmentName)
+            self.applyResult(
+                result,
+                segmentationNode,
+                segmentId,
+                volumeNode,
+                promptsBefore=(),
+                promptsAfter=prompts,
+                record=recordUndo,
+            )
+        except Exception:
+            if created:  # not left behind half made
+                slicer.mrmlScene.RemoveNode(segmentationNode)
+            raise
         self.lastResult = result
         return segmentationNode, segmentId
 
     def _preparedForConsole(self, volumeNode):
         """The resampled volume: the shared one unless the panel's session works on another volume, which a
-        console call must not end (its resampling and embeddings would have to be made again)."""
-        if self.sessionStarted and self._volumeKey(volumeNode) != self._preparedKey:
+        console call must not end (its resampling and embeddings would have to be made again); such a volume is
+        kept apart for the next console call."""
+        key = self._volumeKey(volumeNode)
+        if not self.sessionStarted or key == self._preparedKey:
+            self.prepareVolume(volumeNode)
+            return self._preparedFuture
+        if self._consolePrepared is None or self._consolePrepared[0] != key:
             from SAMMed3DLib.preprocess import PreparedVolume
 
-            return self.worker.submit(PreparedVolume, self.volumeFromNode(volumeNode))
-        self.prepareVolume(volumeNode)
-        return self._preparedFuture
+            self._consolePrepared = key, self.worker.submit(PreparedVolume, self.volumeFromNode(volumeNode))
+        return self._consolePrepared[1]
+
+    def _forgetFailedPreparation(self, prepared) -> None:
+        """A failed resampling (e.g. out of memory) is made again next time, not answered from the cache."""
+        if not prepared.done() or prepared.cancelled() or prepared.exception() is None:
+            return
+        if prepared is self._preparedFuture:
+            self.forgetPreparedVolume()
+        if self._consolePrepared is not None and self._consolePrepared[1] is prepared:
+            self._consolePrepared = None
 
     def _loadModelForConsole(self, checkpoint, device: str) -> None:
         if checkpoint is None and self._modelFuture is not None:
@@ -1842,29 +1871,30 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         so that a long list does not fill the memory. Batch steps are not recorded for undo.
         Returns a `BatchOutcome` per item (error "cancelled" for items a cancel skipped).
         """
-        if len(volumeNodesOrFiles) != len(pointsPerVolume):
+        items, pointsPerVolume = list(volumeNodesOrFiles), list(pointsPerVolume)
+        if len(items) != len(pointsPerVolume):
             raise ValueError(_("Give one list of points per volume."))
         if not self.ensureTorch(askConfirmation=not slicer.app.testingEnabled()):  # asked once, not per item
             raise MissingDependencyError(_("PyTorch is needed and was not installed."))
+        self._loadModelForConsole(checkpoint, device)  # once: a model that fails to load fails the batch at once
         outputFolder = pathlib.Path(outputDirectory) if outputDirectory else None
         if outputFolder is not None:
             outputFolder.mkdir(parents=True, exist_ok=True)
-        outputNames = _uniqueNames([self._describeItem(item) for item in volumeNodesOrFiles])
+        outputNames = _uniqueNames([self._outputName(item) for item in items])
         progress = slicer.util.createProgressDialog(
-            maximum=len(volumeNodesOrFiles), windowTitle=_("SAM-Med3D batch"), autoClose=False
+            maximum=len(items), windowTitle=_("SAM-Med3D batch"), autoClose=False
         )
         outcomes = []
         try:
-            for number, (item, points) in enumerate(zip(volumeNodesOrFiles, pointsPerVolume)):
+            for number, (item, points) in enumerate(zip(items, pointsPerVolume)):
                 slicer.app.processEvents()  # before the check: a cancel clicked during the last item counts now
                 if progress.wasCanceled:
                     outcomes += [
-                        BatchOutcome(source=self._describeItem(rest), error="cancelled")
-                        for rest in volumeNodesOrFiles[number:]
+                        BatchOutcome(source=self._describeItem(rest), error=CANCELLED) for rest in items[number:]
                     ]
                     break
                 progress.labelText = _("Segmenting {item} ({number} of {count})...").format(
-                    item=self._describeItem(item), number=number + 1, count=len(volumeNodesOrFiles)
+                    item=self._describeItem(item), number=number + 1, count=len(items)
                 )
                 progress.value = number
                 slicer.app.processEvents()
@@ -1872,7 +1902,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                 outcomes.append(self._segmentBatchItem(item, points, output, overwrite, checkpoint, device))
         finally:
             progress.close()
-        failures = [o for o in outcomes if not o.ok]
+        failures = [o for o in outcomes if not o.ok and o.error != CANCELLED]
         for outcome in failures:
             logging.error(f"SAM-Med3D batch: {outcome.source}: {outcome.error}")
         if failures and not slicer.app.testingEnabled():
@@ -1885,12 +1915,19 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _describeItem(item) -> str:
-        """A node's name, or a file's name without its image extension."""
+        return item.GetName() if hasattr(item, "GetName") else str(item)
+
+    @classmethod
+    def _outputName(cls, item) -> str:
+        """A node's name, or a file's name without its image extension (the node loaded from it may be renamed)."""
         if hasattr(item, "GetName"):
             return item.GetName()
         from SAMMed3DLib.imageio import image_suffix
 
-        path = pathlib.Path(item)
+        try:
+            path = pathlib.Path(item)
+        except TypeError:  # not a path at all: the item's own error is reported when it is reached
+            return cls._describeItem(item)
         return path.name[: len(path.name) - len(image_suffix(path))] or path.name
 
     def _segmentBatchItem(self, item, points, output, overwrite: bool, checkpoint, device: str) -> BatchOutcome:
@@ -1953,6 +1990,19 @@ def _safeFileName(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "volume"
 
 
+def _refuseSurfaceSource(segmentationNode) -> None:
+    """Segments whose source is not a binary labelmap (surfaces, usually) would be replaced by a conversion."""
+    segmentation = segmentationNode.GetSegmentation()
+    labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if segmentation.GetNumberOfSegments() > 0 and segmentation.GetSourceRepresentationName() != labelmapName:
+        raise ValueError(
+            _(
+                "The segmentation '{name}' is stored as {source}, not as a binary labelmap; converting it would "
+                "replace its segments: convert it in the Segmentations module first, or choose another segmentation."
+            ).format(name=segmentationNode.GetName(), source=segmentation.GetSourceRepresentationName())
+        )
+
+
 def _uniqueNames(names: Sequence[str]) -> list[str]:
     """File-safe names, a repeated one (letter case ignored, as on macOS and Windows) with _2, _3... added."""
     used: set[str] = set()
@@ -1977,7 +2027,9 @@ def _saveNodeWhole(node, path: pathlib.Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    node.GetStorageNode().SetFileName(str(path))
+        storageNode = node.GetStorageNode()
+        if storageNode is not None:  # Save Data offers the real name, never the temporary one
+            storageNode.SetFileName(str(path))
 
 
 def _pointsList(points) -> list[tuple[float, float, float]]:
@@ -2310,27 +2362,31 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
 
     def test_BatchOutputsNeverCollideOrPileUp(self) -> None:
         self.delayDisplay("Batch: one file per item, none replaced, volumes loaded from files removed again")
+        import shutil
         import tempfile
 
         volumeNode, sphere, centerWorld = self._createScene()
         self._useTestModel()
         folder = pathlib.Path(tempfile.mkdtemp(prefix="SAMMed3D-batch-"))
-        imageFile = folder / "image.nrrd"
-        self.assertTrue(slicer.util.saveNode(volumeNode, str(imageFile)))
-        volumesBefore = len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-        local = np.linalg.inv(self._parentToWorld()) @ np.array([*centerWorld, 1.0])  # the file has no transform
-        outcomes = self.logic.segmentBatch(
-            [volumeNode, volumeNode, imageFile],
-            [[centerWorld], [centerWorld], [local[:3]]],
-            folder / "out",
-            device="cpu",
-        )
-        self.assertTrue(all(o.ok for o in outcomes), [o.error for o in outcomes])
-        self.assertEqual(len({o.outputPath for o in outcomes}), 3)
-        self.assertTrue(all(pathlib.Path(o.outputPath).is_file() for o in outcomes))
-        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")), volumesBefore)
-        again = self.logic.segmentBatch([volumeNode], [[centerWorld]], folder / "out", device="cpu")
-        self.assertIn("already exists", again[0].error)
+        try:
+            imageFile = folder / "image.nrrd"
+            self.assertTrue(slicer.util.saveNode(volumeNode, str(imageFile)))
+            volumesBefore = len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            local = np.linalg.inv(self._parentToWorld()) @ np.array([*centerWorld, 1.0])  # the file has no transform
+            outcomes = self.logic.segmentBatch(
+                [volumeNode, volumeNode, imageFile],
+                [[centerWorld], [centerWorld], [local[:3]]],
+                folder / "out",
+                device="cpu",
+            )
+            self.assertTrue(all(o.ok for o in outcomes), [o.error for o in outcomes])
+            self.assertEqual(len({o.outputPath for o in outcomes}), 3)
+            self.assertTrue(all(pathlib.Path(o.outputPath).is_file() for o in outcomes))
+            self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")), volumesBefore)
+            again = self.logic.segmentBatch([volumeNode], [[centerWorld]], folder / "out", device="cpu")
+            self.assertIn("already exists", again[0].error)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def test_BatchContinuesPastFailures(self) -> None:
         self.delayDisplay("Batch: a bad item is reported, the others still run")
