@@ -447,6 +447,10 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for event, callback in events:
                 self.addObserver(promptNode, event, callback)
         self._observedPromptNodes = promptNodes
+        if not self._appliedPrompts and self._parameterNode is not None:
+            # Points already there (a scene saved mid-session and loaded) belong to the segment as it is: the
+            # first step records them as its points before, so that undoing it keeps them.
+            self._appliedPrompts = self._currentPrompts()
 
     def _onPointsChanged(self, caller=None, event=None) -> None:
         if self._restoringPrompts:
