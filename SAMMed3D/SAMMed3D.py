@@ -12,12 +12,10 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
-import os
 import pathlib
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -1926,13 +1924,12 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         """A node's name, or a file's name without its image extension (the node loaded from it may be renamed)."""
         if hasattr(item, "GetName"):
             return item.GetName()
-        from SAMMed3DLib.imageio import image_suffix
+        from SAMMed3DLib.imageio import image_stem
 
         try:
-            path = pathlib.Path(item)
+            return image_stem(item)
         except TypeError:  # not a path at all: the item's own error is reported when it is reached
             return cls._describeItem(item)
-        return path.name[: len(path.name) - len(image_suffix(path))] or path.name
 
     def _segmentBatchItem(self, item, points, output, overwrite: bool, checkpoint, device: str) -> BatchOutcome:
         outcome = BatchOutcome(source=self._describeItem(item))
@@ -2024,13 +2021,13 @@ def _uniqueNames(names: Sequence[str]) -> list[str]:
 
 def _saveNodeWhole(node, path: pathlib.Path) -> None:
     """Save through a temporary file beside `path`, renamed into place: a failed write leaves no half file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp.seg.nrrd")
+    from SAMMed3DLib.atomic import atomic_destination
+
     try:
-        if not slicer.util.saveNode(node, str(temporary)):
-            raise OSError(_("Could not write {path}.").format(path=path))
-        os.replace(temporary, path)
+        with atomic_destination(path, ".seg.nrrd") as temporary:
+            if not slicer.util.saveNode(node, str(temporary)):
+                raise OSError(_("Could not write {path}.").format(path=path))
     finally:
-        temporary.unlink(missing_ok=True)
         storageNode = node.GetStorageNode()
         if storageNode is not None:  # Save Data offers the real name, never the temporary one
             storageNode.SetFileName(str(path))

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from .atomic import check_output_folder
 from .errors import InputError, SAMMed3DError
-from .imageio import PathLike, check_image_output, image_suffix, write_image_atomic
+from .imageio import PathLike, check_image_output, image_stem, write_image_atomic
 from .manifest import manifest_rows
 from .predictor import RegionPredictor
 from .preprocess import prepare
@@ -53,9 +53,7 @@ class Case:
         """The image's name without its image extension: 'ct.v1' for ct.v1.nii.gz; a folder's whole name."""
         if self.image is None:
             return "(no image)"
-        if self.image.is_dir():  # a DICOM folder: no extension, whatever dots its name has (series UIDs)
-            return self.image.name
-        return self.image.name[: len(self.image.name) - len(image_suffix(self.image))] or self.image.name
+        return image_stem(self.image)
 
 
 @dataclass

@@ -264,6 +264,15 @@ def image_suffix(path: PathLike) -> str:
     return suffixes[-1]
 
 
+def image_stem(path: PathLike) -> str:
+    """A file's name without its image extension ('ct.v1' for ct.v1.nii.gz); a folder's whole name (a DICOM
+    series folder has no extension, whatever dots its name has)."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    return path.name[: len(path.name) - len(image_suffix(path))] or path.name
+
+
 def check_image_output(path: PathLike, inputs: Iterable[PathLike] = (), overwrite: bool = False) -> Path:
     """A volume output path checked before any work starts: a single-file format that keeps a 3-D volume
     and its geometry, and a write that loses nothing (see `check_output_path`)."""
