@@ -295,6 +295,17 @@ def test_metadata_is_sensible():
         assert url.startswith("https://") and cmake["EXTENSION_HOMEPAGE"].split("github.com/")[1] in url
 
 
+def test_icon_and_screenshot_urls_name_png_files_of_this_repository():
+    cmake = cmake_values(ROOT_CMAKE)
+    image_urls = [cmake["EXTENSION_ICONURL"], *cmake["EXTENSION_SCREENSHOTURLS"].split()]
+    assert len(image_urls) >= 2
+    for url in image_urls:
+        # raw.githubusercontent.com/<owner>/<repo>/<branch>/<path in the repository>
+        path = ROOT / url.split("raw.githubusercontent.com/")[1].split("/", 3)[3]
+        assert path.is_file(), f"{url} names {relative(path)}, which is not in the repository"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+
+
 def test_license_is_mit_for_the_contributors():
     text = (ROOT / "LICENSE.txt").read_text(encoding="utf-8")
     assert text.startswith("MIT License") and "SAMMed3D contributors" in text
