@@ -65,6 +65,20 @@ def test_the_demo_command_writes_the_mask_and_reports_its_dice(tmp_path, capsys)
     assert main(["demo", "--out", str(tmp_path), "--seed", "1"]) == 0  # its own phantom folder: run again in place
 
 
+def test_the_demo_segments_a_phantom_already_in_its_folder_unless_a_seed_picks_another(tmp_path, capsys):
+    assert main(["phantom", "--seed", "7", "--max-voxels", "400000", "--out", str(tmp_path)]) == 0
+    written = {name: (tmp_path / name).read_bytes() for name in ("image.nii.gz", "label.nii.gz")}
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert f"Using the phantom already in {tmp_path}" in capsys.readouterr().out
+    assert all((tmp_path / name).read_bytes() == data for name, data in written.items())
+    mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    assert mask.GetSize() == sitk.ReadImage(str(tmp_path / "image.nii.gz")).GetSize()
+    assert main(["demo", "--out", str(tmp_path), "--seed", "0"]) == 0
+    assert "Generated phantom seed 0" in capsys.readouterr().out
+    assert (tmp_path / "image.nii.gz").read_bytes() != written["image.nii.gz"]
+
+
 def test_the_demo_model_finds_the_bright_sphere_of_the_slicer_self_test(demo_model):
     sphere = synthetic.sphere_mask(synthetic.CENTER_IJK).astype(bool)
     volume = Volume.from_array(synthetic.bright_sphere_image(), synthetic.oblique_ijk_to_ras())

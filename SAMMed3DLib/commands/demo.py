@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="segment a generated phantom (or your labelled image) from one click and show the result"
     )
-    parser.add_argument("--seed", type=int, help="phantom seed (default 0; not with --image)")
+    parser.add_argument(
+        "--seed", type=int, help="phantom seed (default: the phantom already in --out, else 0; not with --image)"
+    )
     parser.add_argument("--image", help="your own image instead of a phantom (needs --label)")
     parser.add_argument("--label", help="label map of --image, on the same grid")
     parser.add_argument("--target", type=int, help="label value to segment (default: the largest structure)")
@@ -95,6 +97,10 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
         raise InputError("--label needs --image (the scan it labels); leave both out to use a phantom.")
     _check_phantom_folder(out)
     _check_result_files(out, may_replace=args.overwrite or _is_phantom_description(out / LABELS_JSON))
+    if args.seed is None and (out / IMAGE_FILE).exists() and (out / LABEL_FILE).exists():
+        # A phantom written earlier (by `sammed3d phantom`, perhaps with its own seed and size) is segmented as it is.
+        print(f"Using the phantom already in {out}: {out / IMAGE_FILE}, {out / LABEL_FILE}")
+        return Volume.from_file(out / IMAGE_FILE).image, Volume.from_file(out / LABEL_FILE).image
     phantom = make_phantom(0 if args.seed is None else args.seed)
     image_path, label_path = write_phantom(phantom, out)
     print(f"Generated phantom seed {phantom.seed}: {image_path}, {label_path}")
