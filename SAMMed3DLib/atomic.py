@@ -12,6 +12,7 @@ from typing import Iterable, Iterator, Union
 from .errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
+_NAME_CHARACTERS_KEPT = 40  # of the target's name in its temporary file's name
 
 
 @contextmanager
@@ -20,8 +21,9 @@ def atomic_destination(target: PathLike, suffix: str = "") -> Iterator[Path]:
     right format); it replaces `target` when the block ends normally and is removed otherwise."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The writer creates the file itself, so it gets the usual permissions (a mkstemp file would be 0600).
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    # The writer creates the file itself, so it gets the usual permissions (a mkstemp file would be 0600). The
+    # name is cut short: a target name near the file system's 255-byte limit would leave no room for the rest.
+    temporary = target.with_name(f".{target.name[:_NAME_CHARACTERS_KEPT]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         yield temporary
         os.replace(temporary, target)

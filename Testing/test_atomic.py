@@ -31,6 +31,12 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
 
 
+def test_a_name_near_the_file_system_limit_is_written(tmp_path):
+    name = "liver" * 47 + ".json"  # 240 bytes: the name fits, the name with a temporary suffix would not
+    path = write_text_atomic(tmp_path / name, "{}\n")
+    assert path.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_an_output_that_is_an_input_under_another_name_is_refused(tmp_path):
     image = tmp_path / "ct.nii.gz"
     image.write_text("scan")
