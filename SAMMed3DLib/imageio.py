@@ -48,10 +48,13 @@ def read_image(path: PathLike) -> sitk.Image:
     try:
         if location.is_dir():
             return _read_dicom_series(location)
-        if location.name.lower().endswith(".gz"):
+        name = location.name.lower()
+        if name.endswith(".gz"):
             _check_gzip_complete(location)
-        elif location.name.lower().endswith(".nii"):
-            _check_nifti_complete(location)
+        elif name.endswith(".nii"):
+            _check_nifti_complete(location, location)
+        elif name.endswith(".hdr"):
+            _check_nifti_complete(location, location.with_suffix(".img"))
         image = sitk.ReadImage(str(location))
         if image.GetDimension() == 3 and image.GetSize()[2] == 1:
             _refuse_one_slice_of_a_series(location)
@@ -66,9 +69,11 @@ def read_image(path: PathLike) -> sitk.Image:
 
 def _check_gzip_complete(path: Path) -> None:
     """ITK reads a cut-off .gz file without complaint and fills the rest of the volume with zeros; the gzip
-    stream itself says whether it is whole. Decompressed piece by piece and thrown away, to bound memory; what
-    follows the first gzip member (rare in images) is left to ITK."""
+    stream itself says whether it is whole, and a NIfTI header inside says how many bytes it needs (a short file
+    compressed whole). Decompressed piece by piece and thrown away, to bound memory; what follows the first gzip
+    member (rare in images) is left to ITK."""
     decompressor = zlib.decompressobj(wbits=_GZIP_WINDOW)
+    start, size = b"", 0
     try:
         with path.open("rb") as stream:
             if stream.read(2) != _GZIP_MAGIC:
@@ -76,28 +81,37 @@ def _check_gzip_complete(path: Path) -> None:
             stream.seek(0)
             while not decompressor.eof and (chunk := stream.read(_CHUNK_BYTES)):
                 while chunk and not decompressor.eof:
-                    decompressor.decompress(chunk, _CHUNK_BYTES)
+                    data = decompressor.decompress(chunk, _CHUNK_BYTES)
+                    start, size = start + data[: max(_NIFTI_LAYOUTS) - len(start)], size + len(data)
                     chunk = decompressor.unconsumed_tail
     except zlib.error as error:
         raise InputError(f"Image {path} is damaged ({error}); copy or export it again.") from error
     if not decompressor.eof:
         raise InputError(f"Image {path} is cut off (its compressed data end early); copy or download it again.")
+    if path.name.lower().endswith(".nii.gz"):
+        _check_nifti_size(path, _nifti_data_end(start), size, "bytes once decompressed")
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a cut-off uncompressed NIfTI file without complaint, the missing voxels as zeros; its header says
-    how many bytes the voxels take. A header this cannot make sense of is left to ITK."""
-    expected, size = _nifti_data_end(path), path.stat().st_size
+def _check_nifti_complete(header_file: Path, data_file: Path) -> None:
+    """ITK reads a cut-off uncompressed NIfTI file (.nii, or the .img of a .hdr/.img pair) without complaint, the
+    missing voxels as zeros; its header says how many bytes the voxels take."""
+    with header_file.open("rb") as stream:
+        header = stream.read(max(_NIFTI_LAYOUTS))
+    if data_file.exists():  # else ITK names the missing data file
+        _check_nifti_size(data_file, _nifti_data_end(header), data_file.stat().st_size)
+
+
+def _check_nifti_size(path: Path, expected: Optional[int], size: int, unit: str = "bytes") -> None:
+    """A header this cannot make sense of (expected None) is left to ITK."""
     if expected is not None and size < expected:
         raise InputError(
-            f"Image {path} is cut off ({size} bytes, its header needs {expected}); copy or export it again."
+            f"Image {path} is cut off ({size} {unit}, its header needs {expected}); copy or export it again."
         )
 
 
-def _nifti_data_end(path: Path) -> Optional[int]:
-    """The byte where a .nii file's voxel data end, from its header, or None when it is not a NIfTI header."""
-    with path.open("rb") as stream:
-        header = stream.read(max(_NIFTI_LAYOUTS))
+def _nifti_data_end(header: bytes) -> Optional[int]:
+    """The byte where a NIfTI file's voxel data end, from its first bytes, or None when they are no NIfTI header.
+    For a .hdr/.img pair the offset counts in the .img file."""
     for order in "<>":
         size = struct.unpack_from(order + "i", header)[0] if len(header) >= 4 else None
         layout = _NIFTI_LAYOUTS.get(size)
@@ -304,7 +318,26 @@ def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
     try:
         with atomic_destination(target, suffix) as temporary:
             sitk.WriteImage(image, str(temporary), True)
+            _check_written(image, temporary, target)
     except (RuntimeError, OSError) as error:
         reason = _first_line(error)
         raise InputError(f"Could not write {target} ({reason}); check the folder and the format.") from error
     return target
+
+
+def _check_written(image: sitk.Image, written: Path, target: Path) -> None:
+    """ITK's NIfTI writer (and its NRRD writer on a full disk) reports a short write on the console at most and
+    returns as if all went well: the file is flushed to disk and read back before it may replace anything."""
+    with written.open("rb+") as stream:  # writable: Windows flushes only a handle opened for writing
+        os.fsync(stream.fileno())
+    try:
+        back = read_image(written)
+        whole = back.GetSize() == image.GetSize() and back.GetPixelID() == image.GetPixelID()
+        whole = whole and np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+    except InputError:
+        whole = False
+    if not whole:
+        raise InputError(
+            f"Could not write {target} whole (is the disk full, or a file-size limit reached?); free some space or "
+            "choose another folder. Nothing was replaced."
+        )

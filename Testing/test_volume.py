@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +192,23 @@ def test_the_voxel_bytes_a_nifti_header_needs(tmp_path, order, version):
         Volume.from_file(path)
 
 
+def test_a_short_nifti_compressed_whole_or_a_short_img_of_a_pair_is_refused_not_read_as_zeros(tmp_path):
+    array = np.arange(1, 1 + 20 * 30 * 40, dtype=np.int16).reshape(20, 30, 40)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "whole.nii"))
+    whole = (tmp_path / "whole.nii").read_bytes()
+    short = tmp_path / "short.nii.gz"
+    short.write_bytes(gzip.compress(whole[: len(whole) // 2]))  # a whole gzip stream of half a file
+    assert np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(short))) == 0) > 0  # ITK alone reads it
+    with pytest.raises(InputError, match=f"short.nii.gz is cut off .*once decompressed, its header needs {len(whole)}"):
+        Volume.from_file(short)
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "pair.hdr"))
+    np.testing.assert_array_equal(Volume.from_file(tmp_path / "pair.hdr").array_kji, array)
+    data = (tmp_path / "pair.img").read_bytes()
+    (tmp_path / "pair.img").write_bytes(data[:-100])
+    with pytest.raises(InputError, match="pair.img is cut off"):
+        Volume.from_file(tmp_path / "pair.hdr")
+
+
 def test_a_cut_off_or_damaged_gzip_image_is_refused_not_read_as_zeros(tmp_path):
     whole = tmp_path / "whole.nii.gz"
     array = np.random.default_rng(0).integers(0, 1000, size=(40, 50, 60)).astype(np.int16)
@@ -234,6 +254,51 @@ def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
         imageio.write_image_atomic(image, target)
     assert target.read_bytes() == b"previous content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+WRITE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, sys
+import numpy as np, SimpleITK as sitk
+from SAMMed3DLib import imageio
+from SAMMed3DLib.errors import InputError
+noise = np.random.RandomState(0).randint(0, 2, (60, 200, 200)).astype(np.uint8)  # compresses poorly
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ
+try:
+    imageio.write_image_atomic(sitk.GetImageFromArray(noise), sys.argv[1])
+except InputError as error:
+    print(error)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sets a file-size limit (RLIMIT_FSIZE), as a full disk would")
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_a_write_cut_short_that_itk_does_not_report_replaces_nothing(tmp_path, suffix):
+    target = tmp_path / f"mask{suffix}"
+    target.write_bytes(b"the user's previous mask")
+    run = subprocess.run(
+        [sys.executable, "-c", WRITE_UNDER_A_FILE_SIZE_LIMIT, str(target)], capture_output=True, text=True
+    )
+    assert f"Could not write {target}" in run.stdout, run.stdout + run.stderr
+    assert target.read_bytes() == b"the user's previous mask"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_file_the_writer_cut_short_silently_replaces_nothing(tmp_path, monkeypatch):
+    """What ITK's NIfTI writer does on a full disk: it writes part of the file and returns normally."""
+    target = tmp_path / "mask.nii.gz"
+    target.write_bytes(b"the user's previous mask")
+    write = sitk.WriteImage
+
+    def short_write(image, path, *args):
+        write(image, path, *args)
+        Path(path).write_bytes(Path(path).read_bytes()[:-10])
+
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    image = sitk.GetImageFromArray(np.arange(1000, dtype=np.uint8).reshape(10, 10, 10))
+    with pytest.raises(InputError, match="Could not write .* whole .*Nothing was replaced"):
+        imageio.write_image_atomic(image, target)
+    assert target.read_bytes() == b"the user's previous mask"
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
 
 
 def test_two_file_formats_and_missing_extensions_are_refused(tmp_path):
