@@ -16,7 +16,14 @@ import SimpleITK as sitk
 
 from .atomic import check_output_folder
 from .errors import InputError, SAMMed3DError
-from .imageio import PathLike, check_image_output, image_stem, write_image_atomic
+from .imageio import (
+    PathLike,
+    check_image_output,
+    image_stem,
+    image_suffix,
+    slicer_segmentation_fields,
+    write_image_atomic,
+)
 from .manifest import manifest_rows
 from .predictor import RegionPredictor
 from .preprocess import prepare
@@ -112,8 +119,13 @@ def mask_image(mask_kji: np.ndarray, volume: Volume) -> sitk.Image:
 
 
 def write_mask(mask_kji: np.ndarray, volume: Volume, path: PathLike) -> Path:
-    """Write a mask or label map with the volume's geometry, whole or not at all."""
-    return write_image_atomic(mask_image(mask_kji, volume), path)
+    """Write a mask or label map with the volume's geometry, whole or not at all; a .seg.nrrd as a segmentation
+    with a segment named after the file."""
+    image = mask_image(mask_kji, volume)
+    if image_suffix(path).lower() == ".seg.nrrd":
+        for key, value in slicer_segmentation_fields(mask_kji, image_stem(path)).items():
+            image.SetMetaData(key, value)
+    return write_image_atomic(image, path)
 
 
 def read_manifest(path: PathLike) -> list[Case]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMMed3DLib.batch import Case, plan_outputs, read_manifest, segment_volume
+from SAMMed3DLib.batch import Case, plan_outputs, read_manifest, segment_volume, write_mask
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.errors import InputError
 from SAMMed3DLib.predictor import load_predictor
@@ -386,3 +386,41 @@ def test_segment_volume_names_a_misused_argument_and_takes_clicks_from_a_generat
 def test_a_case_made_in_python_may_give_its_paths_as_text(tmp_path, image_path):
     (case,) = plan_outputs([Case(str(image_path), [((25, 30, 15), True)], space="ijk")], tmp_path)
     assert case.image == image_path and case.out == tmp_path / "scan_mask.nii.gz"
+
+
+def _nrrd_fields(path: Path) -> dict[str, str]:
+    """The `key:=value` fields of an NRRD header, as 3D Slicer's segmentation reader takes them."""
+    header = path.read_bytes().split(b"\n\n", 1)[0].decode("ascii")  # the header ends at the first empty line
+    return dict(line.split(":=", 1) for line in header.splitlines() if ":=" in line)
+
+
+def test_a_seg_nrrd_mask_is_a_slicer_segmentation_with_a_named_segment(tmp_path):
+    volume = Volume.from_array(np.zeros((10, 12, 14), np.int16), np.diag([-0.8, -0.8, 2.0, 1.0]))
+    mask = np.zeros((10, 12, 14), np.uint8)
+    mask[3:6, 4:8, 5:9] = 1
+    path = write_mask(mask, volume, tmp_path / "liver.seg.nrrd")
+    fields = _nrrd_fields(path)
+    assert fields["Segmentation_MasterRepresentation"] == "Binary labelmap"
+    assert fields["Segmentation_ContainedRepresentationNames"] == "Binary labelmap|"
+    assert (fields["Segment0_ID"], fields["Segment0_Name"], fields["Segment0_LabelValue"]) == (
+        "Segment_1",
+        "liver",
+        "1",
+    )
+    assert fields["Segment0_Layer"] == "0" and len(fields["Segment0_Color"].split()) == 3
+    assert fields["Segment0_Extent"] == "5 8 4 7 3 5"  # i0 i1 j0 j1 k0 k1 of the filled voxels
+    assert "Segment1_ID" not in fields
+    np.testing.assert_array_equal(Volume.from_file(path).array_kji, mask)
+    assert not any(key.startswith("Segment") for key in _nrrd_fields(write_mask(mask, volume, tmp_path / "m.nrrd")))
+
+
+def test_an_empty_seg_nrrd_mask_keeps_its_segment_and_a_label_map_gets_one_per_value(tmp_path):
+    volume = Volume.from_array(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    empty = _nrrd_fields(write_mask(np.zeros((4, 5, 6), bool), volume, tmp_path / "none.seg.nrrd"))
+    assert (empty["Segment0_Name"], empty["Segment0_Extent"]) == ("none", "0 -1 0 -1 0 -1")
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[0, 0, 0], labels[3, 4, 5] = 2, 7
+    fields = _nrrd_fields(write_mask(labels, volume, tmp_path / "pred.seg.nrrd"))
+    assert [fields[f"Segment{i}_LabelValue"] for i in (0, 1)] == ["2", "7"] and "Segment2_ID" not in fields
+    assert [fields[f"Segment{i}_Name"] for i in (0, 1)] == ["pred 2", "pred 7"]
+    assert fields["Segment1_Extent"] == "5 5 4 4 3 3" and fields["Segment0_Color"] != fields["Segment1_Color"]
