@@ -25,6 +25,7 @@ _ITK_ERROR = "ITK ERROR:"
 # DICOM tags of a slice's geometry, and how far slices may stray from an even stack before it is refused.
 _ORIENTATION_TAG, _POSITION_TAG, _THICKNESS_TAG = "0020|0037", "0020|0032", "0018|0050"
 _DESCRIPTION_TAG = "0008|103e"
+_SLOPE_TAG, _INTERCEPT_TAG = "0028|1053", "0028|1052"
 _DICOM_ORIENTATION_TOLERANCE = 1e-3
 _DICOM_STEP_TOLERANCE = 0.05  # of the median step between slices
 _DICOM_POSITION_TOLERANCE_MM = 0.1  # two slices this close lie at one place; a slice this far sideways, tilted
@@ -140,7 +141,12 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         listed = "; ".join(_describe_series(reader, folder, uid) for uid in series)
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series ({listed}); put one series per folder.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
-    thickness = _check_slice_geometry(folder, files)
+    headers = [_dicom_header(file) for file in files]
+    thickness = _check_slice_geometry(folder, files, [_slice_header(header) for header in headers])
+    if _rescale_varies(headers):
+        # ITK takes the voxel type from the first slice: a later slice's larger Rescale Slope (as in PET) would
+        # wrap around in it.
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     reader.SetFileNames(files)
     image = reader.Execute()
     if image.GetSize()[2] == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
@@ -187,11 +193,12 @@ def _first_series_folder_below(folder: Path, depth: int = 3) -> Optional[Path]:
     return None
 
 
-def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]:
+def _check_slice_geometry(
+    folder: Path, files: Sequence[str], headers: Sequence[Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]]
+) -> Optional[float]:
     """ITK stacks a series' slices at even steps along the first slice's normal; refuse a series where that would
     put slices in the wrong place (a missing or damaged slice, uneven steps, a gantry tilt, a localizer of another
     orientation). Returns the Slice Thickness (mm) when given. Slices without position tags are left to ITK."""
-    headers = [_slice_header(file) for file in files]
     if any(header is None for header in headers):
         return None
     orientation, _, thickness = headers[len(headers) // 2]  # a middle slice: not a stray localizer at either end
@@ -226,9 +233,22 @@ def _check_slice_geometry(folder: Path, files: Sequence[str]) -> Optional[float]
     return thickness
 
 
-def _slice_header(file: str) -> Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]:
-    """(orientation (6,), position (3,), slice thickness or None) of one DICOM file, or None without those tags."""
-    reader = _dicom_header(file)
+def _rescale_varies(headers: Sequence[Optional[sitk.ImageFileReader]]) -> bool:
+    """Whether the slices' Rescale Slope or Intercept differ, as written ('1' and '1.0' count as different: reading
+    such a series as float32 costs memory, not values)."""
+    rescales = {
+        tuple(
+            header.GetMetaData(tag).strip() if header.HasMetaDataKey(tag) else ""
+            for tag in (_SLOPE_TAG, _INTERCEPT_TAG)
+        )
+        for header in headers
+        if header is not None
+    }
+    return len(rescales) > 1
+
+
+def _slice_header(reader: Optional[sitk.ImageFileReader]) -> Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]:
+    """(orientation (6,), position (3,), slice thickness or None) of one DICOM header, or None without those tags."""
     if reader is None:
         return None
     try:

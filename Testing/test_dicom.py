@@ -29,6 +29,7 @@ def write_series(
     row: np.ndarray = ROW,
     column: np.ndarray = COLUMN,
     first_number: int = 0,
+    slopes: Optional[Sequence[int]] = None,
 ) -> np.ndarray:
     """Write slices k (except `skip`) of a 12 x 10 x `slices` int16 volume, slice k at `depths[k]` mm along the
     normal (default k x 3 mm) and shifted `sideways` x k mm along the columns; returns the voxels (K, J, I)."""
@@ -56,9 +57,24 @@ def write_series(
         }
         for key, value in tags.items():
             image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{first_number + k:03d}.dcm"))
+        if slopes is not None:
+            image.SetMetaData("0028|1053", "1")
+            image.SetMetaData("0028|1052", "0")
+        path = folder / f"slice{first_number + k:03d}.dcm"
+        writer.SetFileName(str(path))
         writer.Execute(image)
+        if slopes is not None:
+            _set_rescale_slope(path, slopes[k])
     return voxels
+
+
+def _set_rescale_slope(path: Path, slope: int) -> None:
+    """Write a slice's Rescale Slope (0028,1053) as a scanner does: GDCM's writer keeps 1 for integer voxels, so
+    its two-byte value is replaced in the file (implicit VR little endian, as GDCM writes it)."""
+    data = path.read_bytes()
+    tag = b"\x28\x00\x53\x10\x02\x00\x00\x00"  # group, element, value length 2
+    at = data.index(tag) + len(tag)
+    path.write_bytes(data[:at] + f"{slope:<2d}".encode("ascii") + data[at + 2 :])
 
 
 def test_a_series_is_stacked_where_its_headers_put_the_slices(tmp_path):
@@ -93,6 +109,15 @@ def test_a_localizer_in_the_series_is_named(tmp_path):
     )
     with pytest.raises(InputError, match="slice050.dcm lies in another orientation"):
         Volume.from_file(tmp_path / "ct")
+
+
+def test_slices_of_different_rescale_slopes_keep_their_values(tmp_path):
+    """As in PET: ITK takes the voxel type from the first slice, so a later, larger slope would wrap around."""
+    slopes = [1, 1, 2, 5, 30, 90, 1, 1]  # slice 5: up to 519 x 90, beyond int16
+    stored = write_series(tmp_path / "pet", slopes=slopes)
+    volume = Volume.from_file(tmp_path / "pet")
+    expected = stored.astype(np.float64) * np.array(slopes)[:, None, None]
+    np.testing.assert_array_equal(volume.array_kji, expected)
 
 
 def test_a_lone_slice_is_as_thick_as_its_header_says(tmp_path):
