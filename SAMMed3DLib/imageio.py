@@ -59,8 +59,9 @@ def read_image(path: PathLike) -> sitk.Image:
         elif name.endswith(".hdr"):
             _check_nifti_complete(location, location.with_suffix(".img"))
         image = sitk.ReadImage(str(location))
-        if image.GetDimension() == 3 and image.GetSize()[2] == 1:
+        if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _is_dicom(location):
             _refuse_one_slice_of_a_series(location)
+            _give_slice_its_thickness(image, _dicom_header(str(location)))
         return image
     except RuntimeError as error:
         reason = _first_line(error)
@@ -142,22 +143,31 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise InputError(f"Folder {folder} holds {len(series)} DICOM series ({listed}); put one series per folder.")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     headers = [_dicom_header(file) for file in files]
-    thickness = _check_slice_geometry(folder, files, [_slice_header(header) for header in headers])
+    _check_slice_geometry(folder, files, [_slice_header(header) for header in headers])
     if _rescale_varies(headers):
         # ITK takes the voxel type from the first slice: a later slice's larger Rescale Slope (as in PET) would
         # wrap around in it.
         reader.SetOutputPixelType(sitk.sitkFloat32)
     reader.SetFileNames(files)
     image = reader.Execute()
-    if image.GetSize()[2] == 1 and thickness:  # ITK gives a lone slice 1 mm along its normal, whatever its thickness
-        image.SetSpacing((*image.GetSpacing()[:2], thickness))
+    if image.GetSize()[2] == 1:
+        _give_slice_its_thickness(image, headers[0])
     return image
+
+
+def _is_dicom(file: Path) -> bool:
+    return sitk.ImageFileReader.GetImageIOFromFileName(str(file)) == "GDCMImageIO"
+
+
+def _give_slice_its_thickness(image: sitk.Image, header: Optional[sitk.ImageFileReader]) -> None:
+    """ITK gives a lone DICOM slice 1 mm along its normal, whatever its Slice Thickness says."""
+    thickness = _slice_thickness(header) if header is not None else None
+    if thickness:
+        image.SetSpacing((*image.GetSpacing()[:2], thickness))
 
 
 def _refuse_one_slice_of_a_series(file: Path) -> None:
     """A DICOM file given alone is read as one slice: refuse it when it belongs to a series of more."""
-    if sitk.ImageFileReader.GetImageIOFromFileName(str(file)) != "GDCMImageIO":
-        return
     resolved = file.resolve()
     folder = resolved.parent
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
@@ -194,22 +204,22 @@ def _first_series_folder_below(folder: Path, depth: int = 3) -> Optional[Path]:
 
 
 def _check_slice_geometry(
-    folder: Path, files: Sequence[str], headers: Sequence[Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]]
-) -> Optional[float]:
+    folder: Path, files: Sequence[str], headers: Sequence[Optional[tuple[np.ndarray, np.ndarray]]]
+) -> None:
     """ITK stacks a series' slices at even steps along the first slice's normal; refuse a series where that would
     put slices in the wrong place (a missing or damaged slice, uneven steps, a gantry tilt, a localizer of another
-    orientation). Returns the Slice Thickness (mm) when given. Slices without position tags are left to ITK."""
+    orientation). Slices without position tags are left to ITK."""
     if any(header is None for header in headers):
         return None
-    orientation, _, thickness = headers[len(headers) // 2]  # a middle slice: not a stray localizer at either end
-    for file, (other, _, _) in zip(files, headers):
+    orientation, _ = headers[len(headers) // 2]  # a middle slice: not a stray localizer at either end
+    for file, (other, _) in zip(files, headers):
         if not np.allclose(other, orientation, atol=_DICOM_ORIENTATION_TOLERANCE):
             raise InputError(
                 f"{file} lies in another orientation than the rest of the series in {folder} (a localizer?); "
                 "move it out of the folder."
             )
     normal = np.cross(orientation[:3], orientation[3:])
-    positions = np.array([position for _, position, _ in headers])
+    positions = np.array([position for _, position in headers])
     depths = positions @ normal
     steps = np.diff(depths)
     if len(steps) and np.abs(steps).min() < _DICOM_POSITION_TOLERANCE_MM:
@@ -230,7 +240,6 @@ def _check_slice_geometry(
             "straight would misplace them; correct the tilt first (e.g. 3D Slicer's DICOM import with acquisition "
             "geometry regularization, or dcm2niix)."
         )
-    return thickness
 
 
 def _rescale_varies(headers: Sequence[Optional[sitk.ImageFileReader]]) -> bool:
@@ -247,8 +256,8 @@ def _rescale_varies(headers: Sequence[Optional[sitk.ImageFileReader]]) -> bool:
     return len(rescales) > 1
 
 
-def _slice_header(reader: Optional[sitk.ImageFileReader]) -> Optional[tuple[np.ndarray, np.ndarray, Optional[float]]]:
-    """(orientation (6,), position (3,), slice thickness or None) of one DICOM header, or None without those tags."""
+def _slice_header(reader: Optional[sitk.ImageFileReader]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(orientation (6,), position (3,)) of one DICOM header, or None without those tags."""
     if reader is None:
         return None
     try:
@@ -258,11 +267,16 @@ def _slice_header(reader: Optional[sitk.ImageFileReader]) -> Optional[tuple[np.n
         return None
     if len(orientation) != 6 or len(position) != 3:
         return None
+    return np.array(orientation), np.array(position)
+
+
+def _slice_thickness(reader: sitk.ImageFileReader) -> Optional[float]:
+    """A DICOM header's Slice Thickness in mm, or None when it is missing or no positive number."""
     try:
         thickness = float(reader.GetMetaData(_THICKNESS_TAG)) if reader.HasMetaDataKey(_THICKNESS_TAG) else None
     except ValueError:
-        thickness = None
-    return np.array(orientation), np.array(position), thickness if thickness and thickness > 0 else None
+        return None
+    return thickness if thickness and thickness > 0 else None
 
 
 def _dicom_header(file: str) -> Optional[sitk.ImageFileReader]:

@@ -120,11 +120,12 @@ def test_slices_of_different_rescale_slopes_keep_their_values(tmp_path):
     np.testing.assert_array_equal(volume.array_kji, expected)
 
 
-def test_a_lone_slice_is_as_thick_as_its_header_says(tmp_path):
+def test_a_lone_slice_is_as_thick_as_its_header_says_given_as_its_folder_or_its_file(tmp_path):
     write_series(tmp_path / "one", slices=1)
-    volume = Volume.from_file(tmp_path / "one")
-    assert volume.shape_kji == (1, 10, 12)
-    np.testing.assert_allclose(volume.spacing, SPACING, atol=1e-4)
+    for given in (tmp_path / "one", tmp_path / "one" / "slice000.dcm"):
+        volume = Volume.from_file(given)
+        assert volume.shape_kji == (1, 10, 12)
+        np.testing.assert_allclose(volume.spacing, SPACING, atol=1e-4)
 
 
 def test_a_folder_whose_series_lies_deeper_names_the_sub_folder(tmp_path):
