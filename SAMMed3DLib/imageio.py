@@ -58,7 +58,7 @@ def read_image(path: PathLike) -> sitk.Image:
             _check_nifti_complete(location, location)
         elif name.endswith(".hdr"):
             _check_nifti_complete(location, location.with_suffix(".img"))
-        image = sitk.ReadImage(str(location))
+        image = _without_a_lone_frame(sitk.ReadImage(str(location)))
         if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _is_dicom(location):
             _refuse_one_slice_of_a_series(location)
             _give_slice_its_thickness(image, _dicom_header(str(location)))
@@ -69,6 +69,15 @@ def read_image(path: PathLike) -> sitk.Image:
             f"Could not read image {location} ({reason}); give a whole NIfTI, NRRD, MHA or other ITK image file "
             "with a valid header, or a DICOM folder."
         ) from error
+
+
+def _without_a_lone_frame(image: sitk.Image) -> sitk.Image:
+    """A 4-D image of one frame (one time point) as the 3-D volume it is; ITK drops that axis itself in NIfTI
+    only."""
+    size = image.GetSize()
+    if image.GetDimension() == 4 and size[3] == 1:
+        return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
+    return image
 
 
 def _check_gzip_complete(path: Path) -> None:

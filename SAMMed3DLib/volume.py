@@ -172,6 +172,11 @@ def _check_image(image: sitk.Image, name: str) -> None:
     dimension = image.GetDimension()
     if dimension == 2:
         raise InputError(f"The {name} is a 2D image; give a 3D volume (a single-slice 3D volume is fine).")
+    if dimension == 4:
+        raise InputError(
+            f"The {name} is 4D, {image.GetSize()[3]} volumes (time points or channels) in one; extract the 3D "
+            "volume to segment first (e.g. with Slicer's Sequences module, or SimpleITK's Extract)."
+        )
     if dimension != 3:
         raise InputError(f"The {name} is {dimension}D; extract a single 3D volume first.")
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)

@@ -103,7 +103,7 @@ def test_parse_point_rejects_other_text(text):
     "image, problem",
     [
         (sitk.Image([4, 4], sitk.sitkInt16), "2D image"),
-        (sitk.Image([4, 4, 4, 2], sitk.sitkInt16), "4D"),
+        (sitk.Image([4, 4, 4, 2], sitk.sitkInt16), "4D, 2 volumes .* extract the 3D volume"),
         (sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3), "RGB or vector"),
         (sitk.GetImageFromArray(np.array([[[0.0, np.nan]]], dtype=np.float32)), "NaN or infinite"),
         (sitk.Image([2, 2, 2], sitk.sitkComplexFloat32), "complex"),
@@ -112,6 +112,21 @@ def test_parse_point_rejects_other_text(text):
 def test_unusable_images_are_rejected_in_one_sentence(image, problem):
     with pytest.raises(InputError, match=problem):
         Volume.from_sitk(image)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii.gz"])
+def test_a_4d_file_of_one_time_point_is_read_as_its_volume(tmp_path, suffix):
+    voxels = np.arange(1, 1 + 3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    frame = sitk.GetImageFromArray(voxels)
+    frame.SetSpacing((0.7, 0.8, 2.5))
+    frame.SetOrigin((10.0, -20.0, 30.0))
+    image = sitk.JoinSeries([frame])  # 4-D, one time point
+    assert image.GetSize() == (5, 4, 3, 1)
+    sitk.WriteImage(image, str(tmp_path / f"one_frame{suffix}"))
+    volume = Volume.from_file(tmp_path / f"one_frame{suffix}")
+    np.testing.assert_array_equal(volume.array_kji, voxels)
+    np.testing.assert_allclose(volume.spacing, (0.7, 0.8, 2.5))
+    np.testing.assert_allclose(volume.image.GetOrigin(), (10.0, -20.0, 30.0))
 
 
 def _with_direction(direction: tuple) -> sitk.Image:
