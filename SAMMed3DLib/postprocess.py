@@ -6,7 +6,8 @@ result depends on ITK's floating-point path. This module reproduces that path fo
 the region only (its footprint): ITK's `LinearThreadedGenerateData` maps the two ends of each full output
 row (index 0 and n_i) to continuous region indices and interpolates between them, then rounds half up.
 The matrices ITK uses (its direction x spacing and the SVD-based inverse) are read back from SimpleITK
-itself, so the arithmetic matches bit for bit.
+itself, so the arithmetic matches bit for bit. One departure: along a canonical axis of one voxel (a single
+slice or a thin slab) every original voxel reads that voxel's plane, where nearest neighbour can miss it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def _axis_lookup(start: np.ndarray, end: np.ndarray, alpha: np.ndarray) -> tuple
     return table, row_to_pair.reshape(-1)
 
 
+def _single_voxel_plane(region: Region, axis: int) -> int:
+    """Region plane of the one canonical voxel along `axis` (-1 when the region misses it).
+
+    A single slice resamples to one 1.5 mm voxel 0.75 mm inside its face; nearest neighbour would map a slice
+    of 3 mm or more onto a plane of zero padding beside it, as the official paste-back does. The whole slice
+    (or slab) is that voxel, as for clicks (`canonical_voxels`), so it reads the plane holding the data."""
+    plane = -region.begin[axis]
+    return plane if 0 <= plane < ROI_SIZE else -1
+
+
 @dataclass(frozen=True)
 class Footprint:
     """Where a region lands on the original grid: for every voxel of a KJI box, the region voxel whose
@@ -149,8 +160,11 @@ def region_footprint(region: Region, volume: Volume) -> Footprint:
     flat_index = np.zeros((len(k_rows), len(alpha)), dtype=np.int32)
     inside = np.ones(flat_index.shape, dtype=bool)
     for axis in range(3):
-        table, row_to_pair = _axis_lookup(starts[:, axis], ends[:, axis], alpha)
-        axis_index = np.take(table, row_to_pair, axis=0)
+        if region.canonical_shape[axis] == 1:
+            axis_index = _single_voxel_plane(region, axis)
+        else:
+            table, row_to_pair = _axis_lookup(starts[:, axis], ends[:, axis], alpha)
+            axis_index = np.take(table, row_to_pair, axis=0)
         inside &= axis_index >= 0
         flat_index *= ROI_SIZE
         flat_index += axis_index

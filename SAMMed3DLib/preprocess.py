@@ -42,7 +42,8 @@ def official_sitk_image(image: sitk.Image) -> sitk.Image:
 
 def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Image:
     """Resample to 1.5 mm on torchio 0.20.8's grid: size ceil(n*s/1.5) (float64, singleton axes stay 1),
-    same direction, first voxel's outer corner on the input's; default 0, pixel type kept."""
+    same direction, first voxel's outer corner on the input's (but for slabs of at most 0.75 mm,
+    `first_voxel_index`); default 0, pixel type kept."""
     old_spacing = np.array(image.GetSpacing())
     new_spacing = np.array((TARGET_SPACING,) * 3)
     old_size = np.array(image.GetSize())
@@ -62,7 +63,7 @@ def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Ima
         )
     new_size = exact_size.astype(np.uint16)
     new_size[old_size == 1] = 1
-    origin_index = 0.5 * (new_spacing / old_spacing - 1)
+    origin_index = first_voxel_index(image, new_size)
     resampler = sitk.ResampleImageFilter()
     resampler.SetInterpolator(interpolator)
     resampler.SetSize([int(n) for n in new_size])
@@ -71,6 +72,21 @@ def resample_to_target_spacing(image: sitk.Image, interpolator: int) -> sitk.Ima
     resampler.SetOutputDirection(image.GetDirection())
     resampler.SetDefaultPixelValue(0)
     return resampler.Execute(image)
+
+
+def first_voxel_index(image: sitk.Image, new_size: np.ndarray) -> np.ndarray:
+    """Continuous input index of the first output voxel's centre: torchio's corner-aligned grid puts it
+    0.75 mm inside the input's outer face. An axis resampled to one voxel whose centre then lies at or past
+    the other face (a slab at most 0.75 mm thick) is centred on the slab instead: there the official grid
+    samples nothing but the default 0. Every other axis keeps the official grid."""
+    old_size = np.array(image.GetSize())
+    corner_aligned = 0.5 * (TARGET_SPACING / np.array(image.GetSpacing()) - 1)
+    # Decide with the index ITK samples (the output origin mapped back), so float noise at the face resolves
+    # as in the official resampling; ITK samples an index u only when u < n - 0.5.
+    origin = image.TransformContinuousIndexToPhysicalPoint(corner_aligned.tolist())
+    sampled = np.array(image.TransformPhysicalPointToContinuousIndex(origin))
+    past_the_slab = (new_size == 1) & ~(sampled < old_size - 0.5)
+    return np.where(past_the_slab, (old_size - 1) / 2.0, corner_aligned)
 
 
 def canonical_from_resampled(resampled: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -171,13 +187,15 @@ class Region:
 def canonical_voxels(
     canonical_affine: np.ndarray, canonical_shape: Sequence[int], ras: Sequence[float] | np.ndarray
 ) -> np.ndarray:
-    """Canonical voxels (N, 3) of RAS points: solve the canonical affine in double precision, round half up.
+    """Canonical voxels (N, 3) of RAS points: solve the canonical affine in double precision, round half up,
+    then clamp to the grid.
 
-    Along an axis of one voxel (a single-slice volume: the official rule keeps it at one 1.5 mm voxel,
-    thinner than the slice) every point maps to that voxel."""
+    The clamp keeps points of the volume on the grid: a point on the volume's outer face rounds one voxel past
+    the grid where the face is a voxel face of the grid (an upper face, or a lower face flipped by the
+    reorientation). Along an axis of one voxel (a single slice: the official rule keeps it at one 1.5 mm
+    voxel, thinner than the slice) every point maps to that voxel."""
     voxels = geometry.nearest_voxel(geometry.ras_to_continuous_ijk(canonical_affine, ras))
-    voxels[:, np.asarray(canonical_shape) == 1] = 0
-    return voxels
+    return np.clip(voxels, 0, np.asarray(canonical_shape, dtype=np.int64) - 1)
 
 
 LabelInput = Union[Volume, sitk.Image]

@@ -129,3 +129,26 @@ def test_paste_into_overwrites_in_order():
     paste_into(full, np.pad(np.ones((1, 4, 2), dtype=np.uint8), ((1, 0), (0, 0), (0, 0))), box, value=2)
     assert np.count_nonzero(full == 1) == 8 and np.count_nonzero(full == 2) == 8
     assert full[1, 0, 1] == 2 and full[0, 0, 1] == 1 and full[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("thickness", [5.0, 10.0])
+def test_a_thick_single_slice_reads_the_region_plane_that_holds_its_data(thickness):
+    rng = np.random.default_rng(4)
+    volume = Volume.from_array(rng.integers(1, 100, (1, 50, 60)).astype(np.int16), np.diag([0.8, 0.8, thickness, 1]))
+    prepared = PreparedVolume(volume)
+    region = prepared.region_centred_on(volume.ijk_to_ras_points([30, 25, 0])[0])
+    data_plane = 64  # the one canonical voxel along K, where the image is and where clicks go
+    assert region.raw[:, :, data_plane].any() and not np.delete(region.raw, data_plane, axis=2).any()
+    drawn = np.zeros((ROI_SIZE,) * 3, dtype=np.uint8)
+    drawn[:, :, data_plane] = rng.random((ROI_SIZE, ROI_SIZE)) > 0.5
+    # Nearest neighbour (the official paste-back) puts the slice's centre on a plane of zero padding.
+    slice_centre = region.ras_to_continuous_index(volume.ijk_to_ras_points([0, 0, 0]))[0]
+    nearest_plane = int(geometry.round_half_up(slice_centre[2]))
+    assert nearest_plane > data_plane and not official_paste_back(drawn, region, volume).any()
+    moved_to_nearest_plane = np.roll(drawn, nearest_plane - data_plane, axis=2)
+    expected = official_paste_back(moved_to_nearest_plane, region, volume)
+    assert expected.any()
+    np.testing.assert_array_equal(pasted_on_full_grid(drawn, region, volume), expected)
+    # A region whose planes miss the slice's one canonical voxel has nothing to paste.
+    patch, _ = paste_region_mask(np.ones((ROI_SIZE,) * 3, dtype=np.uint8), prepared.region([-34, -39, 2]), volume)
+    assert patch.size == 0

@@ -249,3 +249,49 @@ def test_a_spacing_in_metres_is_refused_before_resampling():
     single_slice = sitk.Image([200, 200, 1], sitk.sitkInt16)
     single_slice.SetSpacing((0.8, 0.8, 5.0))
     assert resample_to_target_spacing(single_slice, sitk.sitkLinear).GetSize() == (107, 107, 1)
+
+
+def slab_volume(slices: int, thickness: float) -> Volume:
+    """A slab of `slices` slices `thickness` mm thick, 0.8 mm in plane: slice k holds (k + 1) x an in-plane step."""
+    in_plane = np.where(np.arange(60) < 30, 100.0, 200.0).astype(np.float32) * np.ones((50, 1), np.float32)
+    values = np.arange(1, slices + 1, dtype=np.float32)[:, None, None] * in_plane
+    return Volume.from_array(values, np.diag([0.8, 0.8, thickness, 1.0]))
+
+
+@pytest.mark.parametrize("slices, thickness", [(1, 0.5), (2, 0.3), (1, 0.75)])
+def test_a_slab_at_most_half_a_voxel_thick_resamples_onto_its_centre(slices, thickness):
+    # The official grid puts the one 1.5 mm voxel's centre 0.75 mm from the low face: outside the slab.
+    volume = slab_volume(slices, thickness)
+    prepared = PreparedVolume(volume)
+    assert prepared.canonical_shape[2] == 1
+    centre = geometry.apply_affine(volume.ijk_to_ras, [0, 0, (slices - 1) / 2])[0]
+    assert geometry.apply_affine(prepared.canonical_affine, [0, 0, 0])[0][2] == pytest.approx(centre[2])
+    # Linear interpolation at the slab's centre: the mean of its slices, resampled in plane as one slice is.
+    one_slice = PreparedVolume(slab_volume(1, 1.5)).canonical
+    np.testing.assert_allclose(prepared.canonical, np.mean(np.arange(1, slices + 1)) * one_slice, rtol=1e-6)
+    click = volume.ijk_to_ras_points([30, 25, 0])[0]
+    assert prepared.region_centred_on(click).network_input().shape == (1, 1, ROI_SIZE, ROI_SIZE, ROI_SIZE)
+    label = Volume.from_array(np.ones(volume.shape_kji, np.uint8), volume.ijk_to_ras)
+    assert prepared.prepare_label(label, 1).all()  # the label lands on the same, centred grid
+
+
+@pytest.mark.parametrize("slices, thickness", [(1, 0.8), (1, 5.0), (2, 0.4)])
+def test_a_slab_thicker_than_half_a_voxel_keeps_the_official_grid(slices, thickness):
+    volume = slab_volume(slices, thickness)
+    prepared = PreparedVolume(volume)
+    low_face = geometry.apply_affine(volume.ijk_to_ras, [0, 0, -0.5])[0][2]
+    assert geometry.apply_affine(prepared.canonical_affine, [0, 0, 0])[0][2] == pytest.approx(low_face + 0.75)
+
+
+def test_clicks_on_the_outer_faces_stay_on_the_canonical_grid():
+    # Identity LPS direction: I and J are flipped in RAS, so the low I and J faces become upper canonical faces.
+    # 90 x 1.2 = 108 mm, 80 x 1.0 = 80 mm, 40 x 3.0 = 120 mm: the faces are voxel faces of the 1.5 mm grid.
+    volume = smooth_volume((40, 80, 90), np.diag([-1.2, -1.0, 3.0, 1.0]))
+    prepared = PreparedVolume(volume)
+    upper = np.array(prepared.canonical_shape) - 1
+    for ijk, axis in [((-0.5, 40, 20), 0), ((45, -0.5, 20), 1), ((45, 40, 39.5), 2)]:
+        click = volume.points_to_ras([ijk], "ijk")[0]  # accepted as inside
+        voxel = prepared.canonical_voxel_of_ras(click)
+        assert voxel[axis] == upper[axis]
+        region = prepared.region_centred_on(click)
+        assert region.raw[64, 64, 64] != 0  # the click sits on data, not on the zero padding past the grid
