@@ -23,9 +23,10 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TextIO, Union
 
@@ -43,7 +44,8 @@ from .checkpoint import (
 )
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, SAMMed3DError
+from .evaluate import MAX_LABEL_VALUES as EVALUATE_MAX_LABEL_VALUES
 from .manifest import manifest_rows
 from .metrics import dice
 from .modeling import MaskDecoder3D, Sam3D
@@ -61,6 +63,8 @@ CACHE_VERSION = 1
 DICE_SMOOTHING = 1e-5
 # Regions drawn before giving up when none can be normalised.
 MAX_DRAWS = 100
+# Label values per case, at most (targets are stored as uint16): more are an image's intensities, as in evaluate.
+MAX_LABEL_VALUES = EVALUATE_MAX_LABEL_VALUES
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -148,12 +152,12 @@ def prepare_case(files: CaseFiles) -> PreparedCase:
             "(resampled with nearest neighbour, not linear interpolation)."
         )
     values = [int(v) for v in found if v != 0]
-    if len(values) > 255:
+    if len(values) > MAX_LABEL_VALUES:
         raise InputError(
-            f"{files.label} has {len(values)} label values, more than the 255 training takes: it looks like an "
-            "image, not a label map; give the case's label map as its label."
+            f"{files.label} has {len(values)} label values, more than the {MAX_LABEL_VALUES} training takes: it looks "
+            "like an image, not a label map; give the case's label map as its label."
         )
-    targets = np.zeros(prepared.canonical_shape, dtype=np.uint8)
+    targets = np.zeros(prepared.canonical_shape, dtype=np.uint16)
     kept_values, counts = [], []
     for value in values:
         try:
@@ -226,13 +230,14 @@ class CaseCache:
 
 
 def _read_prepared(path: Path) -> Optional[PreparedCase]:
-    """A cached case, or None when the file cannot be read whole (cut off, overwritten, a member missing)."""
+    """A cached case, or None when the file cannot be read whole (cut off, overwritten, a member missing, a
+    scrambled compressed stream)."""
     try:
         with np.load(path, allow_pickle=False) as stored:
             return PreparedCase(
                 stored["raw"], stored["targets"], stored["values"].tolist(), stored["voxel_counts"].tolist()
             )
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
         return None
 
 
@@ -537,12 +542,30 @@ class TrainingOptions:
 
 
 def parameter_groups(model: Sam3D, lr_encoder: float, lr_decoder: float) -> list[dict]:
-    """Image encoder vs prompt encoder + mask decoder, as the official recipe splits the learning rate."""
-    decoder = list(model.prompt_encoder.parameters()) + list(model.mask_decoder.parameters())
+    """The official train.py's groups, in its order: image encoder (lr_encoder), prompt encoder and mask decoder
+    (lr_decoder each), so that either tool can resume the other's optimiser state."""
     return [
         {"params": list(model.image_encoder.parameters()), "lr": lr_encoder},
-        {"params": decoder, "lr": lr_decoder},
+        {"params": list(model.prompt_encoder.parameters()), "lr": lr_decoder},
+        {"params": list(model.mask_decoder.parameters()), "lr": lr_decoder},
     ]
+
+
+def with_official_groups(optimizer_state: dict, model: Sam3D) -> dict:
+    """An optimiser state of the earlier two groups (image encoder; prompt encoder + mask decoder) split into the
+    official three. Exact: the parameters keep their order and numbers, only the grouping changes."""
+    if len(optimizer_state["param_groups"]) != 2:
+        return optimizer_state
+    encoder, decoder = optimizer_state["param_groups"]
+    prompt_count = len(list(model.prompt_encoder.parameters()))
+    if len(decoder["params"]) != prompt_count + len(list(model.mask_decoder.parameters())):
+        raise CheckpointError(
+            "The checkpoint's optimiser state does not match its model's parameters; fine-tune from it as a new "
+            "run instead of resuming."
+        )
+    prompt = {**decoder, "params": decoder["params"][:prompt_count]}
+    mask = {**decoder, "params": decoder["params"][prompt_count:]}
+    return {**optimizer_state, "param_groups": [encoder, prompt, mask]}
 
 
 def learning_rate_factor(options: TrainingOptions) -> Callable[[int], float]:
@@ -564,6 +587,48 @@ def steps_for_epochs(epochs: float, target_count: int, options: TrainingOptions)
     return max(1, math.ceil(epochs * target_count / options.samples_per_step))
 
 
+# Options that leave what a run computes unchanged; a resumed run takes them (and its total `steps`) as given.
+RUN_ONLY_OPTIONS = ("steps", "checkpoint_every", "device")
+
+
+def resumed_options(given: TrainingOptions, stored: dict) -> TrainingOptions:
+    """`given` with every option a checkpoint records put back, except RUN_ONLY_OPTIONS and a batch split
+    otherwise (`same_regions_per_step`): a resumed run goes on with the recipe it started with."""
+    free = RUN_ONLY_OPTIONS + (BATCH_SPLIT if same_regions_per_step(given, stored) else ())
+    kept = {
+        option.name: stored[option.name]
+        for option in fields(TrainingOptions)
+        if option.name in stored and option.name not in free
+    }
+    return replace(given, **kept)
+
+
+# How a step's regions are split into forward passes: a resumed run may split them otherwise (say after running
+# out of memory) as long as a step takes as many regions.
+BATCH_SPLIT = ("batch_size", "accumulation")
+
+
+def same_regions_per_step(given: TrainingOptions, stored: dict) -> bool:
+    stored_regions = int(stored.get("batch_size", 1)) * int(stored.get("accumulation", 1))
+    return given.samples_per_step == stored_regions
+
+
+def check_resumed_total(path: PathLike, done: int, planned: int, total: int, epochs: Optional[float] = None) -> None:
+    """Refuse a total of steps (from --steps, or from `epochs`) that a resumed run has reached already."""
+    if total > done:
+        return
+    name = Path(path).name
+    if epochs is None:
+        raise InputError(
+            f"--steps is the run's total; {name} has done {done} of its {planned} steps; give more than {done}, "
+            "or leave --steps out to finish it."
+        )
+    raise InputError(
+        f"--epochs {epochs:g} makes {total} steps in all; {name} has done {done} of its {planned} steps; give more "
+        "epochs, or leave --epochs out to finish it."
+    )
+
+
 class ProgressLine:
     """One status line on stderr: rewritten in place on a terminal, a new line every `every` steps otherwise."""
 
@@ -573,6 +638,7 @@ class ProgressLine:
         self.every = every
         self.started = time.monotonic()
         self.first_step: Optional[int] = None
+        self.width = 0  # of the line on the terminal
 
     def __call__(self, step: int, loss: float, running_dice: float, lr: float) -> None:
         if self.first_step is None:
@@ -584,7 +650,9 @@ class ProgressLine:
             f"{per_step:.2f} s/step  {elapsed / 60:.1f} min"
         )
         if self.stream.isatty():
-            self.stream.write("\r" + text)
+            # Padded to the previous line's length: a shorter line would leave that line's tail on the screen.
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
         elif step % self.every == 0 or step == self.total:
             self.stream.write(text + "\n")
         self.stream.flush()
@@ -616,6 +684,20 @@ def interrupts_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU's torch.OutOfMemoryError, or memory the CPU allocator (PyTorch's or NumPy's) could not get."""
+    text = str(error)
+    return (
+        isinstance(error, (torch.OutOfMemoryError, MemoryError))
+        or "can't allocate memory" in text
+        or "DefaultCPUAllocator" in text
+    )
+
+
+# Checkpoint key of the mixed-precision loss scaler's state (CUDA runs); other SAM-Med3D tools ignore it.
+GRAD_SCALER_KEY = "grad_scaler_state_dict"
+
+
 @dataclass
 class TrainingState:
     step: int = 0
@@ -644,6 +726,7 @@ class Trainer:
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.state = TrainingState()
+        self.saved_step: Optional[int] = None  # the step this run last wrote to `out`
         if options.first_click_multimask and not model.first_click_multimask:
             seed_multimask_outputs(model.mask_decoder, torch.Generator().manual_seed(options.seed))
             model.first_click_multimask = True
@@ -713,21 +796,38 @@ class Trainer:
 
     # -- the loop
     def run(self, progress: Optional[Callable[[int, float, float, float], None]] = None) -> TrainingState:
-        """Train to `options.steps`; interrupted (Ctrl+C), the last finished step is saved before leaving."""
+        """Train to `options.steps`; interrupted (Ctrl+C), the last finished step is saved before leaving; out of
+        memory, a SAMMed3DError says what to change."""
         try:
             return self._run(progress)
         except KeyboardInterrupt:
-            self.save(self.out)
+            if self.saved_step != self.state.step:  # else the Ctrl+C came during the save of this very step
+                self.save(self.out)
             raise
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            raise SAMMed3DError(self._out_of_memory_message()) from error
+
+    def _out_of_memory_message(self) -> str:
+        if self.saved_step is None:
+            saved = f"{self.out} was not written in this run"
+        else:
+            saved = f"{self.out} holds step {self.saved_step}"
+        return (
+            f"Out of memory in step {self.state.step + 1} on {self.device} ({saved}): give a lower --batch-size with "
+            "a higher --accumulation (the same regions per step), or fewer --clicks-per-sample."
+        )
 
     def _run(self, progress: Optional[Callable[[int, float, float, float], None]]) -> TrainingState:
         running_loss = running_dice = None
         while self.state.step < self.options.steps:
+            lr = self.optimizer.param_groups[0]["lr"]  # shown with the step it trains (the scheduler then moves on)
             loss, step_dice = self.train_step()
             running_loss = loss if running_loss is None else 0.95 * running_loss + 0.05 * loss
             running_dice = step_dice if running_dice is None else 0.95 * running_dice + 0.05 * step_dice
             if progress:
-                progress(self.state.step, running_loss, running_dice, self.scheduler.get_last_lr()[0])
+                progress(self.state.step, running_loss, running_dice, lr)
             if self.state.step % self.options.checkpoint_every == 0 or self.state.step == self.options.steps:
                 self.state.best_loss = min(self.state.best_loss, running_loss)
                 self.state.best_dice = max(self.state.best_dice, running_dice)
@@ -738,69 +838,78 @@ class Trainer:
 
     # -- checkpoints
     def save(self, path: PathLike) -> None:
-        save_checkpoint(
-            path,
-            self.model,
-            epoch=self.state.step * self.options.samples_per_step // max(1, len(self.data.targets)),
-            step=self.state.step,
-            optimizer_state_dict=self.optimizer.state_dict(),
-            lr_scheduler_state_dict=self.scheduler.state_dict(),
-            losses=list(self.state.losses),
-            dices=list(self.state.dices),
-            best_loss=self.state.best_loss,
-            best_dice=self.state.best_dice,
-            training_options=self.options.to_dict(),
-        )
+        """Write the checkpoint; a Ctrl+C meanwhile is held until it is written whole (and then raised)."""
+        extra = {GRAD_SCALER_KEY: self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        with interrupts_deferred():
+            save_checkpoint(
+                path,
+                self.model,
+                epoch=self.state.step * self.options.samples_per_step // max(1, len(self.data.targets)),
+                step=self.state.step,
+                optimizer_state_dict=self.optimizer.state_dict(),
+                lr_scheduler_state_dict=self.scheduler.state_dict(),
+                losses=list(self.state.losses),
+                dices=list(self.state.dices),
+                best_loss=self.state.best_loss,
+                best_dice=self.state.best_dice,
+                training_options=self.options.to_dict(),
+                **extra,
+            )
+            if Path(path) == self.out:
+                self.saved_step = self.state.step
 
-    def resume(self, path: PathLike, keep_steps: bool = False, epochs: Optional[float] = None) -> list[str]:
-        """Continue from a checkpoint this trainer wrote: weights, optimiser, scheduler and step count.
+    def resume(
+        self,
+        path: PathLike,
+        steps: Optional[int] = None,
+        epochs: Optional[float] = None,
+        content: Optional[dict] = None,
+    ) -> Optional[str]:
+        """Continue from a checkpoint this trainer wrote: weights, optimiser, schedule, loss scaler and step count.
 
-        The run keeps the settings its optimiser and schedule were made with (RESUMED_SETTINGS), and with
-        `keep_steps` its number of steps too (else `options.steps`, or `epochs` counted with the kept batch, may
-        lengthen it); returns the kept settings that differ from the options given, as 'name kept (given
-        value)'."""
-        content = read_training_checkpoint(path)
+        The run keeps every option it was started with (`resumed_options`) and its total of steps, unless
+        `steps` or `epochs` (counted with the kept batch) set a new total above the steps done; a new total
+        spreads the learning-rate schedule over it, and the line returned says how the rate changes.
+        `content`: the file's content, when already read."""
+        content = read_training_checkpoint(path) if content is None else content
         stored = content.get("training_options") or {}
-        kept = {name: stored[name] for name in RESUMED_SETTINGS if name in stored}
-        differing = [
-            f"{name} {value} (given {getattr(self.options, name)})"
-            for name, value in kept.items()
-            if value != getattr(self.options, name)
-        ]
-        if keep_steps and "steps" in stored:
-            kept["steps"] = stored["steps"]
-        self.options = replace(self.options, **kept)
+        done = int(content["step"])
+        self.options = resumed_options(self.options, stored)
+        planned = int(stored.get("steps", self.options.steps))
+        total = planned
         if epochs is not None:
-            self.options = replace(self.options, steps=steps_for_epochs(epochs, len(self.data.targets), self.options))
+            total = steps_for_epochs(epochs, len(self.data.targets), self.options)
+        elif steps is not None:
+            total = steps
+        if steps is not None or epochs is not None:
+            check_resumed_total(path, done, planned, total, epochs)
+        self.options = replace(self.options, steps=total)
         self.model.load_state_dict(content["model_state_dict"], strict=True)
-        if self.options.first_click_multimask and content.get(FIRST_CLICK_MULTIMASK_KEY) is not True:
-            # The alternatives start with this run: loading the weights undid their seeding in __init__.
-            seed_multimask_outputs(self.model.mask_decoder, torch.Generator().manual_seed(self.options.seed))
-        # The schedule's function is not saved: made again from the kept settings, before the optimiser's state
-        # (a new scheduler sets the learning rates of its first step; the loaded state puts the saved ones back).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(self.options))
-        self.optimizer.load_state_dict(content["optimizer_state_dict"])
-        self.scheduler.load_state_dict(content["lr_scheduler_state_dict"])
+        # What the weights were trained as, whatever this trainer was made with.
+        self.model.first_click_multimask = content.get(FIRST_CLICK_MULTIMASK_KEY) is True
+        self.optimizer.load_state_dict(with_official_groups(content["optimizer_state_dict"], self.model))
+        # The schedule's function is not saved: made again for the total, at the step reached (its base rates are
+        # the loaded groups' `initial_lr`); with a new total the next step takes the spread schedule's rate.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, learning_rate_factor(self.options), last_epoch=done - 1
+        )
+        if GRAD_SCALER_KEY in content:
+            self.scaler.load_state_dict(content[GRAD_SCALER_KEY])
         self.state = TrainingState(
-            step=int(content["step"]),
+            step=done,
             losses=list(content.get("losses", [])),
             dices=list(content.get("dices", [])),
             best_loss=float(content.get("best_loss", float("inf"))),
             best_dice=float(content.get("best_dice", 0.0)),
         )
-        return differing
-
-
-# Settings a resumed run keeps from its checkpoint (the optimiser and scheduler state hold them); --steps may grow.
-RESUMED_SETTINGS = (
-    "lr_encoder",
-    "lr_decoder",
-    "weight_decay",
-    "warmup_steps",
-    "schedule",
-    "batch_size",
-    "accumulation",
-)
+        if total == planned or done == 0:  # before any step both schedules start alike
+            return None
+        trained_at = self.scheduler.base_lrs[0] * learning_rate_factor(replace(self.options, steps=planned))(done - 1)
+        return (
+            f"The learning-rate schedule of {Path(path).name} is spread over {total} steps instead of {planned}: "
+            f"step {done} trained at a learning rate of {trained_at:.2e}, step {done + 1} trains at "
+            f"{self.optimizer.param_groups[0]['lr']:.2e}."
+        )
 
 
 def read_training_checkpoint(path: PathLike) -> dict:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
 import signal
 import threading
+import time
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -16,17 +19,20 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from SAMMed3DLib import training
 from SAMMed3DLib.checkpoint import load_model, save_checkpoint
 from SAMMed3DLib.clicks import simulate_click
 from SAMMed3DLib.commands import train as train_command
 from SAMMed3DLib.config import ModelConfig, build_model
-from SAMMed3DLib.errors import CheckpointError, InputError
+from SAMMed3DLib.errors import CheckpointError, InputError, SAMMed3DError
 from SAMMed3DLib.phantom import MIN_MAX_VOXELS, make_phantom, write_phantom
 from SAMMed3DLib.preprocess import crop_with_zero_padding, normalise_intensities
 from SAMMed3DLib.published import DEMO_CHECKPOINT
 from SAMMed3DLib.training import (
+    GRAD_SCALER_KEY,
     CaseCache,
     CaseFiles,
+    ProgressLine,
     Trainer,
     TrainingData,
     TrainingOptions,
@@ -37,6 +43,7 @@ from SAMMed3DLib.training import (
     flip_region,
     interact,
     interrupts_deferred,
+    learning_rate_factor,
     make_sample,
     mask_only_steps,
     model_for_training,
@@ -79,6 +86,7 @@ def data(cases_dir, tmp_path_factory):
 
 def tiny_options(**changes) -> TrainingOptions:
     values = dict(steps=2, clicks_per_sample=2, warmup_steps=1, checkpoint_every=1, lr_encoder=1e-3, lr_decoder=1e-3)
+    values["min_voxels"] = 20  # as `data` was made with (a resumed run keeps it)
     values.update(changes)
     return TrainingOptions(**values)
 
@@ -180,6 +188,16 @@ def test_an_image_given_as_the_label_map_is_refused_saying_so(cases_dir, tmp_pat
     image = cases_dir / "phantom_1000" / "image.nii.gz"
     with pytest.raises(InputError, match="it looks like an image, not a label map; give the case's label map"):
         CaseCache(tmp_path / "cache").summary(CaseFiles(image, image))
+
+
+def test_more_than_255_labels_train(tmp_path):
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 20, (8, 8, 8)).astype(np.int16))
+    label = sitk.GetImageFromArray((np.arange(8**3) % 256 + 1).reshape(8, 8, 8).astype(np.int16))  # 256 labels
+    for volume, name in ((image, "image.nii.gz"), (label, "label.nii.gz")):
+        volume.SetSpacing((1.5, 1.5, 1.5))
+        sitk.WriteImage(volume, str(tmp_path / name))
+    prepared = CaseCache(tmp_path / "cache").summary(CaseFiles(tmp_path / "image.nii.gz", tmp_path / "label.nii.gz"))
+    assert prepared.values == list(range(1, 257)) and prepared.targets.max() == 256
 
 
 def test_a_label_map_on_another_grid_is_refused_naming_its_file(cases_dir, tmp_path):
@@ -394,13 +412,15 @@ def test_multimask_training_trains_the_iou_head_and_marks_the_checkpoint(data, t
     assert continued.options.first_click_multimask  # a model answering with alternatives keeps training them
 
 
-def test_resuming_with_alternative_masks_added_starts_them_from_the_single_mask(data, tmp_path):
+def test_a_run_resumed_with_alternative_masks_asked_for_goes_on_without_them_as_it_started(data, tmp_path):
     run = tmp_path / "single.pth"
     Trainer(tiny_model(), data, tiny_options(steps=1), run).run()
     trainer = Trainer(model_for_training(resume=run), data, tiny_options(first_click_multimask=True), run)
     trainer.resume(run)
-    tokens = trainer.model.mask_decoder.mask_tokens.weight.detach()
-    assert all((tokens[i] - tokens[0]).norm() < 0.2 * tokens[0].norm() for i in range(1, len(tokens)))
+    assert not trainer.options.first_click_multimask and not trainer.model.first_click_multimask
+    saved = read_training_checkpoint(run)["model_state_dict"]
+    for name, value in trainer.model.state_dict().items():  # the alternatives seeded for the given options undone
+        assert torch.equal(saved[name], value), name
 
 
 @pytest.mark.parametrize("multimask, iou_loss_weight", [(False, 1.0), (True, 0.0)])
@@ -440,6 +460,12 @@ def test_cuda_training_uses_mixed_precision_and_writes_a_cpu_loadable_checkpoint
     assert all(np.isfinite(loss) for loss in state.losses)
     loaded = load_model(tmp_path / "cuda.pth")  # onto the CPU
     assert any(not torch.equal(loaded.state_dict()[name], value) for name, value in before.items())
+    assert read_training_checkpoint(tmp_path / "cuda.pth")[GRAD_SCALER_KEY] == trainer.scaler.state_dict()
+    resumed = Trainer(
+        model_for_training(resume=tmp_path / "cuda.pth"), data, tiny_options(device="cuda"), tmp_path / "r.pth"
+    )
+    resumed.resume(tmp_path / "cuda.pth")
+    assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
 
 
 def test_resume_continues_where_the_run_stopped(data, tmp_path):
@@ -458,6 +484,78 @@ def test_resume_continues_where_the_run_stopped(data, tmp_path):
         torch.testing.assert_close(entry["exp_avg"], saved[index]["exp_avg"])
     resumed.run()
     assert resumed.state.step == 3 and len(resumed.state.losses) == 3
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value)
+
+
+def test_the_mixed_precision_loss_scale_is_saved_and_resumed(data, tmp_path):
+    # The scaler runs on CUDA only; a CPU one (its scale grows every step) stands in for it here.
+    run = tmp_path / "run.pth"
+    first = Trainer(tiny_model(), data, tiny_options(steps=3), run)
+    first.scaler = torch.amp.GradScaler("cpu", growth_interval=1)
+    first.train_step()
+    first.train_step()
+    first.save(run)
+    assert read_training_checkpoint(run)[GRAD_SCALER_KEY] == first.scaler.state_dict()
+    resumed = Trainer(model_for_training(resume=run), data, tiny_options(steps=3), run)
+    resumed.scaler = torch.amp.GradScaler("cpu", growth_interval=1)
+    resumed.resume(run)
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    assert resumed.scaler.get_scale() == 4 * 2.0**16  # grown twice from the initial scale
+
+
+def official_optimizer(model: torch.nn.Module, lr: float = 8e-4) -> torch.optim.AdamW:
+    """The official train.py's AdamW: image encoder, prompt encoder and mask decoder at a tenth of the rate."""
+    return torch.optim.AdamW(
+        [
+            {"params": model.image_encoder.parameters()},
+            {"params": model.prompt_encoder.parameters(), "lr": lr * 0.1},
+            {"params": model.mask_decoder.parameters(), "lr": lr * 0.1},
+        ],
+        lr=lr,
+        betas=(0.9, 0.999),
+        weight_decay=0.1,
+    )
+
+
+def test_the_optimiser_has_the_official_groups_so_the_official_script_resumes_it(data, tmp_path):
+    trainer = Trainer(tiny_model(), data, tiny_options(lr_encoder=8e-4, lr_decoder=8e-5), tmp_path / "run.pth")
+    trainer.run()
+    saved = read_training_checkpoint(tmp_path / "run.pth")["optimizer_state_dict"]
+    official = official_optimizer(tiny_model())
+    assert [group["initial_lr"] for group in saved["param_groups"]] == [8e-4, 8e-5, 8e-5]
+    assert [len(group["params"]) for group in saved["param_groups"]] == [
+        len(group["params"]) for group in official.state_dict()["param_groups"]
+    ]
+    official.load_state_dict(saved)  # what the official --resume does
+
+
+def with_two_groups(trainer: Trainer) -> Trainer:
+    """The trainer with the optimiser this tool used to make: image encoder; prompt encoder and mask decoder."""
+    model, options = trainer.model, trainer.options
+    decoder = [*model.prompt_encoder.parameters(), *model.mask_decoder.parameters()]
+    groups = [{"params": list(model.image_encoder.parameters()), "lr": options.lr_encoder}]
+    groups.append({"params": decoder, "lr": options.lr_decoder})
+    trainer.optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, learning_rate_factor(options))
+    return trainer
+
+
+def test_a_checkpoint_with_the_earlier_two_groups_resumes_exactly(data, tmp_path):
+    straight = with_two_groups(Trainer(tiny_model(), data, tiny_options(steps=3), tmp_path / "straight.pth"))
+    straight.run()
+    first = with_two_groups(Trainer(tiny_model(), data, tiny_options(steps=3), tmp_path / "part.pth"))
+    first.train_step()
+    first.train_step()
+    first.save(tmp_path / "part.pth")
+    assert len(read_training_checkpoint(tmp_path / "part.pth")["optimizer_state_dict"]["param_groups"]) == 2
+    resumed = Trainer(model_for_training(resume=tmp_path / "part.pth"), data, tiny_options(), tmp_path / "part.pth")
+    resumed.resume(tmp_path / "part.pth")
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == [
+        group["lr"] for group in (first.optimizer.param_groups[0], *[first.optimizer.param_groups[1]] * 2)
+    ]
+    resumed.run()
+    assert resumed.state.step == 3
     for name, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value)
 
@@ -498,8 +596,9 @@ def test_the_commands_parse(tmp_path):
     assert args.func is train_command.run and args.steps == 5 and args.checkpoint is None
     assert train_command.read_config(args.config) == train_command.CONFIGS["small"]
     args = parser().parse_args(["finetune", "cases", "--out", "m.pth", "--checkpoint", "c.pth", "--epochs", "2"])
-    assert args.epochs == 2 and args.lr_decoder == 8e-5 and args.config is None
+    assert args.epochs == 2 and args.config is None
     options = train_command.options_from_args(args)
+    assert options.lr_decoder == 8e-5 and options.lr_encoder == 8e-4
     assert steps_for_epochs(args.epochs, 10, options) == 20
     assert steps_for_epochs(2, 10, replace(options, batch_size=2, accumulation=2)) == 5
     with pytest.raises(SystemExit):
@@ -552,12 +651,17 @@ def tiny_config(tmp_path):
     return path
 
 
+def command_line(command: str, cases_dir, data, out, *options: str) -> int:
+    """`train` or `finetune` on the phantom with `options` alone, on one CPU thread, sharing the cache of `data`."""
+    argv = [command, str(cases_dir), "--out", str(out), "--cache", str(data.cache.folder)]
+    args = parser().parse_args([*argv, "--threads", "1", "--device", "cpu", *options])
+    return args.func(args)
+
+
 def run_command(command: str, cases_dir, data, out, *options: str) -> int:
     """One tiny `train` or `finetune` on the phantom, sharing the prepared-case cache of `data`."""
-    argv = [command, str(cases_dir), "--out", str(out), "--steps", "1", "--cache", str(data.cache.folder)]
-    argv += ["--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1", "--device", "cpu", *options]
-    args = parser().parse_args(argv)
-    return args.func(args)
+    tiny = ["--steps", "1", "--min-voxels", "20", "--clicks-per-sample", "2"]
+    return command_line(command, cases_dir, data, out, *tiny, *options)
 
 
 def test_the_train_command_trains_and_writes_a_checkpoint(cases_dir, data, tmp_path, tiny_config):
@@ -667,10 +771,14 @@ def test_resuming_a_finished_run_writes_it_to_the_new_out_and_resumes_in_place(c
     trainer = Trainer(tiny_model(), data, tiny_options(steps=1), finished)
     trainer.run()
     new = tmp_path / "new.pth"
-    assert run_command("train", cases_dir, data, new, "--resume", str(finished)) == 0
-    assert "has trained 1 steps already, --steps asks for 1: nothing to train" in capsys.readouterr().out
+    assert command_line("train", cases_dir, data, new, "--resume", str(finished)) == 0
+    assert "has done all 1 of its steps: nothing to train (give a larger --steps" in capsys.readouterr().out
     with pytest.raises(InputError, match="the resumed checkpoint fixes the architecture"):
         run_command("train", cases_dir, data, tmp_path / "other.pth", "--resume", str(finished), "--config", "small")
+    message = "--checkpoint base.pth with --resume: the resumed checkpoint holds the weights to go on from"
+    with pytest.raises(InputError, match=re.escape(message)):
+        command_line("finetune", cases_dir, data, new, "--resume", str(finished), "--checkpoint", "base.pth")
+    assert "Preparing" not in capsys.readouterr().out
     assert read_training_checkpoint(new)["step"] == 1
     written = load_model(new).state_dict()
     for name, value in trainer.model.state_dict().items():
@@ -692,16 +800,100 @@ def test_a_malformed_or_misspelt_config_file_is_refused_before_any_case_is_prepa
     assert not (tmp_path / "model.pth").exists()
 
 
-def test_a_resumed_run_keeps_its_learning_rates_and_says_so(cases_dir, data, tmp_path, capsys):
+def test_a_resumed_run_refuses_typed_options_that_differ_from_its_own(cases_dir, data, tmp_path, capsys):
     run = tmp_path / "run.pth"
     Trainer(tiny_model(), data, tiny_options(steps=1), run).run()
-    changed = ["--steps", "2", "--lr-encoder", "0.01", "--lr-decoder", "0.01", "--warmup-steps", "1"]
-    assert run_command("train", cases_dir, data, run, "--resume", str(run), *changed) == 0
-    printed = capsys.readouterr().out
-    assert "keeps the settings" in printed and "lr_encoder 0.001 (given 0.01)" in printed
+    written = run.read_bytes()
+    changed = ["--lr-encoder", "0.01", "--seed", "3", "--first-click-multimask", "--min-voxels", "20"]
+    with pytest.raises(InputError) as error:
+        command_line("train", cases_dir, data, run, "--resume", str(run), "--steps", "2", *changed)
+    message = str(error.value)
+    for change in ("--lr-encoder 0.01 (run.pth: 0.001)", "--seed 3 (run.pth: 0)", "--first-click-multimask True"):
+        assert change in message
+    assert "--min-voxels" not in message  # the same value as the run's is no change
+    assert f"fine-tune from {run} as a new run" in message
+    assert run.read_bytes() == written and "Preparing" not in capsys.readouterr().out
+    same = ["--lr-encoder", "0.001", "--clicks-per-sample", "2"]
+    assert command_line("train", cases_dir, data, run, "--resume", str(run), "--steps", "2", *same) == 0
     content = read_training_checkpoint(run)
     assert content["step"] == 2 and content["training_options"]["lr_encoder"] == 1e-3
-    assert content["lr_scheduler_state_dict"]["base_lrs"] == [1e-3, 1e-3]
+
+
+def test_a_resumed_run_may_split_its_regions_per_step_otherwise_but_not_change_their_number(cases_dir, data, tmp_path):
+    """After running out of memory: --batch-size 1 --accumulation 2 takes a step's two regions one at a time."""
+    run = tmp_path / "run.pth"
+    Trainer(tiny_model(), data, tiny_options(steps=1, batch_size=2), run).run()
+    with pytest.raises(InputError, match=r"--batch-size 1 \(run.pth: 2\)"):
+        command_line("train", cases_dir, data, run, "--resume", str(run), "--steps", "2", "--batch-size", "1")
+    split = ["--batch-size", "1", "--accumulation", "2"]
+    assert command_line("train", cases_dir, data, run, "--resume", str(run), "--steps", "2", *split) == 0
+    options = read_training_checkpoint(run)["training_options"]
+    assert (options["batch_size"], options["accumulation"], read_training_checkpoint(run)["step"]) == (1, 2, 2)
+
+
+def test_a_resumed_run_goes_on_with_the_recipe_it_was_started_with(cases_dir, data, tmp_path, tiny_config, monkeypatch):
+    recipe = ["--config", str(tiny_config), "--steps", "3", "--seed", "7", "--loss", "dice", "--jitter", "4"]
+    recipe += ["--clicks-per-sample", "3", "--click-centre-probability", "0.5", "--warmup-steps", "1"]
+    recipe += ["--min-voxels", "20", "--lr-encoder", "1e-3"]
+    straight, part = tmp_path / "straight.pth", tmp_path / "part.pth"
+    assert command_line("train", cases_dir, data, straight, *recipe) == 0
+    finished = Trainer.train_step
+
+    def interrupted_after_two_steps(self):
+        if self.state.step == 2:
+            raise KeyboardInterrupt
+        return finished(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_after_two_steps)
+    assert command_line("train", cases_dir, data, part, *recipe) == 130
+    monkeypatch.undo()
+    assert command_line("train", cases_dir, data, part, "--resume", str(part)) == 0  # as the message says
+    expected, resumed = read_training_checkpoint(straight), read_training_checkpoint(part)
+    assert resumed["training_options"] == expected["training_options"]
+    assert resumed["step"] == 3 and resumed["losses"] == pytest.approx(expected["losses"])
+    for name, value in expected["model_state_dict"].items():
+        torch.testing.assert_close(resumed["model_state_dict"][name], value)
+
+
+def test_resuming_with_steps_done_already_is_refused_before_any_work(cases_dir, data, tmp_path, capsys):
+    run = tmp_path / "run.pth"
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=10), run)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save(run)
+    written = run.read_bytes()
+    for steps in ("2", "3"):
+        message = (
+            "--steps is the run's total; run.pth has done 3 of its 10 steps; give more than 3, or leave --steps out"
+        )
+        with pytest.raises(InputError, match=re.escape(message)):
+            command_line("train", cases_dir, data, run, "--resume", str(run), "--steps", steps)
+    assert "Preparing" not in capsys.readouterr().out
+    with pytest.raises(InputError, match=r"--epochs 0.01 makes 1 steps in all; run.pth has done 3 of its 10 steps"):
+        command_line("train", cases_dir, data, run, "--resume", str(run), "--epochs", "0.01")
+    assert run.read_bytes() == written
+
+
+# Warm-up 1 step, base rate 1e-3; of 4 steps, step 4 trains at cosine 0.25 or at 0.1 (past 60 %); spread over
+# 7 steps, step 5 is halfway: cosine 0.5, and multistep back to the full rate.
+@pytest.mark.parametrize(
+    "schedule, last_rate, next_rate", [("cosine", "2.50e-04", "5.00e-04"), ("multistep", "1.00e-04", "1.00e-03")]
+)
+def test_a_longer_resumed_run_spreads_its_schedule_and_says_how_the_rate_changes(
+    cases_dir, data, tmp_path, capsys, schedule, last_rate, next_rate
+):
+    run = tmp_path / "run.pth"
+    rates = []
+    Trainer(tiny_model(), data, tiny_options(steps=4, schedule=schedule), run).run(lambda *shown: rates.append(shown))
+    assert f"{rates[-1][3]:.2e}" == last_rate  # as the progress line showed step 4
+    assert command_line("train", cases_dir, data, tmp_path / "longer.pth", "--resume", str(run), "--steps", "7") == 0
+    assert (
+        "The learning-rate schedule of run.pth is spread over 7 steps instead of 4: step 4 trained at a learning "
+        f"rate of {last_rate}, step 5 trains at {next_rate}."
+    ) in capsys.readouterr().out
+    longer = Trainer(model_for_training(resume=run), data, tiny_options(), tmp_path / "longer.pth")
+    longer.resume(run, steps=7)
+    assert [group["lr"] for group in longer.optimizer.param_groups] == pytest.approx([float(next_rate)] * 3)
 
 
 def test_a_damaged_cached_case_is_prepared_again(cases_dir, tmp_path):
@@ -711,6 +903,22 @@ def test_a_damaged_cached_case_is_prepared_again(cases_dir, tmp_path):
     cache.path_for(files).write_bytes(b"cut off")
     again = CaseCache(tmp_path / "cache").load(files)
     np.testing.assert_array_equal(again.targets, prepared.targets)
+    np.testing.assert_array_equal(again.raw, prepared.raw)
+
+
+def test_a_cached_case_scrambled_inside_its_compressed_data_is_prepared_again(cases_dir, tmp_path):
+    cache = CaseCache(tmp_path / "cache")
+    (files,) = find_cases(cases_dir)
+    prepared = cache.summary(files)
+    path = cache.path_for(files)
+    with zipfile.ZipFile(path) as archive:
+        member = archive.getinfo("raw.npy")
+    scrambled = bytearray(path.read_bytes())
+    header = member.header_offset
+    name_length, extra_length = np.frombuffer(bytes(scrambled[header + 26 : header + 30]), dtype="<u2")
+    scrambled[header + 30 + name_length + extra_length] = 0xFF  # a deflate block of the reserved type: zlib.error
+    path.write_bytes(bytes(scrambled))
+    again = CaseCache(tmp_path / "cache").load(files)
     np.testing.assert_array_equal(again.raw, prepared.raw)
 
 
@@ -748,6 +956,62 @@ def test_a_ctrl_c_during_the_update_lands_after_it_and_saves_that_step(data, tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_second_ctrl_c_during_the_save_waits_for_it_and_the_message_names_the_step_written(
+    cases_dir, data, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run.pth"
+    finished, save_checkpoint_whole = Trainer.train_step, training.save_checkpoint
+
+    def first_ctrl_c_at_step_4(self):
+        if self.state.step == 3:
+            signal.raise_signal(signal.SIGINT)
+        return finished(self)
+
+    def second_ctrl_c_while_saving_step_3(path, model, **state):
+        if state["step"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return save_checkpoint_whole(path, model, **state)
+
+    monkeypatch.setattr(Trainer, "train_step", first_ctrl_c_at_step_4)
+    monkeypatch.setattr(training, "save_checkpoint", second_ctrl_c_while_saving_step_3)
+    assert run_command("train", cases_dir, data, run, "--steps", "10", "--checkpoint-every", "2") == 130
+    assert read_training_checkpoint(run)["step"] == 3
+    assert f"Interrupted: step 3 is saved in {run}" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 16777216 bytes"),
+    ],
+)
+def test_out_of_memory_says_what_the_checkpoint_holds_and_what_to_change(data, tmp_path, monkeypatch, error):
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=5), tmp_path / "run.pth")
+    finished = trainer.train_step
+
+    def out_of_memory_in_step_2():
+        if trainer.state.step == 1:
+            raise error
+        return finished()
+
+    monkeypatch.setattr(trainer, "train_step", out_of_memory_in_step_2)
+    message = (
+        f"Out of memory in step 2 on cpu ({tmp_path / 'run.pth'} holds step 1): give a lower --batch-size with a "
+        "higher --accumulation (the same regions per step), or fewer --clicks-per-sample."
+    )
+    with pytest.raises(SAMMed3DError, match=re.escape(message)):
+        trainer.run()
+
+    def a_bug():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer, "train_step", a_bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error is left as it is
+        trainer.run()
+
+
 def test_interrupts_are_not_held_off_the_main_thread():
     def off_main_thread():
         with interrupts_deferred():
@@ -758,6 +1022,23 @@ def test_interrupts_are_not_held_off_the_main_thread():
     worker.start()
     worker.join()
     assert outcome == [signal.default_int_handler]
+
+
+def test_the_progress_line_on_a_terminal_leaves_nothing_of_a_longer_line_before_it():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = ProgressLine(100, stream=stream)
+    progress.started = time.monotonic() - 10.5
+    progress(60, 1.2345, 0.5, 4e-4)  # "... 10.50 s/step  0.2 min"
+    progress.started = time.monotonic() - 19.0
+    progress(61, 1.2345, 0.5, 4e-4)  # "... 9.50 s/step  0.3 min": one character shorter
+    screen = ""
+    for line in stream.getvalue().split("\r")[1:]:  # what a terminal shows after each carriage return
+        screen = line + screen[len(line) :]
+    assert screen.rstrip() == "step 61/100  loss 1.2345  dice 0.500  lr 4.00e-04  9.50 s/step  0.3 min"
 
 
 def test_epochs_of_a_resumed_run_are_counted_with_the_batch_it_keeps(data, tmp_path):

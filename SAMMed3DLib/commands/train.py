@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 
 from ..atomic import check_output_folder, check_output_path
+from ..checkpoint import model_from_checkpoint
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
-from ..errors import InputError
+from ..errors import InputError, SAMMed3DError
 from ..published import CACHE_DIR_VARIABLE, PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
 from ..training import (
+    BATCH_SPLIT,
     LOSSES,
     CaseCache,
     CaseFiles,
@@ -23,8 +25,12 @@ from ..training import (
     Trainer,
     TrainingData,
     TrainingOptions,
+    check_resumed_total,
     find_cases,
     model_for_training,
+    read_training_checkpoint,
+    resumed_options,
+    same_regions_per_step,
     steps_for_epochs,
 )
 from .common import add_overwrite_option, download_progress, seed_argument
@@ -45,6 +51,25 @@ CONFIGS = {
 }
 # Under the per-user cache (not a shared temporary folder): prepared cases are copies of the user's scans.
 PREPARED_CASES_FOLDER = "prepared-cases"
+# Options of the training recipe (TrainingOptions fields). They default to None, so that a resumed run can tell
+# the typed ones from the rest; options_from_args fills in the defaults.
+RECIPE_OPTIONS = (
+    "lr_encoder",
+    "lr_decoder",
+    "weight_decay",
+    "schedule",
+    "warmup_steps",
+    "batch_size",
+    "accumulation",
+    "clicks_per_sample",
+    "min_voxels",
+    "jitter",
+    "click_centre_probability",
+    "first_click_multimask",
+    "iou_loss_weight",
+    "loss",
+    "seed",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,39 +110,36 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
     parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write (rewritten as it trains)")
     add_overwrite_option(parser)
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    length.add_argument(
+        "--steps", type=int, help="optimiser steps in all (default 1000; a resumed run: the total it was started with)"
+    )
     length.add_argument("--epochs", type=float, help="passes over all targets, instead of --steps")
+    # The defaults in the help are filled in by options_from_args (see RECIPE_OPTIONS).
+    parser.set_defaults(recipe_defaults={"lr_encoder": lr_encoder, "lr_decoder": lr_decoder})
+    parser.add_argument("--lr-encoder", type=float, help=f"image-encoder learning rate ({lr_encoder:g})")
+    parser.add_argument("--lr-decoder", type=float, help=f"prompt-encoder and decoder learning rate ({lr_decoder:g})")
+    parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.1)")
+    parser.add_argument("--schedule", choices=("cosine", "multistep"), help="learning-rate decay (cosine)")
+    parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (50)")
+    parser.add_argument("--batch-size", type=int, help="regions per forward pass (1)")
+    parser.add_argument("--accumulation", type=int, help="forward passes per optimiser step (1)")
     parser.add_argument(
-        "--lr-encoder", type=float, default=lr_encoder, help=f"image-encoder learning rate ({lr_encoder:g})"
+        "--clicks-per-sample", type=int, help="interaction steps per region, 2 or more (6; official 11)"
     )
     parser.add_argument(
-        "--lr-decoder",
-        type=float,
-        default=lr_decoder,
-        help=f"prompt-encoder and decoder learning rate ({lr_decoder:g})",
+        "--min-voxels", type=int, help="smallest target at 1.5 mm, in voxels (1001; official: more than 1000)"
     )
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
-    parser.add_argument("--schedule", choices=("cosine", "multistep"), default="cosine", help="learning-rate decay")
-    parser.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (50)")
-    parser.add_argument("--batch-size", type=int, default=1, help="regions per forward pass (1)")
-    parser.add_argument("--accumulation", type=int, default=1, help="forward passes per optimiser step (1)")
-    parser.add_argument(
-        "--clicks-per-sample", type=int, default=6, help="interaction steps per region, 2 or more (official 11)"
-    )
-    parser.add_argument(
-        "--min-voxels", type=int, default=1001, help="smallest target at 1.5 mm, in voxels (official: more than 1000)"
-    )
-    parser.add_argument("--jitter", type=int, default=16, help="random shift of the region centre, voxels (16)")
+    parser.add_argument("--jitter", type=int, help="random shift of the region centre, voxels (16)")
     parser.add_argument(
         "--click-centre-probability",
         type=float,
-        default=0.0,
         help="fraction of regions centred on their first click, as interactive sessions centre them "
         "(not in the official recipe; 0)",
     )
     parser.add_argument(
         "--first-click-multimask",
         action="store_true",
+        default=None,
         help="train SAM's three alternative masks for a lone first click; at inference the image's evidence "
         "picks one, or the predicted IoU where the image is not at hand (not in the official recipe; the "
         "checkpoint records it)",
@@ -125,17 +147,15 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
     parser.add_argument(
         "--iou-loss-weight",
         type=float,
-        default=1.0,
-        help="weight of the alternative masks' IoU-prediction error in the loss (SAM: 1)",
+        help="weight of the alternative masks' IoU-prediction error in the loss (1; SAM: 1)",
     )
     parser.add_argument(
         "--loss",
         choices=tuple(LOSSES),
-        default="dicece",
         help="dicece (default): squared-prediction Dice plus BCE, as the official script computes with MONAI 1.3 or "
         "later; dice: the Dice term alone, what the 2023 official training computed (MONAI 1.2.0)",
     )
-    parser.add_argument("--seed", type=seed_argument, default=0, help="random seed (0)")
+    parser.add_argument("--seed", type=seed_argument, help="random seed (0)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
     parser.add_argument(
         "--cache",
@@ -144,7 +164,12 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         f"${CACHE_DIR_VARIABLE}, else $XDG_CACHE_HOME/sammed3d or ~/.cache/sammed3d; yours alone, safe to delete)",
     )
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to train")
-    parser.add_argument("--resume", type=Path, help="continue a run from the checkpoint it wrote")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="continue a run from the checkpoint it wrote, with the options it was started with (a larger --steps "
+        "lengthens it)",
+    )
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all; fewer on a busy machine)"
     )
@@ -177,6 +202,21 @@ def check_outputs(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
         raise InputError(f"--out {args.out} is a checkpoint: give it a {' or '.join(CHECKPOINT_SUFFIXES)} name.")
 
 
+def refuse_a_new_model_with_resume(args: argparse.Namespace) -> None:
+    """--config and --checkpoint choose the model of a new run; a resumed run goes on with its own."""
+    if args.resume is None:
+        return
+    if args.config:
+        raise InputError(
+            f"--config {args.config} with --resume: the resumed checkpoint fixes the architecture; drop --config."
+        )
+    if args.checkpoint:
+        raise InputError(
+            f"--checkpoint {args.checkpoint} with --resume: the resumed checkpoint holds the weights to go on from; "
+            "drop --checkpoint, or drop --resume to fine-tune from it as a new run."
+        )
+
+
 def starting_checkpoint(args: argparse.Namespace) -> Path | None:
     """The weights fine-tuning starts from: a file, a published name (downloaded once) or, left out, the demo
     model; None when training from scratch or resuming (the resumed file holds the weights)."""
@@ -184,6 +224,11 @@ def starting_checkpoint(args: argparse.Namespace) -> Path | None:
         return None
     with download_progress(args.checkpoint) as progress:
         return resolve_checkpoint(args.checkpoint, progress=progress)
+
+
+def typed_recipe(args: argparse.Namespace) -> dict[str, object]:
+    """The recipe options given on the command line, by TrainingOptions name."""
+    return {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name) is not None}
 
 
 def options_from_args(args: argparse.Namespace) -> TrainingOptions:
@@ -194,62 +239,72 @@ def options_from_args(args: argparse.Namespace) -> TrainingOptions:
         raise InputError(f"--threads is {args.threads}; give 1 or more CPU threads.")
     return TrainingOptions(
         steps=args.steps if args.steps is not None else 1000,
-        lr_encoder=args.lr_encoder,
-        lr_decoder=args.lr_decoder,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        accumulation=args.accumulation,
-        clicks_per_sample=args.clicks_per_sample,
-        min_voxels=args.min_voxels,
-        jitter=args.jitter,
-        click_centre_probability=args.click_centre_probability,
-        first_click_multimask=args.first_click_multimask,
-        iou_loss_weight=args.iou_loss_weight,
-        loss=args.loss,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         device=str(resolve_device(args.device)),
+        **{**args.recipe_defaults, **typed_recipe(args)},
     )
 
 
+def options_to_resume(args: argparse.Namespace, options: TrainingOptions, content: dict) -> TrainingOptions:
+    """The options of the run --resume names; refused, before any work, when a typed option differs from them
+    or --steps asks for no more than the steps done."""
+    stored = content.get("training_options") or {}
+    name = args.resume.name
+    free = BATCH_SPLIT if same_regions_per_step(options, stored) else ()
+    changed = [
+        f"--{option.replace('_', '-')} {value} ({name}: {stored[option]})"
+        for option, value in typed_recipe(args).items()
+        if option in stored and value != stored[option] and option not in free
+    ]
+    if changed:
+        raise InputError(
+            f"--resume {name} goes on with the options its run was started with, and these differ from them: "
+            f"{', '.join(changed)}. Leave them out to resume, or fine-tune from {args.resume} as a new run "
+            f"(finetune --checkpoint {args.resume}) to train with them."
+        )
+    if args.steps is not None:
+        check_resumed_total(args.resume, int(content["step"]), int(stored.get("steps", args.steps)), args.steps)
+    return resumed_options(options, stored)
+
+
+def interruption_message(saved_step: int | None, out: Path) -> str:
+    """What an interrupted run left in `out`: what was written, not what was meant to be."""
+    if saved_step is None:
+        return f"Interrupted before this run wrote {out}."
+    return f"Interrupted: step {saved_step} is saved in {out}; go on with --resume {out}."
+
+
 def run(args: argparse.Namespace) -> int:
+    refuse_a_new_model_with_resume(args)
     options = options_from_args(args)
     torch.set_num_threads(args.threads)
     cases = find_cases(args.data)
     if args.cache is None:
         args.cache = cache_dir() / PREPARED_CASES_FOLDER
     check_outputs(args, cases)
-    # Model before data: a bad --config or checkpoint fails before the (slow) preparation of the cases.
-    config = None
-    if args.command == "train" and args.resume is None:
-        config = read_config(args.config or "small")
-    elif args.config:
-        raise InputError(
-            f"--config {args.config} with --resume: the resumed checkpoint fixes the architecture; drop --config."
-        )
-    checkpoint = starting_checkpoint(args)
-    model = model_for_training(config=config, checkpoint=checkpoint, resume=args.resume, seed=options.seed)
+    # Model before data: a bad --config, checkpoint or resumed option fails before the (slow) preparation of the cases.
+    content = None
+    if args.resume is not None:
+        content = read_training_checkpoint(args.resume)
+        options = options_to_resume(args, options, content)
+        model = model_from_checkpoint(content, args.resume)
+    else:
+        config = read_config(args.config or "small") if args.command == "train" else None
+        model = model_for_training(config=config, checkpoint=starting_checkpoint(args), seed=options.seed)
     print(f"Preparing {len(cases)} case(s) (cached in {args.cache}) ...", flush=True)
-    data = TrainingData(cases, CaseCache(args.cache), min_voxels=args.min_voxels)
-    if args.epochs is not None:
+    data = TrainingData(cases, CaseCache(args.cache), min_voxels=options.min_voxels)
+    if args.epochs is not None and content is None:
         options = replace(options, steps=steps_for_epochs(args.epochs, len(data.targets), options))
     trainer = Trainer(model, data, options, args.out)
-    if args.resume:
-        keep_steps = args.steps is None and args.epochs is None
-        differing = trainer.resume(args.resume, keep_steps=keep_steps, epochs=args.epochs)
-        if differing:
-            print(
-                f"Resuming keeps the settings {args.resume} was trained with: {', '.join(differing)}; "
-                "fine-tune from it to train with new ones.",
-                flush=True,
-            )
+    if content is not None:
+        schedule_note = trainer.resume(args.resume, steps=args.steps, epochs=args.epochs, content=content)
+        if schedule_note:
+            print(schedule_note, flush=True)
         options = trainer.options
         if trainer.state.step >= options.steps:
             print(
-                f"{args.resume} has trained {trainer.state.step} steps already, --steps asks for {options.steps}: "
-                "nothing to train (raise --steps to go on).",
+                f"{args.resume} has done all {options.steps} of its steps: nothing to train (give a larger --steps "
+                "to go on).",
                 flush=True,
             )
     print(
@@ -262,8 +317,11 @@ def run(args: argparse.Namespace) -> int:
         trainer.run(progress)
     except KeyboardInterrupt:
         progress.finish()
-        print(f"Interrupted: step {trainer.state.step} is saved in {args.out}; go on with --resume {args.out}.")
+        print(interruption_message(trainer.saved_step, args.out))
         return 130
+    except SAMMed3DError:
+        progress.finish()  # the error goes on a line of its own
+        raise
     progress.finish()
     print(f"Done: {args.out}")
     return 0
