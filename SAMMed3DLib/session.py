@@ -7,18 +7,23 @@ edited list gives, with no hidden history. It starts at the first include click 
 before it follow it); a list of exclude clicks alone gives an empty mask.
 
 Regions: the first include click centres the first region (the official click-centred crop). An include
-click outside every region opens a region centred on it; an exclude click there acts on the automatic
-neighbour region (below) that holds it, if any, else changes nothing. In
-`auto` mode a mask that touches a region's face extends the work with a neighbouring region overlapping
-by half (the paper's strategy for targets larger than 192 mm), seeded with a click inside the mask and
-the overlapping part of the logits; a neighbour holding background alone (nothing above 0) is left out.
+click outside every region opens a region centred on it. In `auto` mode a mask that touches a region's face
+extends the work with a neighbouring region overlapping by half (the paper's strategy for targets larger than
+192 mm), seeded with a click inside the mask and the overlapping part of the logits; a neighbour holding
+background alone (nothing above 0) is left out. Every region is given its opening prompt (the include click or
+the seed), then every click that lies inside it, in replay order, whichever region opened first: where regions
+overlap a voxel takes the mask of the region whose centre is nearest, and that region must have seen the clicks
+there. An exclude click outside every region at its turn is replayed right after the include click whose region
+first holds it (so where it sits in the list does not matter); one that no include click's region holds acts
+only on the automatic neighbours that hold it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from itertools import combinations
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +36,9 @@ from .preprocess import PreparedVolume, Region
 PROMPT_MODES = ("newest", "accumulate")
 REGION_MODES = ("auto", "1")
 KJI = tuple[slice, slice, slice]
+# Footprints kept beyond the regions one result may need: undoing a click that opened a region finds the
+# earlier ones still there.
+SPARE_FOOTPRINTS = 2
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,13 @@ class SessionResult:
     # The previous result's mask, which `changed` compares with (None for a session's very first result): a
     # caller can write only the voxels the model changed and keep edits made to its segment by other means.
     previous: Optional[np.ndarray] = None
+
+
+class _PlacedClick(NamedTuple):
+    """A click and its canonical voxel."""
+
+    click: Click
+    voxel: np.ndarray
 
 
 @dataclass
@@ -125,6 +140,7 @@ class InteractiveSession:
         # Replay cache: _snapshots[n] = the regions' decoder state after the first n clicks of _replayed.
         self._replayed: tuple[Click, ...] = ()
         self._snapshots: list[list[_RegionRun]] = [[]]
+        # Least recently used first; bounded by _footprints_of (one can take hundreds of MB).
         self._footprints: dict[tuple[int, int, int], Footprint] = {}
 
     @property
@@ -195,34 +211,62 @@ class InteractiveSession:
         started = time.perf_counter()
         if clicks:
             self.prepared.volume.points_to_ras([click.ras for click in clicks], "ras")  # rejects points outside
-        ordered = replay_order(clicks)
+        placed = self._placed_in_replay_order(clicks)
+        ordered = tuple(item.click for item in placed)
         runs, done = self._resume_from_common_prefix(ordered)
         self._replayed = ordered[:done]
-        for click in ordered[done:]:
-            voxel = self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float))
-            containing = [run for run in runs if run.contains(voxel - run.region.begin)]
-            if not containing:
-                if runs and self.regions == "1":
-                    raise InputError(
-                        f"The click at RAS {_fmt(click.ras)} lies outside the 128^3 region around the first include "
-                        "click: use region mode 'auto' to extend the work, or click inside the region."
-                    )
-                if click.positive:  # an exclude click where no region is has nothing to take away
-                    containing = [self._open_region(self.prepared.region(voxel - 64), timings)]
-                    runs += containing
-            for run in containing:
-                self._step(run, voxel - run.region.begin, int(click.positive), timings)
+        for position in range(done, len(placed)):
+            self._apply(placed, position, runs, timings)
             self._snapshots.append([run.copy() for run in runs])
             self._replayed = ordered[: len(self._snapshots) - 1]
         for run in runs:
             self._finish(run, timings)
         if self.regions == "auto":
-            opened = len(runs)
-            self._extend_along_borders(runs, timings)
-            self._exclude_in_extensions(ordered, runs[:opened], runs[opened:], timings)
+            self._extend_along_borders(runs, placed, timings)
         result = self._assemble(clicks, runs, timings)
         timings["total"] = time.perf_counter() - started
         return result
+
+    def _placed_in_replay_order(self, clicks: tuple[Click, ...]) -> list[_PlacedClick]:
+        """The clicks with their canonical voxels, in the order the regions are given them."""
+        placed = [
+            _PlacedClick(click, self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float)))
+            for click in replay_order(clicks)
+        ]
+        if self.regions == "1":  # one region: a click outside it is refused, none waits for another
+            return placed
+        return _excludes_after_their_region(placed, self.predictor.input_size)
+
+    def _apply(
+        self, placed: list[_PlacedClick], position: int, runs: list[_RegionRun], timings: dict[str, float]
+    ) -> None:
+        """Step every region holding click `position`; an include click outside all of them opens its own region."""
+        click, voxel = placed[position]
+        containing = [run for run in runs if run.contains(voxel - run.region.begin)]
+        if not containing and runs and self.regions == "1":
+            raise InputError(
+                f"The click at RAS {_fmt(click.ras)} lies outside the 128^3 region around the first include "
+                "click: use region mode 'auto' to extend the work, or click inside the region."
+            )
+        if not containing and click.positive:  # an exclude click where no region is has nothing to take away (yet)
+            runs.append(self._opened_by(placed, position, timings))
+        for run in containing:
+            self._step(run, voxel - run.region.begin, int(click.positive), timings)
+
+    def _opened_by(self, placed: list[_PlacedClick], position: int, timings: dict[str, float]) -> _RegionRun:
+        """The region centred on include click `position`, stepped with it, then with the earlier clicks inside."""
+        voxel = placed[position].voxel
+        run = self._open_region(self.prepared.region(voxel - self.predictor.input_size // 2), timings)
+        self._step(run, voxel - run.region.begin, 1, timings)
+        self._step_with_clicks_inside(run, placed[:position], timings)
+        return run
+
+    def _step_with_clicks_inside(
+        self, run: _RegionRun, placed: Sequence[_PlacedClick], timings: dict[str, float]
+    ) -> None:
+        for click, voxel in placed:
+            if run.contains(voxel - run.region.begin):
+                self._step(run, voxel - run.region.begin, int(click.positive), timings)
 
     def _resume_from_common_prefix(self, clicks: tuple[Click, ...]) -> tuple[list[_RegionRun], int]:
         """Decoder state after the longest prefix shared with the last replay (same result as from scratch:
@@ -272,7 +316,9 @@ class InteractiveSession:
         run.mask = self.predictor.upsample_to_mask(run.logits)
         timings["upsample"] += time.perf_counter() - started
 
-    def _extend_along_borders(self, runs: list[_RegionRun], timings: dict[str, float]) -> None:
+    def _extend_along_borders(
+        self, runs: list[_RegionRun], placed: list[_PlacedClick], timings: dict[str, float]
+    ) -> None:
         shape = np.array(self.prepared.canonical.shape)
         queue = list(runs)
         while queue and len(runs) < self.max_regions:
@@ -295,39 +341,17 @@ class InteractiveSession:
                     continue
                 new.logits = _shift_logits(run.logits, axis, direction)
                 self._step(new, seed, 1, timings)
+                self._step_with_clicks_inside(new, placed, timings)
                 self._finish(new, timings)
                 runs.append(new)
                 queue.append(new)
-
-    def _exclude_in_extensions(
-        self,
-        clicks: tuple[Click, ...],
-        opened: list[_RegionRun],
-        extensions: list[_RegionRun],
-        timings: dict[str, float],
-    ) -> None:
-        """Exclude clicks outside every region that clicks opened act, in click order, on the automatic
-        neighbours that hold them (made after the clicks, from the mask)."""
-        changed: dict[int, _RegionRun] = {}  # by identity: regions compare by their tensors' values otherwise
-        for click in clicks:
-            if click.positive:
-                continue
-            voxel = self.prepared.canonical_voxel_of_ras(np.asarray(click.ras, dtype=float))
-            if any(run.contains(voxel - run.region.begin) for run in opened):
-                continue
-            for run in extensions:
-                if run.contains(voxel - run.region.begin):
-                    self._step(run, voxel - run.region.begin, 0, timings)
-                    changed[id(run)] = run
-        for run in changed.values():
-            self._finish(run, timings)
 
     def _assemble(self, clicks: tuple[Click, ...], runs: list[_RegionRun], timings: dict[str, float]) -> SessionResult:
         started = time.perf_counter()
         volume = self.prepared.volume
         mask = np.zeros(volume.shape_kji, dtype=np.uint8)
         boxes = []
-        footprints = [self._footprint(run.region) for run in runs]
+        footprints = self._footprints_of([run.region for run in runs])
         if len(runs) == 1:
             mask[footprints[0].box] = footprints[0].paste(runs[0].mask)
             boxes.append(footprints[0].box)
@@ -350,11 +374,24 @@ class InteractiveSession:
         self._drawn = self._drawn or bool(runs)
         return result
 
+    def _footprints_of(self, regions: list[Region]) -> list[Footprint]:
+        """Where the regions land on the volume's grid; the least recently used others are forgotten first, so
+        that a drag (a new region start per mouse position) does not keep one footprint per position."""
+        needed = {region.begin for region in regions}
+        most = 1 if self.regions == "1" else self.max_regions
+        limit = max(most + SPARE_FOOTPRINTS, len(needed))
+        missing = len(needed - self._footprints.keys())
+        unneeded = [begin for begin in self._footprints if begin not in needed]
+        for begin in unneeded[: max(0, len(self._footprints) + missing - limit)]:
+            del self._footprints[begin]
+        return [self._footprint(region) for region in regions]
+
     def _footprint(self, region: Region) -> Footprint:
-        """Where a region lands on the volume's grid, computed once per region of this session."""
-        if region.begin not in self._footprints:
-            self._footprints[region.begin] = region_footprint(region, self.prepared.volume)
-        return self._footprints[region.begin]
+        footprint = self._footprints.pop(region.begin, None)
+        if footprint is None:
+            footprint = region_footprint(region, self.prepared.volume)
+        self._footprints[region.begin] = footprint  # now the most recently used
+        return footprint
 
     def _changed_box(self, mask: np.ndarray, boxes: list[KJI]) -> Optional[KJI]:
         """Bounding box of the voxels that differ from the previous result (only footprints can differ)."""
@@ -371,33 +408,88 @@ class InteractiveSession:
 def _paste_nearest_region(
     mask: np.ndarray, runs: list[_RegionRun], footprints: list[Footprint], ijk_to_ras: np.ndarray
 ) -> list[KJI]:
-    """Where regions overlap, each voxel takes the mask of the region whose centre is nearest."""
-    union = _union_box([footprint.box for footprint in footprints])
-    best = np.full(tuple(s.stop - s.start for s in union), np.inf, dtype=np.float32)
-    for run, footprint in zip(runs, footprints):
-        box = footprint.box
-        local = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
-        distance = _distance_to_point(box, ijk_to_ras, np.asarray(run.region.center_ras))
-        nearer = footprint.inside & (distance < best[local])
-        best[local][nearer] = distance[nearer]
-        mask[box][nearer] = footprint.paste(run.mask)[nearer]
+    """Where regions overlap, each voxel takes the mask of the region whose centre is nearest (the first of them
+    at the same float32 distance)."""
+    centres = [np.asarray(run.region.center_ras, dtype=np.float64) for run in runs]
+    for run, footprint, owned in zip(runs, footprints, _owned_voxels(footprints, centres, ijk_to_ras)):
+        np.copyto(mask[footprint.box], footprint.paste(run.mask), where=owned)
     return [footprint.box for footprint in footprints]
 
 
-def _distance_to_point(box: KJI, ijk_to_ras: np.ndarray, point: np.ndarray) -> np.ndarray:
-    """Distance (mm) from each voxel centre of a KJI box to a RAS point."""
-    k, j, i = (np.arange(s.start, s.stop, dtype=np.float64) for s in box)
+def _owned_voxels(footprints: list[Footprint], centres: list[np.ndarray], ijk_to_ras: np.ndarray) -> list[np.ndarray]:
+    """Per footprint, the voxels its region pastes: inside it, and no other region inside there is nearer (or as
+    near and earlier). Regions are compared in pairs, over the boxes they share only."""
+    owned = [footprint.inside.copy() for footprint in footprints]
+    for first, second in combinations(range(len(footprints)), 2):
+        shared = _intersection_box(footprints[first].box, footprints[second].box)
+        if shared is None:
+            continue
+        in_first, in_second = _local_box(shared, footprints[first].box), _local_box(shared, footprints[second].box)
+        first_wins = _first_is_nearer(shared, ijk_to_ras, centres[first], centres[second])
+        owned[first][in_first] &= first_wins | ~footprints[second].inside[in_second]
+        owned[second][in_second] &= ~first_wins | ~footprints[first].inside[in_first]
+    return owned
+
+
+def _first_is_nearer(box: KJI, ijk_to_ras: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Whether each voxel centre of a KJI box is at most as far from `first` as from `second`, both distances
+    rounded to float32 as `_distance_to_point` gives them (ties go to the first, the earlier region).
+
+    |x - first|^2 - |x - second|^2 = 2 (second - first) . (x - midpoint) is affine in the voxel index, so a float32
+    sum of three per-axis terms decides all but the voxels too near the bisecting plane for it (those where the
+    float32 rounding of the distances could tie or swap them), which are decided by the distances themselves."""
+    k, j, i = _box_axes(box)
+    direction = 2.0 * (second - first)
+    gradient = ijk_to_ras[:3, :3].T @ direction  # per i, j, k
+    plane = (gradient[2] * k + direction @ (ijk_to_ras[:3, 3] - (first + second) / 2))[:, None] + gradient[1] * j
+    along_i = (gradient[0] * i).astype(np.float32)
+    difference = plane.astype(np.float32)[:, :, None] + along_i
+    first_wins = difference < 0
+    farthest = max(
+        np.linalg.norm(_box_corners_ras(box, ijk_to_ras) - centre, axis=1).max() for centre in (first, second)
+    )
+    # Bound on the float32 sum's error plus the band where the distances' float32 rounding decides, with margin.
+    tolerance = 2.0**-20 * (np.abs(plane).max() + np.abs(along_i).max() + farthest**2) + 1e-6
+    unsure = np.abs(difference, out=difference) <= tolerance
+    if unsure.any():
+        kk, jj, ii = np.nonzero(unsure)
+        points = (k[kk], j[jj], i[ii])
+        first_wins[unsure] = _distance_to_point(*points, ijk_to_ras, first) <= _distance_to_point(
+            *points, ijk_to_ras, second
+        )
+    return first_wins
+
+
+def _distance_to_point(
+    k: np.ndarray, j: np.ndarray, i: np.ndarray, ijk_to_ras: np.ndarray, point: np.ndarray
+) -> np.ndarray:
+    """Distance (mm), rounded to float32, from voxel centres (float64 indices that broadcast) to a RAS point."""
     offset = ijk_to_ras[:3, 3] - point
     columns = ijk_to_ras[:3, :3]
-    squared = np.zeros((len(k), len(j), len(i)), dtype=np.float64)
+    squared = 0.0
     for axis in range(3):
-        component = (
-            columns[axis, 2] * k[:, None, None]
-            + columns[axis, 1] * j[None, :, None]
-            + columns[axis, 0] * i[None, None, :]
-        ) + offset[axis]
-        squared += component**2
+        component = (columns[axis, 2] * k + columns[axis, 1] * j + columns[axis, 0] * i) + offset[axis]
+        squared = squared + component**2
     return np.sqrt(squared).astype(np.float32)
+
+
+def _box_axes(box: KJI) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.arange(s.start, s.stop, dtype=np.float64) for s in box)  # type: ignore[return-value]
+
+
+def _box_corners_ras(box: KJI, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """RAS of the 8 outermost voxel centres of a KJI box (the farthest from any point is one of them)."""
+    kji = np.array(np.meshgrid(*([s.start, s.stop - 1] for s in box), indexing="ij"), dtype=np.float64).reshape(3, -1)
+    return (ijk_to_ras[:3, :3] @ kji[::-1] + ijk_to_ras[:3, 3:4]).T
+
+
+def _intersection_box(first: KJI, second: KJI) -> Optional[KJI]:
+    shared = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(first, second))
+    return shared if all(s.start < s.stop for s in shared) else None
+
+
+def _local_box(inner: KJI, outer: KJI) -> KJI:
+    return tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(inner, outer))
 
 
 def _union_box(boxes: Sequence[KJI]) -> KJI:
@@ -464,6 +556,31 @@ def replay_order(clicks: Sequence[Click]) -> tuple[Click, ...]:
     if first is None:
         return ()
     return (clicks[first], *clicks[:first], *clicks[first + 1 :])
+
+
+def _excludes_after_their_region(placed: list[_PlacedClick], size: int) -> list[_PlacedClick]:
+    """Replay order with each exclude click that lies outside every region at its turn moved to right after the
+    include click whose region first holds it (regions that include clicks open depend on the clicks alone: each
+    is centred on the first include click outside the earlier ones). Exclude clicks no such region holds stay."""
+    begins: list[np.ndarray] = []
+    order: list[int] = []
+    waiting: list[int] = []
+    for index, (click, voxel) in enumerate(placed):
+        if any(_holds(begin, size, voxel) for begin in begins):
+            order.append(index)
+        elif not click.positive:
+            order.append(index)
+            waiting.append(index)
+        else:
+            begins.append(voxel - size // 2)
+            held = [other for other in waiting if _holds(begins[-1], size, placed[other].voxel)]
+            waiting = [other for other in waiting if other not in held]
+            order = [other for other in order if other not in held] + [index, *held]
+    return [placed[index] for index in order]
+
+
+def _holds(begin: np.ndarray, size: int, voxel: np.ndarray) -> bool:
+    return bool(np.all(voxel >= begin) and np.all(voxel < begin + size))
 
 
 def _checked_clicks(clicks: Sequence[Click]) -> tuple[Click, ...]:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 from conftest import TINY, shared_path
 
+from SAMMed3DLib import session as session_module
 from SAMMed3DLib.checkpoint import load_model
 from SAMMed3DLib.config import build_model
 from SAMMed3DLib.errors import InputError
+from SAMMed3DLib.postprocess import region_footprint
 from SAMMed3DLib.predictor import RegionPredictor
 from SAMMed3DLib.preprocess import PreparedVolume
 from SAMMed3DLib.session import Click, InteractiveSession
@@ -356,3 +361,163 @@ def test_mistakes_in_session_calls_are_clear_errors(tiny_model, volume, prepared
     with pytest.raises(InputError, match="needs a PreparedVolume, not Volume"):
         InteractiveSession(RegionPredictor(tiny_model), volume)
     assert len(session.clicks) == 1 and not session.can_redo
+
+
+# Regions see every click inside them; footprints stay bounded; overlaps paste by nearest centre ------------
+
+
+class ClickBallPredictor(RegionPredictor):
+    """Honours clicks on top of the previous logits: foreground in a ball of 70 region voxels around an include
+    click, background in a ball of 8 around an exclude click, so where a region saw an exclude click is visible."""
+
+    def embedding_for(self, key, region_input):
+        return torch.zeros(1)
+
+    def decode(self, embedding, points, labels, previous_logits=None, region_image=None):
+        logits = torch.full((1, 1, 32, 32, 32), -10.0) if previous_logits is None else previous_logits.clone()
+        centres = torch.from_numpy(np.indices((32,) * 3).transpose(1, 2, 3, 0) * 4 + 1.5).float()
+        for point, label in zip(points, labels):
+            distance = (centres - torch.as_tensor(point, dtype=torch.float32)).norm(dim=-1)
+            logits[0, 0][distance <= (70 if label else 8)] = 10.0 if label else -10.0
+        return logits, 1.0
+
+
+@pytest.fixture(scope="module")
+def long_prepared() -> PreparedVolume:
+    """450 mm along I at 1.5 mm (the canonical grid is the volume's own): room for several regions."""
+    return PreparedVolume(Volume.from_array(_textured((40, 40, 300)), np.diag([1.5, 1.5, 1.5, 1.0])))
+
+
+def _along_i(prepared: PreparedVolume, i: int, positive: bool = True) -> Click:
+    return Click(_ras(prepared.volume, (i, 20, 20)), positive)
+
+
+@pytest.mark.parametrize("max_regions", [2, 6])
+def test_an_exclude_click_before_the_include_click_of_its_region_acts_there(tiny_model, long_prepared, max_regions):
+    include, far_include = _along_i(long_prepared, 40), _along_i(long_prepared, 250)  # regions i -24..103, 186..313
+    exclude = _along_i(long_prepared, 240, positive=False)  # in the far region only
+
+    def mask(*clicks):
+        session = InteractiveSession(ClickBallPredictor(tiny_model), long_prepared, max_regions=max_regions)
+        return session.set_clicks(clicks).mask
+
+    without = mask(include, far_include)
+    orders = [mask(include, exclude, far_include), mask(exclude, include, far_include)]
+    after = mask(include, far_include, exclude)
+    assert without[20, 20, 240] and not after[20, 20, 240]
+    for before in orders:  # the exclude click is replayed right after the include click whose region holds it
+        assert np.array_equal(before, after)
+
+
+@pytest.mark.parametrize(
+    "clicks, max_regions",
+    [
+        ([(150, True), (190, False)], 6),  # nearer the centre of the automatic neighbour at i 150..277
+        ([(40, True), (100, False), (150, True)], 2),  # nearer the centre of the region the third click opens
+    ],
+)
+def test_an_exclude_click_where_regions_overlap_acts_in_the_region_pasted_there(
+    tiny_model, long_prepared, clicks, max_regions
+):
+    session = InteractiveSession(ClickBallPredictor(tiny_model), long_prepared, max_regions=max_regions)
+    result = session.set_clicks([_along_i(long_prepared, i, positive) for i, positive in clicks])
+    assert len(result.regions) >= 2
+    excluded = next(i for i, positive in clicks if not positive)
+    assert result.mask[20, 20, excluded - 10] and not result.mask[20, 20, excluded]
+
+
+def test_dragging_the_first_click_keeps_a_bounded_number_of_footprints(tiny_model, volume, prepared):
+    session = _session(tiny_model, prepared, regions="1")
+    session.add_click(Click(_ras(volume, (30, 40, 20))))
+    for step in range(1, 13):
+        session.preview([Click(_ras(volume, (30 + 2 * step, 40, 20)))])
+    result = session.move_click(0, _ras(volume, (56, 40, 20)))
+    assert len({region.begin for region in result.regions}) == 1
+    assert 1 <= len(session._footprints) <= 3  # the one in use and a couple kept for undo, not one per position
+    undone = session.undo()
+    assert np.array_equal(undone.mask, _session(tiny_model, prepared, regions="1").set_clicks(undone.clicks).mask)
+
+
+def _reference_paste(mask, runs, footprints, ijk_to_ras) -> None:
+    """The rule as first written: each region's float32 distance to every voxel of its footprint box; a voxel
+    takes the mask of the first region at the smallest distance among those whose footprint holds it."""
+    union = tuple(
+        slice(min(f.box[a].start for f in footprints), max(f.box[a].stop for f in footprints)) for a in range(3)
+    )
+    best = np.full(tuple(s.stop - s.start for s in union), np.inf, dtype=np.float32)
+    for run, footprint in zip(runs, footprints):
+        box = footprint.box
+        local = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+        k, j, i = (np.arange(s.start, s.stop, dtype=np.float64) for s in box)
+        offset = ijk_to_ras[:3, 3] - np.asarray(run.region.center_ras)
+        squared = np.zeros((len(k), len(j), len(i)))
+        for axis in range(3):
+            columns = ijk_to_ras[axis, :3]
+            component = columns[2] * k[:, None, None] + columns[1] * j[None, :, None] + columns[0] * i[None, None, :]
+            squared += (component + offset[axis]) ** 2
+        distance = np.sqrt(squared).astype(np.float32)
+        nearer = footprint.inside & (distance < best[local])
+        best[local][nearer] = distance[nearer]
+        mask[box][nearer] = footprint.paste(run.mask)[nearer]
+
+
+def _overlapping_runs(volume: Volume, seed: int) -> list[SimpleNamespace]:
+    prepared = PreparedVolume(volume)
+    rng = np.random.default_rng(seed)
+    middle = np.array(prepared.canonical_shape) // 2 - 64 + rng.integers(-10, 10, 3)
+    offsets = [(0, 0, 0), (64, 0, 0), (0, 64, 0), (64, 64, 0), (0, 0, -64), (-64, 0, 32)]
+    return [
+        SimpleNamespace(region=prepared.region(middle + offset), mask=rng.random((128,) * 3) < 0.5)
+        for offset in offsets[: rng.integers(2, len(offsets) + 1)]
+    ]
+
+
+def _grid_volume(size_ijk, spacing, angle_deg) -> Volume:
+    image = sitk.GetImageFromArray(_textured(size_ijk[::-1]))
+    image.SetSpacing(spacing)
+    image.SetOrigin((-50.0, 20.0, -30.0))
+    angle = np.deg2rad(angle_deg)
+    image.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1))
+    return Volume.from_sitk(image)
+
+
+@pytest.mark.parametrize(
+    "size_ijk, spacing, angle_deg",
+    [
+        ((150, 130, 60), (1.2, 1.0, 3.0), 17),
+        ((200, 160, 120), (0.75, 0.75, 0.75), 0),
+        ((160, 160, 90), (0.6, 0.6, 0.5), 0),
+    ],
+)
+def test_overlapping_regions_paste_exactly_as_the_nearest_centre_rule(size_ijk, spacing, angle_deg):
+    """Axis-aligned grids put whole planes of voxels at the same distance from two centres: ties are exact."""
+    volume = _grid_volume(size_ijk, spacing, angle_deg)
+    for seed in range(3):
+        runs = _overlapping_runs(volume, seed)
+        footprints = [region_footprint(run.region, volume) for run in runs]
+        expected, pasted = np.zeros(volume.shape_kji, np.uint8), np.zeros(volume.shape_kji, np.uint8)
+        _reference_paste(expected, runs, footprints, volume.ijk_to_ras)
+        session_module._paste_nearest_region(pasted, runs, footprints, volume.ijk_to_ras)
+        assert np.array_equal(pasted, expected)
+
+
+def _pasted_in_advance(footprint, region_mask) -> SimpleNamespace:
+    """A footprint whose paste allocates nothing, so that only what the session adds is measured."""
+    patch = footprint.paste(region_mask)
+    return SimpleNamespace(box=footprint.box, inside=footprint.inside, paste=lambda _: patch)
+
+
+def test_pasting_overlapping_regions_computes_no_float64_distance_per_voxel():
+    """Float64 distances over every footprint voxel, per region and per click, took seconds on a large CT."""
+    volume = _grid_volume((200, 160, 120), (0.75, 0.75, 0.75), 0)
+    runs = _overlapping_runs(volume, 0)[:3]
+    footprints = [region_footprint(run.region, volume) for run in runs]
+    pasted = [_pasted_in_advance(footprint, run.mask) for footprint, run in zip(footprints, runs)]
+    mask = np.zeros(volume.shape_kji, np.uint8)
+    tracemalloc.start()
+    try:
+        session_module._paste_nearest_region(mask, runs, pasted, volume.ijk_to_ras)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * max(footprint.inside.size for footprint in footprints)
