@@ -922,16 +922,21 @@ def test_a_cached_case_scrambled_inside_its_compressed_data_is_prepared_again(ca
     np.testing.assert_array_equal(again.raw, prepared.raw)
 
 
-def test_an_interrupted_run_saves_its_last_step(data, tmp_path, monkeypatch):
-    trainer = Trainer(tiny_model(), data, tiny_options(steps=5, checkpoint_every=100), tmp_path / "run.pth")
+def failing_after(trainer: Trainer, steps: int, error: BaseException):
+    """The trainer's train_step, raising `error` instead of the step after `steps` finished steps."""
     finished = trainer.train_step
 
-    def interrupted_after_two_steps():
-        if trainer.state.step == 2:
-            raise KeyboardInterrupt
+    def step_or_fail():
+        if trainer.state.step == steps:
+            raise error
         return finished()
 
-    monkeypatch.setattr(trainer, "train_step", interrupted_after_two_steps)
+    return step_or_fail
+
+
+def test_an_interrupted_run_saves_its_last_step(data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=5, checkpoint_every=100), tmp_path / "run.pth")
+    monkeypatch.setattr(trainer, "train_step", failing_after(trainer, 2, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert read_training_checkpoint(tmp_path / "run.pth")["step"] == 2
@@ -989,14 +994,7 @@ def test_a_second_ctrl_c_during_the_save_waits_for_it_and_the_message_names_the_
 )
 def test_out_of_memory_says_what_the_checkpoint_holds_and_what_to_change(data, tmp_path, monkeypatch, error):
     trainer = Trainer(tiny_model(), data, tiny_options(steps=5), tmp_path / "run.pth")
-    finished = trainer.train_step
-
-    def out_of_memory_in_step_2():
-        if trainer.state.step == 1:
-            raise error
-        return finished()
-
-    monkeypatch.setattr(trainer, "train_step", out_of_memory_in_step_2)
+    monkeypatch.setattr(trainer, "train_step", failing_after(trainer, 1, error))  # out of memory in step 2
     message = (
         f"Out of memory in step 2 on cpu ({tmp_path / 'run.pth'} holds step 1): give a lower --batch-size with a "
         "higher --accumulation (the same regions per step), or fewer --clicks-per-sample."
