@@ -219,7 +219,7 @@ def _check_slice_geometry(
     put slices in the wrong place (a missing or damaged slice, uneven steps, a gantry tilt, a localizer of another
     orientation). Slices without position tags are left to ITK."""
     if any(header is None for header in headers):
-        return None
+        return
     orientation, _ = headers[len(headers) // 2]  # a middle slice: not a stray localizer at either end
     for file, (other, _) in zip(files, headers):
         if not np.allclose(other, orientation, atol=_DICOM_ORIENTATION_TOLERANCE):
