@@ -68,22 +68,33 @@ def patch_change(segment_id: Hashable, box: Box, before: np.ndarray, after: np.n
 def merge_changes(older: PatchChange, newer: PatchChange) -> PatchChange:
     """One change equivalent to `older` followed by `newer` (same segment), over the union of their boxes.
 
-    Inside the union but outside both boxes the content is unknown and untouched by either edit, so it
-    is stored as 0 before and after: equal, hence left alone by undo and redo.
+    Only voxels an edit changed decide: before is the older edit's where it changed the voxel, else the newer's;
+    after is the newer edit's where it changed the voxel, else the older's. A voxel neither changed (inside
+    the union, its content unknown) is stored equal before and after, hence left alone by undo and redo; so is
+    one the newer edit changed back.
     """
     if older.segment_id != newer.segment_id:
         raise ValueError("Only changes of the same segment can be merged.")
     union = union_box(older.box, newer.box)
-    shape = box_shape(union)
-    before = np.zeros(shape, dtype=np.result_type(older.before, newer.before))
-    after = np.zeros_like(before)
-    older_in_union = relative_box(older.box, union)
-    newer_in_union = relative_box(newer.box, union)
-    before[newer_in_union] = newer.before
-    before[older_in_union] = older.before  # the older edit saw the state first
-    after[older_in_union] = older.after
-    after[newer_in_union] = newer.after  # the newer edit wrote last
+    before, older_changed = _placed(older.before, older.after, older.box, union)
+    newer_before, newer_changed = _placed(newer.before, newer.after, newer.box, union)
+    np.copyto(before, newer_before, where=newer_changed & ~older_changed)
+    after = before.copy()
+    older_after, _ = _placed(older.after, older.after, older.box, union)
+    np.copyto(after, older_after, where=older_changed)
+    newer_after, _ = _placed(newer.after, newer.after, newer.box, union)
+    np.copyto(after, newer_after, where=newer_changed)
     return PatchChange(older.segment_id, union, before, after)
+
+
+def _placed(content: np.ndarray, other: np.ndarray, box: Box, union: Box) -> tuple[np.ndarray, np.ndarray]:
+    """`content` of `box` placed in a zero array of `union`, and where it differs from `other` there."""
+    placed = np.zeros(box_shape(union), dtype=content.dtype)
+    differs = np.zeros(placed.shape, dtype=bool)
+    inside = relative_box(box, union)
+    placed[inside] = content
+    differs[inside] = content != other
+    return placed, differs
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,8 +234,9 @@ class SegmentHistory:
         if total <= self.max_bytes:
             return
         newest = max(entry.order for _, _, entry in entries)
-        # Redo steps are the least likely to be wanted again, then the oldest undo steps.
-        entries.sort(key=lambda item: (item[0], item[2].order))
+        # Redo steps are the least likely to be wanted again, then the oldest undo steps; each stack loses steps
+        # from its bottom only (a redo stack's top, the step redo applies next, is its oldest recorded).
+        entries.sort(key=lambda item: (item[0], item[2].order if item[0] else -item[2].order))
         for _, stack, entry in entries:
             if total <= self.max_bytes:
                 break

@@ -218,6 +218,34 @@ def test_merge_changes_covers_disjoint_boxes_and_leaves_the_gap_untouched():
         merge_changes(older, patch_change("b", WHOLE, np.zeros(SHAPE, np.uint8), sphere((5, 5, 5), 2)))
 
 
+def test_a_drag_of_previews_in_separate_places_undoes_to_exactly_the_state_before_it():
+    """Each merge fills the gap between the boxes; a later preview over that gap must not take the filler for
+    what was there (a voxel painted by hand before the drag was erased by its undo)."""
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[20, 25, 30] = 1
+    segments = Segments(a=painted)
+    history = SegmentHistory()
+    for center, preview in (((5, 5, 5), True), ((35, 45, 55), True), ((20, 25, 28), False)):
+        mask = segments.arrays["a"] | sphere(center, 3)
+        history.record(HistoryStep("a", (segments.edit("a", WHOLE, mask),)), preview=preview)
+    after_the_drag = segments.snapshot()
+    step = history.undo("a")
+    assert history.undo("a") is None  # one step for the whole drag
+    segments.undo(step)
+    assert_same(segments.snapshot(), {"a": painted})
+    segments.redo(step)
+    assert_same(segments.snapshot(), after_the_drag)
+
+
+def test_merging_a_change_that_an_edit_undid_leaves_that_voxel_alone():
+    older = patch_change("a", WHOLE, np.zeros(SHAPE, np.uint8), sphere((20, 25, 30), 4))
+    newer = patch_change("a", WHOLE, sphere((20, 25, 30), 4), np.zeros(SHAPE, np.uint8))
+    merged = merge_changes(older, newer)
+    current = np.full(merged.before.shape, 7, np.uint8)  # whatever is there now stays
+    np.testing.assert_array_equal(merged.undo_onto(current), current)
+    np.testing.assert_array_equal(merged.redo_onto(current), current)
+
+
 def test_memory_cap_drops_the_oldest_steps_but_keeps_the_newest():
     segments = Segments(a=np.zeros(SHAPE, np.uint8))
     one_step = patch_change("a", WHOLE, np.zeros(SHAPE, np.uint8), sphere((20, 25, 30), 5)).nbytes
@@ -246,6 +274,25 @@ def test_memory_cap_drops_redo_steps_before_undo_steps():
     assert not history.can_redo("a")
     assert history.undo("a").prompts_after == "a1"
     assert history.undo("b").prompts_after == "b1"
+
+
+def test_memory_cap_drops_a_redo_stack_from_its_bottom_so_redo_never_skips_a_step():
+    segments = Segments(a=np.zeros(SHAPE, np.uint8), b=np.zeros(SHAPE, np.uint8))
+    history = SegmentHistory()
+    states = [segments.snapshot()]
+    for n, center in enumerate(((10, 10, 10), (20, 25, 30), (30, 40, 50)), start=1):
+        mask = segments.arrays["a"] | sphere(center, 4)
+        history.record(HistoryStep("a", (segments.edit("a", WHOLE, mask),), prompts_after=f"a{n}"))
+        states.append(segments.snapshot())
+    for _ in range(3):
+        segments.undo(history.undo("a"))  # the redo stack: a3 at its bottom, a1 on top
+    history.max_bytes = history.nbytes  # the next step of another segment goes over the cap
+    history.record(HistoryStep("b", (segments.edit("b", WHOLE, sphere((20, 25, 30), 2)),), prompts_after="b1"))
+    assert history.nbytes <= history.max_bytes
+    step = history.redo("a")
+    assert step.prompts_after == "a1"
+    segments.redo(step)
+    np.testing.assert_array_equal(segments.arrays["a"], states[1]["a"])
 
 
 def test_differing_box_is_none_for_equal_arrays():
