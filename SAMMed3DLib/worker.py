@@ -46,12 +46,14 @@ class InferenceWorker:
         """Like `submit`, but first cancel any queued, not yet started job submitted with the same key."""
         if key is None:  # the key of every plain `submit` job: they would all be cancelled
             raise ValueError("submit_latest needs a key other than None; use submit() for a job without one.")
+        job = _Job(Future(), fn, args, kwargs, key)
         with self._condition:
-            stale = [job for job in self._queue if job.key == key]
-            for job in stale:
-                self._queue.remove(job)
-                job.future.cancel()
-        return self._enqueue(_Job(Future(), fn, args, kwargs, key))
+            stale = [queued for queued in self._queue if queued.key == key]
+            for queued in stale:
+                self._queue.remove(queued)
+            self._append(job)
+        _cancel(stale)
+        return job.future
 
     @property
     def busy(self) -> bool:
@@ -73,20 +75,25 @@ class InferenceWorker:
         """Stop accepting work; cancel the queue (or let it drain) and, with `wait`, join the thread."""
         with self._condition:
             self._closed = True
+            cancelled = list(self._queue) if cancel_pending else []
             if cancel_pending:
-                while self._queue:
-                    self._queue.popleft().future.cancel()
+                self._queue.clear()
             self._condition.notify_all()
+        _cancel(cancelled)
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     def _enqueue(self, job: _Job) -> Future:
         with self._condition:
-            if self._closed:
-                raise RuntimeError("The SAMMed3D worker has been shut down: create a new one.")
-            self._queue.append(job)
-            self._condition.notify()
+            self._append(job)
         return job.future
+
+    def _append(self, job: _Job) -> None:
+        """Queue `job`; the caller holds the lock."""
+        if self._closed:
+            raise RuntimeError("The SAMMed3D worker has been shut down: create a new one.")
+        self._queue.append(job)
+        self._condition.notify()
 
     def _run(self) -> None:
         while True:
@@ -108,3 +115,10 @@ class InferenceWorker:
             finally:
                 with self._condition:
                     self._running = None
+
+
+def _cancel(jobs: list[_Job]) -> None:
+    """Cancel jobs taken off the queue, outside the lock: a future runs its done-callbacks as it is cancelled,
+    and a callback may submit again or wait for the worker."""
+    for job in jobs:
+        job.future.cancel()

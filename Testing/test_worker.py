@@ -77,6 +77,21 @@ def test_submit_latest_cancels_the_queued_request_with_the_same_key(worker):
         first.result(0)
 
 
+def test_a_cancelled_request_s_callback_may_submit_again_or_wait_for_the_worker(worker):
+    """Futures run their done-callbacks as they are cancelled: that happens outside the worker's lock."""
+    release, running = blocker(worker)
+    ran = []
+    superseded = worker.submit_latest("preview", ran.append, "first")
+    superseded.add_done_callback(lambda future: worker.submit_latest("preview", ran.append, "again"))
+    waited = []
+    superseded.add_done_callback(lambda future: waited.append(worker.busy))  # takes the worker's lock
+    worker.submit_latest("preview", ran.append, "second")
+    assert worker.pending == 1 and waited == [True]  # "again" replaced "second": still one per key
+    release.set()
+    worker.submit(lambda: None).result(TIMEOUT)
+    assert ran == ["again"]
+
+
 def test_submit_latest_does_not_cancel_a_running_request(worker):
     started, release = threading.Event(), threading.Event()
 
