@@ -1452,6 +1452,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         return lattice_offset(
             self._volumeIjkToSegmentation(volumeNode, segmentationNode),
             slicer.util.arrayFromVTKMatrix(labelmapToSegmentation),
+            volumeNode.GetImageData().GetDimensions(),
         )
 
     def segmentBox(self, segmentationNode, segmentId: str, volumeNode):

@@ -38,20 +38,23 @@ def object_to_node(center: Sequence[float], axes: np.ndarray) -> np.ndarray:
 
 
 def lattice_offset(
-    index_to_frame_a: np.ndarray, index_to_frame_b: np.ndarray, tolerance: float = 1e-3
+    index_to_frame_a: np.ndarray, index_to_frame_b: np.ndarray, size_ijk: Sequence[int], tolerance: float = 1e-3
 ) -> Optional[tuple[int, int, int]]:
-    """Whether two voxel grids coincide, and if so the integer shift with index_b = index_a + shift.
+    """Whether two voxel grids coincide over grid a's `size_ijk` voxels, and if so the integer shift with
+    index_b = index_a + shift.
 
-    Both matrices map (i, j, k) voxel indices into one common frame. Grids coincide when they have the
-    same axes and spacing and their origins are a whole number of voxels apart (within `tolerance`
-    voxels); otherwise None.
+    Both matrices map (i, j, k) voxel indices into one common frame. The grids coincide when every voxel of
+    grid a lands within `tolerance` voxels of a voxel of grid b: the same axes and spacing, origins a whole
+    number of voxels apart (a tiny rotation is allowed only as far as it moves the farthest voxel that little).
+    Otherwise None.
     """
     a_in_b = np.linalg.inv(_as_matrix(index_to_frame_b)) @ _as_matrix(index_to_frame_a)
-    if not np.allclose(a_in_b[:3, :3], np.eye(3), atol=tolerance):
-        return None
     shift = a_in_b[:3, 3]
     rounded = np.round(shift)
-    if not np.allclose(shift, rounded, atol=tolerance):
+    farthest = np.maximum(np.asarray(size_ijk, dtype=float) - 1, 0)
+    # Per axis of grid b, a bound on how far any voxel of grid a lies from a voxel of grid b.
+    error = np.abs(shift - rounded) + np.abs(a_in_b[:3, :3] - np.eye(3)) @ farthest
+    if np.any(error > tolerance) or not np.allclose(a_in_b[:3, :3], np.eye(3), atol=tolerance):
         return None
     return int(rounded[0]), int(rounded[1]), int(rounded[2])
 

@@ -70,19 +70,31 @@ def test_object_to_node_places_unit_axes_at_the_center():
     np.testing.assert_allclose(apply(matrix, [1, 0, 0]) - [1, 2, 3], [axes[:, 0]])
 
 
+SIZE = (512, 512, 300)
+
+
 def test_lattice_offset_finds_whole_voxel_shifts_of_the_same_grid():
     shifted = compose(OBLIQUE_IJK_TO_RAS, translation(-3, 4, 2))  # index 0 of b is index (-3, 4, 2) of a
-    assert lattice_offset(OBLIQUE_IJK_TO_RAS, OBLIQUE_IJK_TO_RAS) == (0, 0, 0)
-    assert lattice_offset(OBLIQUE_IJK_TO_RAS, shifted) == (3, -4, -2)
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, OBLIQUE_IJK_TO_RAS, SIZE) == (0, 0, 0)
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, shifted, SIZE) == (3, -4, -2)
     index_a = np.array([[10.0, 20.0, 5.0]])
     index_b = index_a + (3, -4, -2)
     np.testing.assert_allclose(apply(OBLIQUE_IJK_TO_RAS, index_a), apply(shifted, index_b), atol=1e-9)
 
 
 def test_lattice_offset_rejects_other_spacing_axes_or_half_voxel_shifts():
-    assert lattice_offset(OBLIQUE_IJK_TO_RAS, compose(OBLIQUE_IJK_TO_RAS, np.diag([2, 1, 1, 1]))) is None
-    assert lattice_offset(OBLIQUE_IJK_TO_RAS, compose(OBLIQUE_IJK_TO_RAS, rotation(2, 1))) is None
-    assert lattice_offset(OBLIQUE_IJK_TO_RAS, compose(OBLIQUE_IJK_TO_RAS, translation(0.5, 0, 0))) is None
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, compose(OBLIQUE_IJK_TO_RAS, np.diag([2, 1, 1, 1])), SIZE) is None
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, compose(OBLIQUE_IJK_TO_RAS, rotation(2, 1)), SIZE) is None
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, compose(OBLIQUE_IJK_TO_RAS, translation(0.5, 0, 0)), SIZE) is None
+
+
+def test_lattice_offset_takes_a_tiny_rotation_only_where_no_voxel_moves_more_than_the_tolerance():
+    """A 0.05 degree turn moves voxel 511 by 0.45 voxel: the same grid for a small volume, not for a large one."""
+    turned = compose(OBLIQUE_IJK_TO_RAS, rotation(2, 0.05))
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, turned, SIZE) is None
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, turned, (1, 1, 1)) == (0, 0, 0)
+    header_rounding = compose(OBLIQUE_IJK_TO_RAS, rotation(2, 1e-5))  # 1e-4 voxel at voxel 511
+    assert lattice_offset(OBLIQUE_IJK_TO_RAS, header_rounding, SIZE) == (0, 0, 0)
 
 
 def test_boxes_and_vtk_extents_convert_both_ways():
