@@ -596,9 +596,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the mask, remove the points and start a fresh session for whatever comes next."""
         self._generation += 1
         key = self._currentSegmentKey()
-        history = self.logic.historyIfStarted()
-        if key and history:
-            history.close(key)
+        self._closeStep(key)
         if completed and key:
             self.logic.markSegmentCompleted(self._parameterNode.segmentation, self._parameterNode.currentSegmentId)
         self._removePoints(self._observedPromptNodes)
@@ -610,6 +608,9 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onClearPrompts(self) -> None:
         """Remove every point: the session mask goes away too (as one undoable step)."""
         if self._parameterNode is None:
+            return
+        if self._blockedPlaceWidget is not None:  # the points are locked while the model state is computed
+            self._setStatus(_("Busy: try again when the current step has finished."))
             return
         self._restorePrompts(())
         self._requestUpdate(preview=False)
@@ -706,10 +707,14 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if unblock:
             self._unblockPrompts()
         if future.cancelled() or generation != self._generation:
+            if not preview:  # the drag this release ended is over: its previews are one undo step of their own
+                self._closeStep(key)
             return  # cancelled, or made for a segment, volume or scene the user has since left
         try:
             result = future.result()
         except Exception as error:
+            if not preview:
+                self._closeStep(key)
             self._submitted = None
             self._failedRequest = (prompts, self._modelSettings())
             self._showError(_("Segmentation failed."), error, quiet=preview or not self.logic.modelReady())
@@ -735,9 +740,14 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
         except Exception:
             # The segment now differs from the session's mask, which later results are compared with: start a
-            # fresh session, whose first result rewrites the segment whole (what was written is undoable).
+            # fresh session, whose first result rewrites the segment whole (what was written is undoable). Results
+            # already queued build on the mask that was not written: they are dropped, and these points wait for
+            # the next change or click (not retried at once: the write could fail again and again).
+            self._generation += 1
+            self._closeStep(key)
             self.logic.endSession()
             self._submitted = None
+            self._failedRequest = (prompts, self._modelSettings())
             raise
         self._appliedPrompts, self._appliedFinal = prompts, not preview
         self._failedRequest = None
@@ -992,6 +1002,12 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.showRegionBoxes(node.inputVolume, result.regions, visible=node.showRegionBox)
         self._setStatus(_("Restored.") + " " + self._describeResult(result))
 
+    def _closeStep(self, key) -> None:
+        """End the segment's open preview step, so that the next step is recorded on its own."""
+        history = self.logic.historyIfStarted()
+        if key and history:
+            history.close(key)
+
     def _startAfresh(self) -> None:
         """The next point starts a new model session, whose first mask replaces the segment whole."""
         self.logic.endSession()
@@ -1118,6 +1134,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self._preparedKey = None
         self._preparedFuture = None
         self._consolePrepared: Optional[tuple] = None  # (volume key, future) of a volume the panel is not on
+        self._waitingPreview = None  # the future of the newest drag preview, cancelled by a release
         self.sessionStarted = False
         self.lastResult = None
 
@@ -1344,9 +1361,16 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self.prepareVolume(volumeNode)
         arguments = (self._workSegment, self._preparedFuture, list(clicks), promptMode, preview)
         self.sessionStarted = True
-        if coalesce:
-            return self.worker.submit_latest("segmentation", *arguments)
-        return self.worker.submit(*arguments)
+        if not coalesce:
+            return self.worker.submit(*arguments)
+        if preview:
+            self._waitingPreview = self.worker.submit_latest("segmentation preview", *arguments)
+            return self._waitingPreview
+        # A release is never cancelled by the next drag's previews (its drag would stay open in the undo history
+        # and take in the next step); it makes a preview still waiting pointless (a running one just finishes).
+        if self._waitingPreview is not None:
+            self._waitingPreview.cancel()
+        return self.worker.submit_latest("segmentation", *arguments)
 
     def endSession(self) -> None:
         """The next request starts a fresh session (other segment, accepted segment, new volume)."""
@@ -1591,15 +1615,22 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         finally:
             key = self.segmentKey(segmentationNode, segmentId)
             changes = tuple(c for c in changes if c is not None)
-            step = HistoryStep(key, changes, promptsBefore, promptsAfter, grid=self.gridKey(volumeNode))
+            step = HistoryStep(
+                key, changes, promptsBefore, promptsAfter, grid=self.gridKey(volumeNode, segmentationNode)
+            )
             if record:
                 self.history.record(step, preview=preview)
         return step
 
     @staticmethod
-    def gridKey(volumeNode) -> tuple:
-        """What undo boxes are indexed on: the volume and its voxel grid."""
-        return volumeNode.GetID(), SAMMed3DLogic._ijkToRasValues(volumeNode)
+    def gridKey(volumeNode, segmentationNode) -> tuple:
+        """What undo boxes are indexed on: the volume, and where its voxels lie in the segmentation (a transform
+        that moves one and not the other, say a registration, moves the boxes' voxels elsewhere)."""
+        try:
+            placement = SAMMed3DLogic._volumeIjkToSegmentation(volumeNode, segmentationNode)
+        except ValueError:  # a non-linear transform between them: nothing is written there either
+            return volumeNode.GetID(), None
+        return volumeNode.GetID(), tuple(placement.ravel().round(6).tolist())
 
     def _boxToWrite(self, result, segmentationNode, segmentId: str, volumeNode):
         """`result.changed`, grown over the segment's present voxels for a session's first result."""
@@ -1673,11 +1704,12 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
     def undoRefusal(self, segmentationNode, segmentId: str, volumeNode, undo: bool = True) -> Optional[str]:
         """Why the segment's next undo (or redo) step cannot be applied with this volume, or None."""
         key = self.segmentKey(segmentationNode, segmentId)
-        return self._gridRefusal(self.history.next_undo(key) if undo else self.history.next_redo(key), volumeNode)
+        step = self.history.next_undo(key) if undo else self.history.next_redo(key)
+        return self._gridRefusal(step, volumeNode, segmentationNode)
 
-    def _gridRefusal(self, step, volumeNode) -> Optional[str]:
+    def _gridRefusal(self, step, volumeNode, segmentationNode) -> Optional[str]:
         """A step's boxes are voxels of the volume it was made on: applied on another grid they would land elsewhere."""
-        if step is None or step.grid is None or step.grid == self.gridKey(volumeNode):
+        if step is None or step.grid is None or step.grid == self.gridKey(volumeNode, segmentationNode):
             return None
         madeOn = slicer.mrmlScene.GetNodeByID(step.grid[0])
         if madeOn is not None and madeOn is not volumeNode:
@@ -1685,7 +1717,10 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                 "This step was made on the volume '{name}': select that volume, then this segment, to undo or redo it."
             )
             return text.format(name=madeOn.GetName())
-        return _("The volume of this step was removed or its voxel grid changed since: it cannot be undone.")
+        return _(
+            "The volume of this step was removed, its voxel grid changed, or it moved relative to the segmentation "
+            "(a transform) since: it cannot be undone."
+        )
 
     def _applyStep(self, step, segmentationNode, volumeNode, undo: bool) -> None:
         ownFirst = sorted(step.changes, key=lambda change: change.segment_id != step.segment_id)
