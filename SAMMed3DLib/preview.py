@@ -11,6 +11,7 @@ from .imageio import PathLike, write_image_atomic
 
 MASK_COLOUR = (255, 60, 60)
 TRUTH_COLOUR = (60, 220, 60)
+BOTH_COLOUR = (60, 200, 255)  # where the mask's and the truth's outlines coincide: neither hides the other
 CLICK_COLOUR = (255, 230, 0)
 CT_WINDOW = (-200.0, 300.0)  # soft tissue, Hounsfield units
 AIR_HU = -500.0  # slices holding values below this are a CT in Hounsfield units
@@ -25,9 +26,10 @@ def save_preview(
     window: Optional[tuple[float, float]] = None,
 ) -> None:
     """Axial, coronal and sagittal slices through `point_ijk` (radiological display, LPS-oriented) at one mm
-    scale, the mask outlined in red, the truth (if given) in green, the point in yellow. `window` (low, high)
-    maps intensities to black..white; by default the soft-tissue window for a CT (air in the slices), else the
-    slices' 1st to 99th percentiles, so that an MR or any scan in other units is not all white or all black."""
+    scale, the mask outlined in red, the truth (if given) in green, both where they coincide in blue, the point in
+    yellow. `window` (low, high) maps intensities to black..white; by default the soft-tissue window for a CT (air
+    in the slices), else the slices' 1st to 99th percentiles, so that an MR or any scan in other units is not all
+    white or all black."""
     physical = image.TransformContinuousIndexToPhysicalPoint([float(v) for v in point_ijk])
     oriented = [sitk.DICOMOrient(item, "LPS") for item in (image, mask, truth) if item is not None]
     i, j, k = (int(round(v)) for v in oriented[0].TransformPhysicalPointToContinuousIndex(physical))
@@ -72,8 +74,12 @@ def _panel(
     target_mm: float,
 ) -> np.ndarray:
     rgb = np.repeat(grey[..., None], 3, axis=2)
+    outlines = []
     for layer, colour in layers:
-        rgb[_outline(layer > 0)] = colour
+        outlines.append(_outline(layer > 0))
+        rgb[outlines[-1]] = colour
+    if len(outlines) == 2:
+        rgb[outlines[0] & outlines[1]] = BOTH_COLOUR
     rgb = _square_pixels(rgb, pixel_mm, target_mm)
     # The click is drawn after the rescale: a 3-pixel dot at its voxel's centre, not a bar three thick slices tall.
     rows, columns = (int((index + 0.5) * size / target_mm) for index, size in zip(dot, pixel_mm))

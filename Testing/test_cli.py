@@ -16,7 +16,7 @@ from SAMMed3DLib.cli import main
 from SAMMed3DLib.commands import phantom as phantom_command
 from SAMMed3DLib.commands.segment import OrderedClick
 from SAMMed3DLib.preprocess import PreparedVolume
-from SAMMed3DLib.preview import CLICK_COLOUR, save_preview
+from SAMMed3DLib.preview import BOTH_COLOUR, CLICK_COLOUR, MASK_COLOUR, TRUTH_COLOUR, save_preview
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +396,18 @@ def test_preview_panels_share_one_mm_scale(tmp_path):
 def test_preview_marks_the_click_with_a_dot_not_a_bar_three_thick_slices_tall(tmp_path):
     preview = _preview(tmp_path, np.zeros((8, 40, 40), dtype=np.int16), (0.7, 0.7, 5.0), (20, 20, 4))
     assert np.all(preview == CLICK_COLOUR, axis=2).sum() == 3 * 3 * 3
+
+
+def test_a_mask_equal_to_the_truth_shows_in_the_preview_instead_of_hiding_under_it(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((20, 40, 40), dtype=np.int16))
+    square = np.zeros((20, 40, 40), dtype=np.uint8)
+    square[:, 10:30, 10:30] = 1
+    mask = sitk.GetImageFromArray(square)
+    mask.CopyInformation(image)
+    save_preview(image, mask, (20, 20, 10), tmp_path / "preview.png", truth=mask)
+    axial = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "preview.png")))[:40, :40]
+    coloured = {tuple(colour) for colour in axial.reshape(-1, 3).tolist()}
+    assert BOTH_COLOUR in coloured and TRUTH_COLOUR not in coloured and MASK_COLOUR not in coloured
 
 
 def test_a_scan_given_as_the_label_map_or_a_float_label_map_is_refused(tmp_path, image_path, capsys):

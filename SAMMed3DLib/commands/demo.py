@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         f"{len(result.regions)} region(s); {seconds:.2f} s from click to mask "
         "(model loaded and image resampled beforehand)"
     )
-    print(f"Wrote {mask_path} and {out / PREVIEW_FILE} (red: mask, green: truth, yellow: click)")
+    print(f"Wrote {mask_path} and {out / PREVIEW_FILE} (red: mask, green: truth, blue: both, yellow: click)")
     return 0
 
 
