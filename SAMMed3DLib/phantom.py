@@ -28,6 +28,7 @@ AIR_HU = -1000
 IMAGE_FILE = "image.nii.gz"
 LABEL_FILE = "label.nii.gz"
 LABELS_JSON = "labels.json"
+INCOMPLETE_KEY = "incomplete"  # in labels.json while the phantom's volumes are being written
 
 # Labelled objects stay this far (mm) inside the nominal field of view: more than two voxels even at
 # the coarsest spacing MIN_MAX_VOXELS allows, so no label touches the volume border.
@@ -691,6 +692,9 @@ def write_phantom(phantom: Phantom, out_dir: Path) -> tuple[Path, Path]:
     }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Marked incomplete until both volumes are written: an interrupted write leaves a folder that says so,
+        # rather than one whose description belongs to an earlier phantom.
+        write_text_atomic(out_dir / LABELS_JSON, json.dumps({**description, INCOMPLETE_KEY: True}, indent=2) + "\n")
         write_image_atomic(phantom.image, image_path)
         write_image_atomic(phantom.label, label_path)
         write_text_atomic(out_dir / LABELS_JSON, json.dumps(description, indent=2) + "\n")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SAMMed3DLib import phantom as phantom_module
 from SAMMed3DLib import synthetic
 from SAMMed3DLib.batch import segment_volume
 from SAMMed3DLib.checkpoint import load_model
@@ -69,14 +71,34 @@ def test_the_demo_segments_a_phantom_already_in_its_folder_unless_a_seed_picks_a
     assert main(["phantom", "--seed", "7", "--max-voxels", "400000", "--out", str(tmp_path)]) == 0
     written = {name: (tmp_path / name).read_bytes() for name in ("image.nii.gz", "label.nii.gz")}
     capsys.readouterr()
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    assert f"Using the phantom already in {tmp_path}" in capsys.readouterr().out
-    assert all((tmp_path / name).read_bytes() == data for name, data in written.items())
+    for same in ([], ["--seed", "7"]):
+        assert main(["demo", "--out", str(tmp_path), *same]) == 0
+        assert f"Using the phantom of seed 7 already in {tmp_path}" in capsys.readouterr().out
+        assert all((tmp_path / name).read_bytes() == data for name, data in written.items())
     mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
     assert mask.GetSize() == sitk.ReadImage(str(tmp_path / "image.nii.gz")).GetSize()
     assert main(["demo", "--out", str(tmp_path), "--seed", "0"]) == 0
     assert "Generated phantom seed 0" in capsys.readouterr().out
     assert (tmp_path / "image.nii.gz").read_bytes() != written["image.nii.gz"]
+
+
+def test_a_phantom_folder_left_half_written_is_made_again_not_segmented(tmp_path, monkeypatch, capsys):
+    assert main(["phantom", "--seed", "7", "--max-voxels", "300000", "--out", str(tmp_path)]) == 0
+    write_image = phantom_module.write_image_atomic
+
+    def interrupted_after_the_image(image, path):
+        if Path(path).name == "label.nii.gz":
+            raise KeyboardInterrupt
+        return write_image(image, path)
+
+    monkeypatch.setattr(phantom_module, "write_image_atomic", interrupted_after_the_image)
+    assert main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 130  # seed 5's image beside seed 7's label
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert "Generated phantom seed 0" in capsys.readouterr().out
+    image, label = (sitk.ReadImage(str(tmp_path / name)) for name in ("image.nii.gz", "label.nii.gz"))
+    assert image.GetSize() == label.GetSize()
 
 
 def test_the_demo_model_finds_the_bright_sphere_of_the_slicer_self_test(demo_model):

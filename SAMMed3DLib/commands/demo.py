@@ -7,6 +7,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,7 +18,7 @@ from ..clicks import deepest_voxel_ijk
 from ..errors import InputError
 from ..evaluate import label_values
 from ..metrics import dice
-from ..phantom import IMAGE_FILE, LABEL_FILE, LABELS_JSON, make_phantom, write_phantom
+from ..phantom import IMAGE_FILE, INCOMPLETE_KEY, LABEL_FILE, LABELS_JSON, make_phantom, write_phantom
 from ..preprocess import prepare
 from ..preview import save_preview
 from ..volume import Volume
@@ -96,11 +97,14 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
     if args.label:
         raise InputError("--label needs --image (the scan it labels); leave both out to use a phantom.")
     _check_phantom_folder(out)
-    _check_result_files(out, may_replace=args.overwrite or _is_phantom_description(out / LABELS_JSON))
-    if args.seed is None and (out / IMAGE_FILE).exists() and (out / LABEL_FILE).exists():
-        # A phantom written earlier (by `sammed3d phantom`, perhaps with its own seed and size) is segmented as it is.
-        print(f"Using the phantom already in {out}: {out / IMAGE_FILE}, {out / LABEL_FILE}")
-        return Volume.from_file(out / IMAGE_FILE).image, Volume.from_file(out / LABEL_FILE).image
+    description = _phantom_description(out / LABELS_JSON)
+    _check_result_files(out, may_replace=args.overwrite or description is not None)
+    if _reusable(out, description, args.seed):
+        # A phantom written earlier (by `sammed3d phantom`, perhaps with its own size) is segmented as it is.
+        print(f"Using the phantom of seed {description['seed']} already in {out}: {IMAGE_FILE}, {LABEL_FILE}")
+        image, label = Volume.from_file(out / IMAGE_FILE), Volume.from_file(out / LABEL_FILE)
+        image.check_same_grid(label)
+        return image.image, label.image
     phantom = make_phantom(0 if args.seed is None else args.seed)
     image_path, label_path = write_phantom(phantom, out)
     print(f"Generated phantom seed {phantom.seed}: {image_path}, {label_path}")
@@ -127,19 +131,29 @@ def _check_phantom_folder(out: Path) -> None:
     """A phantom replaces image.nii.gz and label.nii.gz in `out` only where they are a phantom's (its labels.json
     beside them), so a folder holding someone's scan is left alone."""
     existing = [out / name for name in (IMAGE_FILE, LABEL_FILE) if (out / name).exists()]
-    if existing and not _is_phantom_description(out / LABELS_JSON):
+    if existing and _phantom_description(out / LABELS_JSON) is None:
         raise InputError(
             f"{existing[0]} is not a phantom written by sammed3d; choose another --out folder "
             "(or pass --image and --label to segment that scan)."
         )
 
 
-def _is_phantom_description(path: Path) -> bool:
+def _phantom_description(path: Path) -> Optional[dict]:
+    """The labels.json of a phantom written by sammed3d, or None when `path` is none."""
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(description, dict) and "seed" in description and "labels" in description
+        return None
+    if isinstance(description, dict) and "seed" in description and "labels" in description:
+        return description
+    return None
+
+
+def _reusable(out: Path, description: Optional[dict], seed: Optional[int]) -> bool:
+    """Whether `out` holds a whole phantom of `seed` (any seed when None) to segment as it is."""
+    whole = description is not None and not description.get(INCOMPLETE_KEY)
+    present = (out / IMAGE_FILE).exists() and (out / LABEL_FILE).exists()
+    return whole and present and seed in (None, description["seed"])
 
 
 def _largest_label(labels: np.ndarray) -> int:
