@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import write_text_atomic
+from .atomic import atomic_destination, write_text_atomic
 from .errors import InputError
 from .imageio import write_image_atomic
 
@@ -692,11 +693,13 @@ def write_phantom(phantom: Phantom, out_dir: Path) -> tuple[Path, Path]:
     }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        # Marked incomplete until both volumes are written: an interrupted write leaves a folder that says so,
-        # rather than one whose description belongs to an earlier phantom.
-        write_text_atomic(out_dir / LABELS_JSON, json.dumps({**description, INCOMPLETE_KEY: True}, indent=2) + "\n")
-        write_image_atomic(phantom.image, image_path)
-        write_image_atomic(phantom.label, label_path)
+        with ExitStack() as staged:
+            # Both volumes are written beside their targets first (the slow part: a failure leaves the folder as
+            # it was); while they are renamed into place the description says the folder is incomplete, so an
+            # interruption between the renames never leaves a seed's image beside another's label unannounced.
+            for image, path in ((phantom.image, image_path), (phantom.label, label_path)):
+                write_image_atomic(image, staged.enter_context(atomic_destination(path, ".nii.gz")))
+            write_text_atomic(out_dir / LABELS_JSON, json.dumps({**description, INCOMPLETE_KEY: True}, indent=2) + "\n")
         write_text_atomic(out_dir / LABELS_JSON, json.dumps(description, indent=2) + "\n")
     except (OSError, RuntimeError) as error:
         raise InputError(f"Cannot write the phantom into {out_dir} ({error}); choose a writable folder.") from error

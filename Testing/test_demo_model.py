@@ -4,6 +4,7 @@ README's main command (`sammed3d demo`) writes a mask whose Dice it reports trut
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAMMed3DLib import phantom as phantom_module
-from SAMMed3DLib import synthetic
+from SAMMed3DLib import atomic, synthetic
 from SAMMed3DLib.batch import segment_volume
 from SAMMed3DLib.checkpoint import load_model
 from SAMMed3DLib.cli import main
@@ -84,15 +84,15 @@ def test_the_demo_segments_a_phantom_already_in_its_folder_unless_a_seed_picks_a
 
 def test_a_phantom_folder_left_half_written_is_made_again_not_segmented(tmp_path, monkeypatch, capsys):
     assert main(["phantom", "--seed", "7", "--max-voxels", "300000", "--out", str(tmp_path)]) == 0
-    write_image = phantom_module.write_image_atomic
+    rename = os.replace
 
-    def interrupted_after_the_image(image, path):
-        if Path(path).name == "label.nii.gz":
+    def interrupted_between_the_renames(source, target):
+        if Path(target).name == "image.nii.gz":  # the label is renamed first
             raise KeyboardInterrupt
-        return write_image(image, path)
+        return rename(source, target)
 
-    monkeypatch.setattr(phantom_module, "write_image_atomic", interrupted_after_the_image)
-    assert main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 130  # seed 5's image beside seed 7's label
+    monkeypatch.setattr(atomic.os, "replace", interrupted_between_the_renames)
+    assert main(["demo", "--out", str(tmp_path), "--seed", "5"]) == 130  # seed 7's image beside seed 5's label
     monkeypatch.undo()
     capsys.readouterr()
     assert main(["demo", "--out", str(tmp_path)]) == 0
