@@ -2102,7 +2102,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
     def setUp(self) -> None:
         if not SAMMed3DLogic.torchAvailable():
             self.skipTest("PyTorch is not installed (PyTorch extension)")
-        from SAMMed3DLib import synthetic  # the package imports torch, so only after the check above
+        from SAMMed3DLib import synthetic  # after the check above: the test runs the engine, which needs PyTorch
 
         self.synthetic = synthetic
         slicer.mrmlScene.Clear()

@@ -36,8 +36,8 @@ def attach_point_values(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()  # imports the commands, and with them PyTorch: a second or so a Ctrl+C may land in
         args = parser.parse_args(attach_point_values(sys.argv[1:] if argv is None else argv))  # points checked here
         return int(args.func(args) or 0)
     except SAMMed3DError as error:

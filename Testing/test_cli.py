@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from conftest import shared_path
 
+from SAMMed3DLib import cli
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.commands import phantom as phantom_command
 from SAMMed3DLib.commands.segment import OrderedClick
@@ -94,6 +97,24 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "sammed3d: interrupted; files already written are whole, nothing was left half-written.\n"
     )
+
+
+def test_a_ctrl_c_while_the_commands_load_is_one_line_too(monkeypatch, capsys):
+    """Loading the commands imports PyTorch, a second or so; the command line is started before that."""
+    startup = subprocess.run(
+        [sys.executable, "-c", "import sys, SAMMed3DLib.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert startup.stdout.strip() == "False"
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert main(["phantom", "--seed", "1", "--out", "p"]) == 130
+    assert capsys.readouterr().err.startswith("sammed3d: interrupted")
 
 
 def test_missing_image_and_bad_checkpoint(tmp_path, checkpoint, capsys):
