@@ -12,8 +12,8 @@ from .errors import SAMMed3DError
 # Each command module defines `register(subparsers)` that adds its parser and sets `func`.
 COMMAND_MODULES: tuple[str, ...] = ("demo", "segment", "batch", "evaluate", "phantom", "train")
 
-# Options whose value is a point, which starts with '-' when its first coordinate is negative.
-POINT_OPTIONS = ("--pos", "--neg")
+# Options whose value may start with '-': a point whose first coordinate is negative, a list of label values.
+SIGNED_VALUE_OPTIONS = ("--pos", "--neg", "--labels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def attach_point_values(argv: Sequence[str]) -> list[str]:
+def attach_signed_values(argv: Sequence[str]) -> list[str]:
     """'--pos -86,-203,382' as '--pos=-86,-203,382': argparse would read the value for an unknown option."""
     joined: list[str] = []
     for token in argv:
-        if joined and joined[-1] in POINT_OPTIONS and token.startswith("-") and not token.startswith("--"):
+        if joined and joined[-1] in SIGNED_VALUE_OPTIONS and token.startswith("-") and not token.startswith("--"):
             joined[-1] = f"{joined[-1]}={token}"
         else:
             joined.append(token)
@@ -38,7 +38,7 @@ def attach_point_values(argv: Sequence[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()  # imports the commands, and with them PyTorch: a second or so a Ctrl+C may land in
-        args = parser.parse_args(attach_point_values(sys.argv[1:] if argv is None else argv))  # points checked here
+        args = parser.parse_args(attach_signed_values(sys.argv[1:] if argv is None else argv))  # points checked here
         return int(args.func(args) or 0)
     except SAMMed3DError as error:
         print(f"sammed3d: error: {error}", file=sys.stderr)

@@ -227,6 +227,22 @@ def _label_file(folder, image_path, size_change: int = 0, shift_mm: float = 0.0)
     return path
 
 
+def test_negative_label_values_can_be_named_in_options(tmp_path, image_path, checkpoint, capsys):
+    image = sitk.ReadImage(str(image_path))
+    array = np.zeros(image.GetSize()[::-1], dtype=np.int16)
+    array[5:10, 5:10, 5:10] = -2
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    path = tmp_path / "labels.nii.gz"
+    sitk.WriteImage(labels, str(path))
+    arguments = ["evaluate", str(image_path), str(path), "--out", str(tmp_path / "pred.nii.gz")]
+    assert main([*arguments, "--checkpoint", str(tmp_path / "absent.pth"), "--labels", "-2,7"]) == 2
+    assert "Label values [7] do not occur in the label map; it has [-2]" in capsys.readouterr().err
+    demo = ["demo", "--image", str(image_path), "--label", str(path), "--out", str(tmp_path / "d")]
+    assert main([*demo, "--checkpoint", str(checkpoint), "--target", "-2"]) == 0
+    assert "Target label -2: one positive click" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("size_change, shift_mm", [(-2, 0.0), (0, 30.0)])
 def test_demo_refuses_a_label_map_on_another_grid(tmp_path, image_path, size_change, shift_mm, capsys):
     label = _label_file(tmp_path, image_path, size_change, shift_mm)

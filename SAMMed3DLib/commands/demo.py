@@ -49,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.target is not None and args.target <= 0:
-        raise InputError(f"--target {args.target} is the background or no label; give a label value above 0.")
+    if args.target == 0:
+        raise InputError("--target 0 is the background; give the label value of a structure.")
     out = Path(args.out)
     image, label = _inputs(args, out)
     label_volume = Volume.from_sitk(label, name="label")
@@ -161,8 +161,8 @@ def _largest_label(labels: np.ndarray) -> int:
     if not len(values):
         if np.any(labels < 0):
             raise InputError(
-                "The label map holds only negative values besides 0; give a label map whose structures have "
-                "label values above 0."
+                "The label map holds only negative values besides 0, and the largest structure is looked for among "
+                f"values above 0: name one with --target (e.g. --target {int(labels.min())})."
             )
         raise InputError("The label map is empty; give a label map with at least one structure.")
     return int(values[np.argmax(counts)])
