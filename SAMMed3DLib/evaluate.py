@@ -44,6 +44,7 @@ class LabelResult:
     voxels_per_click: list[int] = field(default_factory=list)
     iou_per_click: list[float] = field(default_factory=list)
     region_mask: Optional[np.ndarray] = None
+    vanished: bool = False  # no voxel left at 1.5 mm: no click, Dice 0 (the official protocol scores it so)
 
 
 @dataclass
@@ -161,6 +162,7 @@ class _ProtocolRun:
         result = LabelResult(value=value, region_begin=region.begin)
         region_mask = np.zeros(region_label.shape, dtype=np.uint8)
         if not region_label.any():  # the official code returns an empty mask without drawing a click
+            result.vanished = True
             patch, box = paste_region_mask(region_mask, region, prepared.volume)
             result.dice_per_click = [_dice_of_patch(patch, 0, box, truth, truth_count)] * self.num_clicks
             result.voxels_per_click = [0] * self.num_clicks

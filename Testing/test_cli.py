@@ -314,6 +314,27 @@ def test_evaluate_writes_label_values_above_255(tmp_path, checkpoint, image_path
     assert written.GetPixelID() == sitk.sitkUInt16 and set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 300}
 
 
+def test_evaluate_says_which_targets_vanish_at_the_model_s_resolution(tmp_path, checkpoint, capsys):
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 50, (40, 40, 40)).astype(np.int16))
+    image.SetSpacing((0.5, 0.5, 0.5))
+    labels = np.zeros((40, 40, 40), dtype=np.uint8)
+    labels[10:30, 10:30, 10:30] = 3
+    labels[35, 35, 36] = 7  # one 0.5 mm voxel: between the 1.5 mm grid's voxel centres
+    label = sitk.GetImageFromArray(labels)
+    label.CopyInformation(image)
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("image", "label", "pred")}
+    sitk.WriteImage(image, str(paths["image"]))
+    sitk.WriteImage(label, str(paths["label"]))
+    report_path = tmp_path / "report.json"
+    arguments = ["evaluate", str(paths["image"]), str(paths["label"]), "--out", str(paths["pred"]), "--clicks", "2"]
+    assert main([*arguments, "--checkpoint", str(checkpoint), "--report", str(report_path)]) == 0
+    assert "Label(s) 7: no voxel left at 1.5 mm" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())["labels"]
+    assert report["7"]["vanished_at_1.5mm"] and report["7"]["dice"] == [0.0, 0.0]
+    assert report["7"]["iou_pred"] == [None, None] and report["7"]["clicks"] == []
+    assert not report["3"]["vanished_at_1.5mm"] and len(report["3"]["iou_pred"]) == 2
+
+
 @pytest.mark.parametrize(
     "seed, message", [("-5", "seed -5 is out of range"), ("99999999999", "is out of range"), ("two", "not a whole")]
 )

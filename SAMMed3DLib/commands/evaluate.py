@@ -80,7 +80,8 @@ def report(result: EvaluationResult) -> dict:
     per_label = {
         str(r.value): {
             "dice": r.dice_per_click,
-            "iou_pred": r.iou_per_click,
+            "iou_pred": r.iou_per_click if not r.vanished else [None] * len(r.dice_per_click),
+            "vanished_at_1.5mm": r.vanished,
             "region_begin": list(r.region_begin),
             "clicks": [
                 {"region_index": list(c.region_index), "positive": c.positive, "ras": list(c.ras)} for c in r.clicks
@@ -100,4 +101,10 @@ def dice_table(result: EvaluationResult) -> str:
         rows.append(f"{r.value:>6} " + " ".join(f"{d:>9.4f}" for d in r.dice_per_click))
     mean = report(result)["mean_dice"]
     rows.append(f"{'mean':>6} " + " ".join(f"{d:>9.4f}" for d in mean))
+    vanished = [str(r.value) for r in result.labels if r.vanished]
+    if vanished:
+        rows.append(
+            f"Label(s) {', '.join(vanished)}: no voxel left at 1.5 mm, the model's grid (smaller than its voxels): "
+            "scored 0 without a click, as the official protocol does, and counted in the mean."
+        )
     return "\n".join(rows)
