@@ -205,6 +205,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._jobs: deque[_Job] = deque()
         self._generation = 0  # bumped when a segment is finished: results of older requests are dropped
+        self._writeFailedGeneration: Optional[int] = None  # the generation whose write failed last
         self._shortcuts: list = []
         self._placementOrder: list[tuple[bool, str]] = []
         self._appliedPrompts: tuple = ()
@@ -677,38 +678,49 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if preview and not self._readyForPreview():
             return  # a drag (or the mouse moving while placing) never asks, loads or downloads: the release does
         if not self._ensureEngineReady():
-            self._failedRequest = (prompts, self._modelSettings())
+            self._requestFailed(prompts, preview)
             return
         try:
             clicks = self.logic.clicksFromPrompts(volumeNode, prompts)
         except Exception as error:
-            self._failedRequest = (prompts, self._modelSettings())
-            self._setStatus(str(error))
+            self._requestFailed(prompts, preview, str(error))
             return
         firstOfSession = not self.logic.sessionStarted
         try:
             future = self.logic.requestSegmentation(volumeNode, clicks, self._parameterNode.promptMode.value, preview)
         except Exception as error:  # e.g. a volume the worker cannot prepare
-            self._failedRequest = (prompts, self._modelSettings())
-            self._setStatus(str(error))
+            self._requestFailed(prompts, preview, str(error))
             return
         self._submitted = (prompts, not preview)
         key, generation = self._currentSegmentKey(), self._generation
         label = _("Computing the image embedding (first click of a region)...") if firstOfSession else _("Updating...")
+        # Prompts stay blocked until a request that holds them finishes: a cancelled first request leaves that to
+        # the one that replaced it.
+        unblock = firstOfSession or self._blockedPlaceWidget is not None
         if firstOfSession:
             self._blockPrompts()
 
         def onDone(finished) -> None:
-            self._onResult(finished, key, prompts, preview, firstOfSession, generation)
+            self._onResult(finished, key, prompts, preview, unblock, generation)
 
         self._addJob(future, onDone, label, firstOfSession)
 
+    def _requestFailed(self, prompts, preview: bool, message: Optional[str] = None) -> None:
+        """Asked again once the points or the model change, or a point is clicked; a release ends its drag's step."""
+        self._failedRequest = (prompts, self._modelSettings())
+        if not preview:
+            self._closeStep(self._currentSegmentKey())
+        if message:
+            self._setStatus(message)
+
     def _onResult(self, future, key, prompts, preview: bool, unblock: bool, generation: int) -> None:
-        if unblock:
+        if unblock and not future.cancelled():
             self._unblockPrompts()
         if future.cancelled() or generation != self._generation:
             if not preview:  # the drag this release ended is over: its previews are one undo step of their own
                 self._closeStep(key)
+                if not future.cancelled() and generation == self._writeFailedGeneration:
+                    self._updateTimer.start()  # queued behind a failed write: asked again, as a new session
             return  # cancelled, or made for a segment, volume or scene the user has since left
         try:
             result = future.result()
@@ -741,13 +753,15 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception:
             # The segment now differs from the session's mask, which later results are compared with: start a
             # fresh session, whose first result rewrites the segment whole (what was written is undoable). Results
-            # already queued build on the mask that was not written: they are dropped, and these points wait for
-            # the next change or click (not retried at once: the write could fail again and again).
+            # already queued build on the mask that was not written: they are dropped (a release among them is
+            # asked again). A failed release waits for the next change or click (it could fail again and again).
+            self._writeFailedGeneration = generation
             self._generation += 1
             self._closeStep(key)
             self.logic.endSession()
             self._submitted = None
-            self._failedRequest = (prompts, self._modelSettings())
+            if not preview:
+                self._failedRequest = (prompts, self._modelSettings())
             raise
         self._appliedPrompts, self._appliedFinal = prompts, not preview
         self._failedRequest = None
@@ -1199,6 +1213,7 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         self._modelKey = self._modelFuture = None
         self._preparedKey = self._preparedFuture = None
         self._consolePrepared = None
+        self._waitingPreview = None
         self.sessionStarted = False
 
     # Model ------------------------------------------------------------------------------------
@@ -1370,11 +1385,13 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         # and take in the next step); it makes a preview still waiting pointless (a running one just finishes).
         if self._waitingPreview is not None:
             self._waitingPreview.cancel()
+            self._waitingPreview = None  # a finished one holds its result: whole-volume masks
         return self.worker.submit_latest("segmentation", *arguments)
 
     def endSession(self) -> None:
         """The next request starts a fresh session (other segment, accepted segment, new volume)."""
         self.sessionStarted = False
+        self._waitingPreview = None
         if self._worker is not None:
             self._worker.submit(self._workEndSession)
 
