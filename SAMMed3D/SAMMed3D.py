@@ -1616,10 +1616,13 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         that one replaces the segment whole (it may hold voxels from before the session, which the session never
         saw). Exclude points alone give no mask and change nothing.
         Other segments are changed only with `overwriteOthers`, and then only where the new mask is.
-        Returns the recorded `HistoryStep`; what was written before a failure is recorded too.
+        Returns the recorded `HistoryStep`; what was written before a failure is recorded too. A later result of
+        a session is refused when the volume has moved in the segmentation since the segment's last step.
         """
         from SAMMed3DLib.segment_history import HistoryStep
 
+        key, grid = self.segmentKey(segmentationNode, segmentId), self.gridKey(volumeNode, segmentationNode)
+        self._refuseMovedSession(result, key, grid)
         box = self._boxToWrite(result, segmentationNode, segmentId, volumeNode)
         changes = []
         try:
@@ -1630,14 +1633,24 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
                     segmentationNode, segmentId, box, patch, volumeNode, overwriteOthers, changes, previous
                 )
         finally:
-            key = self.segmentKey(segmentationNode, segmentId)
             changes = tuple(c for c in changes if c is not None)
-            step = HistoryStep(
-                key, changes, promptsBefore, promptsAfter, grid=self.gridKey(volumeNode, segmentationNode)
-            )
+            step = HistoryStep(key, changes, promptsBefore, promptsAfter, grid=grid)
             if record:
                 self.history.record(step, preview=preview)
         return step
+
+    def _refuseMovedSession(self, result, key, grid: tuple) -> None:
+        """A session's later masks are written as changes to the one before, at the voxels where the volume lay in
+        the segmentation then: not once a transform has moved one of the two."""
+        history = self.historyIfStarted()
+        last = history.next_undo(key) if history is not None and not result.first else None
+        if last is not None and last.grid is not None and last.grid != grid:
+            raise ValueError(
+                _(
+                    "The volume moved relative to the segmentation since the last point (a transform changed). "
+                    "Click a point to go on: a new model session starts, whose mask replaces the segment."
+                )
+            )
 
     @staticmethod
     def gridKey(volumeNode, segmentationNode) -> tuple:
@@ -2137,6 +2150,7 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
             self.test_WritingUndoAndOtherSegments,
             self.test_HandEditsWhereTheModelChangedNothingStay,
             self.test_UndoOnAnotherVolumeIsRefused,
+            self.test_AVolumeMovedFromItsSegmentationIsNotWrittenAsBefore,
             self.test_NewSessionReplacesTheSegment,
             self.test_ExcludePointsAloneKeepTheSegment,
             self.test_FailedWriteIsUndoable,
@@ -2314,6 +2328,21 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), sphere)
         self.assertIsNotNone(logic.undo(segmentationNode, segmentId, volumeNode))
         self.assertEqual(int(self._segmentArray(segmentationNode, segmentId, volumeNode).sum()), 0)
+
+    def test_AVolumeMovedFromItsSegmentationIsNotWrittenAsBefore(self) -> None:
+        self.delayDisplay("After a transform moved the volume from its segmentation: no undo, no change-only write")
+        volumeNode, sphere, segmentationNode, segmentId = self._sceneWithSphereSegment()
+        logic = self.logic
+        shift = np.eye(4)
+        shift[0, 3] = 10.0
+        moved = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        moved.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+        volumeNode.SetAndObserveTransformNodeID(moved.GetID())  # the segmentation stays under the old transform
+        self.assertIn("moved relative to the segmentation", logic.undoRefusal(segmentationNode, segmentId, volumeNode))
+        with self.assertRaises(ValueError):
+            logic.applyResult(self._fakeResult(np.zeros_like(sphere), sphere), segmentationNode, segmentId, volumeNode)
+        logic.applyResult(self._fakeResult(sphere, first=True), segmentationNode, segmentId, volumeNode)
+        self.assertIsNone(logic.undoRefusal(segmentationNode, segmentId, volumeNode))  # a new session's step
 
     def test_NewSessionReplacesTheSegment(self) -> None:
         self.delayDisplay("A session's first result replaces the segment whole; undo brings it back")
