@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .transforms import bounding_box
 
 METHODS = ("random", "ritm")
 
@@ -92,14 +93,13 @@ def deepest_voxel_ijk(mask: np.ndarray, spacing_ijk: Sequence[float] = (1.0, 1.0
     surface (a structure cut by the field of view is not clicked at the cut): an unambiguous click. Of voxels
     equally deep, the one nearest the mask's centroid (in mm) is taken, not the first in raster order."""
     mask = np.asarray(mask, dtype=bool)
-    filled = np.argwhere(mask)
-    if len(filled) == 0:
+    box = bounding_box(mask)
+    if box is None:
         raise ValueError("The mask is empty: it has no deepest voxel.")
     # Only the mask's bounding box: the layer around it (background, or the volume's edge) is the padding below,
     # and no voxel farther out is nearer to a voxel inside (a 3 cm target in a 512x512x1000 CT: 18 s -> 0.07 s).
-    low, high = filled.min(axis=0), filled.max(axis=0) + 1
-    i, j, k = _deepest_voxel_in_box(mask[tuple(slice(a, b) for a, b in zip(low, high))], spacing_ijk)
-    return int(i + low[2]), int(j + low[1]), int(k + low[0])
+    i, j, k = _deepest_voxel_in_box(mask[box], spacing_ijk)
+    return int(i + box[2].start), int(j + box[1].start), int(k + box[0].start)
 
 
 def _deepest_voxel_in_box(mask: np.ndarray, spacing_ijk: Sequence[float]) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from .atomic import atomic_destination, check_output_path
 from .errors import InputError
+from .transforms import bounding_box, box_to_vtk_extent
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -385,11 +386,8 @@ def slicer_segmentation_fields(array_kji: np.ndarray, name: str) -> dict[str, st
 
 def _extent_ijk(mask_kji: np.ndarray) -> str:
     """'i0 i1 j0 j1 k0 k1', the voxel bounds of a mask (VTK extent order); '0 -1 0 -1 0 -1' when it is empty."""
-    bounds = []
-    for axis in (2, 1, 0):  # i, j, k
-        filled = np.flatnonzero(np.any(mask_kji, axis=tuple(a for a in range(3) if a != axis)))
-        bounds += [int(filled[0]), int(filled[-1])] if len(filled) else [0, -1]
-    return " ".join(str(bound) for bound in bounds)
+    box = bounding_box(mask_kji)
+    return " ".join(str(bound) for bound in (box_to_vtk_extent(box) if box is not None else (0, -1) * 3))
 
 
 def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:

@@ -21,6 +21,7 @@ import torch
 from . import geometry
 from .errors import InputError
 from .preprocess import ROI_SIZE, Region
+from .transforms import bounding_box, offset_box
 from .volume import Volume
 
 Box = tuple[slice, slice, slice]
@@ -78,15 +79,9 @@ def _candidate_box(region: Region, volume: Volume) -> Box | None:
 
 
 def tight_box(inside: np.ndarray, box: Box) -> Box:
-    """The smallest box around the True voxels of `inside` (given over `box`), in volume coordinates.
-
-    Three reductions along the axes: several times faster than `np.nonzero` on millions of voxels."""
-    starts = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(np.any(inside, axis=others))
-        starts.append(slice(box[axis].start + int(present[0]), box[axis].start + int(present[-1]) + 1))
-    return tuple(starts)
+    """The smallest box around the True voxels of `inside` (given over `box`, not all False), in volume
+    coordinates."""
+    return offset_box(bounding_box(inside), box)
 
 
 def _axis_lookup(start: np.ndarray, end: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .transforms import Box, box_shape, offset_box, relative_box, union_box
+from .transforms import Box, bounding_box, box_shape, offset_box, relative_box, union_box
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 
@@ -248,12 +248,4 @@ class SegmentHistory:
 
 def differing_box(before: np.ndarray, after: np.ndarray) -> Optional[Box]:
     """The tightest box (relative to the arrays) around voxels where `before` and `after` differ."""
-    differs = before != after
-    if not differs.any():
-        return None
-    box = []
-    for axis in range(differs.ndim):
-        others = tuple(a for a in range(differs.ndim) if a != axis)
-        hits = np.flatnonzero(differs.any(axis=others))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
+    return bounding_box(before != after)

@@ -1,8 +1,8 @@
-"""Plain 4x4 matrix maths and voxel boxes for the Slicer glue.
+"""Plain 4x4 matrix maths and voxel boxes (for the engine and the Slicer glue).
 
 Volume coordinate conversions (RAS, LPS, IJK, canonical grid) live in `geometry`; this module only
-composes homogeneous matrices, applies them to point lists, compares voxel lattices and converts
-(K, J, I) slice boxes to VTK extents.
+composes homogeneous matrices, applies them to point lists, compares voxel lattices, finds the box around a
+mask's voxels and converts (K, J, I) slice boxes to VTK extents.
 """
 
 from __future__ import annotations
@@ -57,6 +57,20 @@ def lattice_offset(
     if np.any(error > tolerance) or not np.allclose(a_in_b[:3, :3], np.eye(3), atol=tolerance):
         return None
     return int(rounded[0]), int(rounded[1]), int(rounded[2])
+
+
+def bounding_box(mask: np.ndarray) -> Optional[Box]:
+    """The smallest box (relative to the array) around the True voxels of a 3-D mask, or None when it has none.
+
+    Three reductions along the axes: several times faster than `np.nonzero` on millions of voxels."""
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(np.any(mask, axis=others))
+        if len(present) == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
 
 
 def box_to_vtk_extent(box: Sequence[slice]) -> tuple[int, int, int, int, int, int]:

@@ -7,6 +7,7 @@ import pytest
 
 from SAMMed3DLib.transforms import (
     apply,
+    bounding_box,
     box_to_vtk_extent,
     compose,
     intersect_boxes,
@@ -95,6 +96,13 @@ def test_lattice_offset_takes_a_tiny_rotation_only_where_no_voxel_moves_more_tha
     assert lattice_offset(OBLIQUE_IJK_TO_RAS, turned, (1, 1, 1)) == (0, 0, 0)
     header_rounding = compose(OBLIQUE_IJK_TO_RAS, rotation(2, 1e-5))  # 1e-4 voxel at voxel 511
     assert lattice_offset(OBLIQUE_IJK_TO_RAS, header_rounding, SIZE) == (0, 0, 0)
+
+
+def test_bounding_box_is_the_smallest_box_around_the_true_voxels():
+    mask = np.zeros((6, 7, 8), dtype=bool)
+    assert bounding_box(mask) is None
+    mask[1, 2, 3] = mask[4, 2, 6] = True
+    assert bounding_box(mask) == (slice(1, 5), slice(2, 3), slice(3, 7))
 
 
 def test_boxes_and_vtk_extents_convert_both_ways():
