@@ -254,8 +254,8 @@ def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = Fal
         replace(case, out=_default_out(case, out_dir, repeated)) if _needs_default_out(case) else case for case in cases
     ]
     _refuse_shared_outputs(planned)
-    # Resolved once, not once per output; keyed without case, where another spelling may name the same file.
-    images = {str(case.image.resolve()).casefold(): case.image for case in cases if case.image is not None}
+    # Resolved once, not once per output.
+    images = {_file_key(case.image): case.image for case in cases if case.image is not None}
     return [_with_checked_output(case, images, overwrite) for case in planned]
 
 
@@ -275,7 +275,7 @@ def _with_checked_output(case: Case, images: dict[str, Path], overwrite: bool) -
         return case
     try:
         # Given only the input it may be: check_image_output would resolve every input again for each output.
-        same_name = images.get(str(case.out.resolve()).casefold())
+        same_name = images.get(_file_key(case.out))
         inputs = [same_name] if same_name is not None else []
         check_image_output(case.out, inputs=inputs, overwrite=overwrite)
     except InputError as error:
@@ -283,12 +283,17 @@ def _with_checked_output(case: Case, images: dict[str, Path], overwrite: bool) -
     return case
 
 
+def _file_key(path: Path) -> str:
+    """One key per file, without case: CT_mask.nii.gz and ct_mask.nii.gz are one file on macOS and Windows."""
+    return str(path.resolve()).casefold()
+
+
 def _refuse_shared_outputs(cases: Sequence[Case]) -> None:
     writers: dict[str, int] = {}
     for number, case in enumerate(cases, start=1):
         if case.problem is not None:
             continue
-        first = writers.setdefault(str(case.out.resolve()).casefold(), number)  # one file where case is ignored
+        first = writers.setdefault(_file_key(case.out), number)
         if first != number:
             raise InputError(
                 f"Cases {first} and {number} (counted in manifest order) would both write {case.out}; "
