@@ -76,25 +76,21 @@ def merge_changes(older: PatchChange, newer: PatchChange) -> PatchChange:
     if older.segment_id != newer.segment_id:
         raise ValueError("Only changes of the same segment can be merged.")
     union = union_box(older.box, newer.box)
-    before, older_changed = _placed(older.before, older.after, older.box, union)
-    newer_before, newer_changed = _placed(newer.before, newer.after, newer.box, union)
-    np.copyto(before, newer_before, where=newer_changed & ~older_changed)
-    after = before.copy()
-    older_after, _ = _placed(older.after, older.after, older.box, union)
-    np.copyto(after, older_after, where=older_changed)
-    newer_after, _ = _placed(newer.after, newer.after, newer.box, union)
-    np.copyto(after, newer_after, where=newer_changed)
+    older_changed = _placed(older.before != older.after, older.box, union)
+    newer_changed = _placed(newer.before != newer.after, newer.box, union)
+    before = np.where(
+        newer_changed & ~older_changed, _placed(newer.before, newer.box, union), _placed(older.before, older.box, union)
+    )
+    older_after = np.where(older_changed, _placed(older.after, older.box, union), before)
+    after = np.where(newer_changed, _placed(newer.after, newer.box, union), older_after)
     return PatchChange(older.segment_id, union, before, after)
 
 
-def _placed(content: np.ndarray, other: np.ndarray, box: Box, union: Box) -> tuple[np.ndarray, np.ndarray]:
-    """`content` of `box` placed in a zero array of `union`, and where it differs from `other` there."""
+def _placed(content: np.ndarray, box: Box, union: Box) -> np.ndarray:
+    """`content` of `box` in a zero array of `union`."""
     placed = np.zeros(box_shape(union), dtype=content.dtype)
-    differs = np.zeros(placed.shape, dtype=bool)
-    inside = relative_box(box, union)
-    placed[inside] = content
-    differs[inside] = content != other
-    return placed, differs
+    placed[relative_box(box, union)] = content
+    return placed
 
 
 @dataclass(frozen=True, eq=False)
