@@ -1512,10 +1512,9 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     def segmentEquals(self, mask: np.ndarray, segmentationNode, segmentId: str, volumeNode) -> bool:
         """Whether the segment holds exactly the voxels of `mask` (K, J, I on the volume's grid)."""
-        from SAMMed3DLib.segment_history import differing_box
-        from SAMMed3DLib.transforms import union_box
+        from SAMMed3DLib.transforms import bounding_box, union_box
 
-        maskBox = differing_box(np.zeros_like(mask), mask)
+        maskBox = bounding_box(mask > 0)
         heldBox = self.segmentBox(segmentationNode, segmentId, volumeNode)
         box = union_box(maskBox, heldBox) if maskBox and heldBox else maskBox or heldBox
         if box is None:
