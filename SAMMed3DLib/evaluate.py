@@ -65,15 +65,29 @@ def _dice_of_patch(patch: np.ndarray, patch_count: int, box, truth: np.ndarray, 
     return 2.0 * int(np.count_nonzero(np.logical_and(patch, truth[box]))) / total
 
 
-def label_values(label: Volume) -> list[int]:
-    """Foreground values of a label map, ascending (the official category list)."""
+def label_values(
+    label: Volume, source: str = "The label map", fix: str = "give the image first and its label map second"
+) -> list[int]:
+    """Foreground values of a label map, ascending (the official category list).
+
+    `source` names the label map in the errors and `fix` says how to give a label map instead of an image.
+    """
     values = np.unique(label.array_kji)
-    if not np.all(values == np.round(values)):
-        raise InputError("The label map has non-integer values; give a label map of integer label values.")
+    if not np.all(values == np.round(values)):  # int() would truncate 0.5 to 0, the background
+        raise InputError(
+            f"{source} has non-integer values; give a label map of whole-number label values "
+            "(resampled with nearest neighbour, not linear interpolation)."
+        )
     if len(values) > MAX_LABEL_VALUES:
         raise InputError(
-            f"The label map has {len(values)} different values: it looks like an image, not a label map; "
-            "give the image first and its label map second."
+            f"{source} has {len(values)} different values: it looks like an image, not a label map (at most "
+            f"{MAX_LABEL_VALUES} values); {fix}."
+        )
+    beyond = [v for v in (values[0], values[-1]) if not -(2**63) <= v < 2**63] if len(values) else []
+    if beyond:
+        raise InputError(
+            f"{source} has the value {beyond[0]:g}, beyond any label value (64-bit integers); "
+            "give a label map whose values number its structures."
         )
     return [int(v) for v in values if v != 0]
 

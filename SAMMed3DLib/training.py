@@ -45,7 +45,7 @@ from .checkpoint import (
 from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError, SAMMed3DError
-from .evaluate import MAX_LABEL_VALUES as EVALUATE_MAX_LABEL_VALUES
+from .evaluate import label_values
 from .manifest import manifest_rows
 from .metrics import dice
 from .modeling import MaskDecoder3D, Sam3D
@@ -63,8 +63,6 @@ CACHE_VERSION = 1
 DICE_SMOOTHING = 1e-5
 # Regions drawn before giving up when none can be normalised.
 MAX_DRAWS = 100
-# Label values per case, at most (targets are stored as uint16): more are an image's intensities, as in evaluate.
-MAX_LABEL_VALUES = EVALUATE_MAX_LABEL_VALUES
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -145,19 +143,8 @@ def prepare_case(files: CaseFiles) -> PreparedCase:
     """Resample and reorient image and label exactly as inference does (one binary label per value)."""
     prepared = PreparedVolume(Volume.from_file(files.image))
     label = Volume.from_file(files.label)
-    found = np.unique(label.array_kji)
-    if not np.all(found == np.round(found)):  # int() would truncate 0.5 to 0 and train on the background
-        raise InputError(
-            f"{files.label} has non-integer values; give a label map of whole-number label values "
-            "(resampled with nearest neighbour, not linear interpolation)."
-        )
-    values = [int(v) for v in found if v != 0]
-    if len(values) > MAX_LABEL_VALUES:
-        raise InputError(
-            f"{files.label} has {len(values)} label values, more than the {MAX_LABEL_VALUES} training takes: it looks "
-            "like an image, not a label map; give the case's label map as its label."
-        )
-    targets = np.zeros(prepared.canonical_shape, dtype=np.uint16)
+    values = label_values(label, str(files.label), "give the case's label map as its label")
+    targets = np.zeros(prepared.canonical_shape, dtype=np.uint16)  # label_values allows 1000 values at most
     kept_values, counts = [], []
     for value in values:
         try:

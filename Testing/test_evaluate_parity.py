@@ -177,6 +177,18 @@ def test_empty_label_map_and_bad_arguments(predictor):
         evaluate_case(predictor, image, Volume.from_array(np.zeros((20, 20, 21), dtype=np.uint8), np.eye(4)))
 
 
+def test_label_values_beyond_64_bit_integers_are_refused_by_name(predictor):
+    intensities = np.random.default_rng(0).integers(1, 100, (20, 20, 20), dtype=np.int16)
+    image = Volume.from_array(intensities, np.eye(4))
+    labels = np.zeros((20, 20, 20), dtype=np.float64)
+    labels[5:9, 5:9, 5:9] = 1e20
+    with pytest.raises(InputError, match=r"has the value 1e\+20, beyond any label value"):
+        evaluate_case(predictor, image, Volume.from_array(labels, np.eye(4)))
+    labels[5:9, 5:9, 5:9] = 2.0**62  # a whole number that fits: evaluated under its value
+    (result,) = evaluate_case(predictor, image, Volume.from_array(labels, np.eye(4))).labels
+    assert result.value == 2**62
+
+
 def test_dice():
     a = np.zeros((4, 4), dtype=bool)
     b = np.zeros((4, 4), dtype=bool)
