@@ -129,11 +129,11 @@ def write_mask(mask_kji: np.ndarray, volume: Volume, path: PathLike) -> Path:
 
 
 def read_manifest(path: PathLike) -> list[Case]:
-    """Cases from a CSV (columns image, positive, negative[, space, out]; points 'x,y,z' joined by ';')
+    """Cases from a CSV (columns image, positive[, negative, space, out]; points 'x,y,z' joined by ';')
     or a JSON list of {"image", "clicks": [{"point": [x, y, z], "positive": true}, ...] | "positive"/"negative",
-    "space", "out"}. Relative paths are relative to the manifest's folder. A file that cannot be read as a
-    whole is an InputError; an entry that cannot be used becomes a case with a `problem` naming the entry
-    (CSV rows and JSON entries are counted from 1, the CSV header not included)."""
+    "space", "out"}. Relative paths are relative to the manifest's folder ('~' is the home folder). A file that
+    cannot be read as a whole is an InputError; an entry that cannot be used becomes a case with a `problem`
+    naming the entry (a CSV file's line, the header being line 1; a JSON list's entry, counted from 1)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"Manifest {path} is a folder; give a .csv or .json file listing images and clicks.")
@@ -144,11 +144,7 @@ def read_manifest(path: PathLike) -> list[Case]:
     entries = manifest_rows(path, columns=CSV_COLUMNS, optional=OPTIONAL_COLUMNS)
     if not entries:
         raise InputError(f"Manifest {path} lists no cases.")
-    kind = "row" if path.suffix.lower() == ".csv" else "entry"
-    return [
-        _case_from_entry(entry, path.parent, f"Manifest {kind} {number}")
-        for number, entry in enumerate(entries, start=1)
-    ]
+    return [_case_from_entry(row.fields, path.parent, f"Manifest {row.where}") for row in entries]
 
 
 def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
@@ -157,7 +153,7 @@ def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
     image = entry.get("image")
     if not isinstance(image, str) or not image.strip():
         return Case(None, [], problem=f'{where} has no \'image\' path; give each case one, like "image": "ct.nii.gz".')
-    case = Case(folder / image, [])
+    case = Case(folder / Path(image).expanduser(), [])
     try:
         case.out = _out(entry.get("out"), folder)  # first, so that the output is known even when the clicks are bad
         case.space = _space(entry.get("space"))
@@ -236,7 +232,7 @@ def _out(value: object, folder: Path) -> Optional[Path]:
         return None
     if not isinstance(value, str):
         raise InputError(f"'out' is {json.dumps(value)}; give a file path such as liver_mask.nii.gz.")
-    return folder / value
+    return folder / Path(value).expanduser()
 
 
 def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = False) -> list[Case]:

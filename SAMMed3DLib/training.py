@@ -107,26 +107,31 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
 
 def _read_manifest(path: Path) -> list[CaseFiles]:
     rows = manifest_rows(path, columns=("image", "label"))
-    rows_of_cases: dict[CaseFiles, int] = {}  # a case and the row that first lists it
-    for number, row in enumerate(rows, start=1):
+    rows_of_cases: dict[CaseFiles, str] = {}  # a case and where the manifest first lists it
+    for where, row in rows:
         if not isinstance(row, dict) or not all(
             isinstance(row.get(key), str) and row[key] for key in ("image", "label")
         ):
-            raise InputError(f"Row {number} of {path} lacks an 'image' or 'label' path; give both, as text.")
-        image, label = (path.parent / row["image"]).resolve(), (path.parent / row["label"]).resolve()
+            raise InputError(f"{where.capitalize()} of {path} lacks an 'image' or 'label' path; give both, as text.")
+        image, label = (_manifest_path(path, row["image"]), _manifest_path(path, row["label"]))
         for file in (image, label):
             if file.is_dir():  # training caches a case by its file's size and time, which a folder does not give
                 raise InputError(
-                    f"{file} (row {number} of {path}) is a folder (a DICOM series?); training reads image and label "
+                    f"{file} ({where} of {path}) is a folder (a DICOM series?); training reads image and label "
                     "files: convert it to .nii.gz first."
                 )
             if not file.is_file():
-                raise InputError(f"{file} (row {number} of {path}) does not exist; fix the manifest.")
+                raise InputError(f"{file} ({where} of {path}) does not exist; fix the manifest.")
         case = CaseFiles(image, label)
         if case in rows_of_cases:  # a pasted row twice would silently double the weight of its targets
-            raise InputError(f"Row {number} of {path} repeats row {rows_of_cases[case]}; list each case once.")
-        rows_of_cases[case] = number
+            raise InputError(f"{where.capitalize()} of {path} repeats {rows_of_cases[case]}; list each case once.")
+        rows_of_cases[case] = where
     return list(rows_of_cases)
+
+
+def _manifest_path(manifest: Path, text: str) -> Path:
+    """A path written in a manifest: relative to the manifest's folder, '~' the home folder."""
+    return (manifest.parent / Path(text).expanduser()).resolve()
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -277,12 +278,42 @@ def test_csv_rows_of_empty_cells_are_skipped_like_blank_lines(tmp_path, image_pa
     assert case.problem is None and case.clicks == [((1.0, 2.0, 3.0), True)]
 
 
+def test_a_column_with_an_empty_header_cell_is_refused_when_it_holds_values(tmp_path, image_path):
+    """'image,positive,,space': the user forgot to name 'negative'; its clicks must not be dropped unread."""
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'image,positive,,space\n{image_path},"40,40,10","60,40,10",ijk\n')
+    with pytest.raises(InputError, match=re.escape("line 2 has '60,40,10' in column 3, whose header cell is empty")):
+        read_manifest(manifest)
+    manifest.write_text(f'image,positive,,space,\n{image_path},"40,40,10",,ijk,\n')  # empty: trailing commas
+    (case,) = read_manifest(manifest)
+    assert case.problem is None and case.space == "ijk" and case.clicks == [((40.0, 40.0, 10.0), True)]
+
+
+def test_problems_name_the_line_a_spreadsheet_shows_past_blank_rows(tmp_path, image_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f'image,positive\n\n,\n{image_path},"1,2,3"\n{image_path},"4,5"\n')
+    first, second = read_manifest(manifest)
+    assert first.problem is None and second.problem.startswith("Manifest line 5: Point '4,5'")
+
+
+def test_a_tilde_in_a_manifest_path_is_the_home_folder(tmp_path, image_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "scans").mkdir(parents=True)
+    shutil.copy(image_path, home / "scans" / "ct.nii.gz")
+    monkeypatch.setenv("HOME", str(home))
+    manifest = tmp_path / "project" / "cases.csv"
+    manifest.parent.mkdir()
+    manifest.write_text('image,positive,out\n~/scans/ct.nii.gz,"1,2,3",~/masks/ct.nii.gz\n')
+    (case,) = read_manifest(manifest)
+    assert case.image == home / "scans" / "ct.nii.gz" and case.out == home / "masks" / "ct.nii.gz"
+
+
 def test_an_unclosed_quote_is_refused_rather_than_swallowing_the_rows_below(tmp_path, image_path):
     manifest = tmp_path / "cases.csv"
     rows = [f'{image_path},"1,2,3",{name}.nii.gz' for name in ("a", "b", "c", "d")]
     rows[1] = rows[1].replace('3"', "3")
     manifest.write_text("image,positive,out\n" + "\n".join(rows) + "\n")
-    with pytest.raises(InputError, match="row 2 has a quote that is not closed"):
+    with pytest.raises(InputError, match="line 3 has a quote that is not closed"):
         read_manifest(manifest)
 
 
@@ -325,11 +356,11 @@ def test_csv_problems_name_the_row(tmp_path, image_path):
     manifest.write_text(f'image,positive,space\n{image_path},"1,2,3",ijk\n{image_path},"1,2",ijk\n')
     first, second = read_manifest(manifest)
     assert first.problem is None and first.clicks == [((1.0, 2.0, 3.0), True)]
-    assert second.problem.startswith("Manifest row 2: Point '1,2' is not three numbers")
+    assert second.problem.startswith("Manifest line 3: Point '1,2' is not three numbers")
     manifest.write_text(f"image,positive\n{image_path},1,2,3\n")
     (unquoted,) = read_manifest(manifest)
     assert unquoted.problem == (
-        'Manifest row 1: it has more fields than the header names; put each point in quotes, like "10,20,30".'
+        'Manifest line 2: it has more fields than the header names; put each point in quotes, like "10,20,30".'
     )
 
 

@@ -117,27 +117,30 @@ def test_the_cache_is_reused(data, cases_dir):
     assert path.stat().st_mtime_ns == written
 
 
-def test_a_manifest_lists_cases(cases_dir, tmp_path):
+def test_a_manifest_lists_cases(cases_dir, tmp_path, monkeypatch):
     manifest = tmp_path / "cases.csv"
     row = f"{cases_dir}/phantom_1000/image.nii.gz,{cases_dir}/phantom_1000/label.nii.gz,train"
     manifest.write_text(f"image,label,split\n{row}\n")  # a column of the user's own is fine
     assert find_cases(manifest) == find_cases(cases_dir)
+    monkeypatch.setenv("HOME", str(cases_dir))
+    manifest.write_text("image,label\n~/phantom_1000/image.nii.gz,~/phantom_1000/label.nii.gz\n")
+    assert find_cases(manifest) == find_cases(cases_dir)  # '~' is the home folder, not a folder named '~'
     broken = tmp_path / "broken.csv"
     broken.write_text("image,label\nmissing.nii.gz,missing_label.nii.gz\n")
     with pytest.raises(InputError, match="does not exist"):
         find_cases(broken)
     folder = tmp_path / "series.csv"  # a DICOM folder as the image
     folder.write_text(f"image,label\n{cases_dir}/phantom_1000,{cases_dir}/phantom_1000/label.nii.gz\n")
-    with pytest.raises(InputError, match=r"phantom_1000 \(row 1 of .*series.csv\) is a folder \(a DICOM series\?\)"):
+    with pytest.raises(InputError, match=r"phantom_1000 \(line 2 of .*series.csv\) is a folder \(a DICOM series\?\)"):
         find_cases(folder)
     numbered = tmp_path / "numbered.json"
     numbered.write_text(json.dumps([{"image": f"{cases_dir}/phantom_1000/image.nii.gz", "label": 5}]))
-    with pytest.raises(InputError, match="Row 1 .* lacks an 'image' or 'label' path"):
+    with pytest.raises(InputError, match="Entry 1 of .* lacks an 'image' or 'label' path"):
         find_cases(numbered)
     (tmp_path / "linked").symlink_to(cases_dir, target_is_directory=True)
     repeated = tmp_path / "repeated.csv"  # the same files, the second time by a relative path through a link
     repeated.write_text(f"image,label\n{row}\nlinked/phantom_1000/image.nii.gz,linked/phantom_1000/label.nii.gz\n")
-    with pytest.raises(InputError, match="Row 2 of .*repeated.csv repeats row 1; list each case once"):
+    with pytest.raises(InputError, match="Line 3 of .*repeated.csv repeats line 2; list each case once"):
         find_cases(repeated)
 
 

@@ -12,7 +12,7 @@ from .common import add_model_options, add_overwrite_option, predictor_from_args
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("batch", help="segment many volumes listed in a CSV or JSON manifest")
-    parser.add_argument("manifest", help="CSV (image,positive,negative[,space,out]) or JSON list of cases")
+    parser.add_argument("manifest", help="CSV (image,positive[,negative,space,out]) or JSON list of cases")
     parser.add_argument(
         "--out-dir",
         required=True,
