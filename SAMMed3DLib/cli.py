@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
-from typing import Optional, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 from .errors import SAMMed3DError
 
@@ -14,6 +17,10 @@ COMMAND_MODULES: tuple[str, ...] = ("demo", "segment", "batch", "evaluate", "pha
 
 # Options whose value may start with '-': a point whose first coordinate is negative, a list of label values.
 SIGNED_VALUE_OPTIONS = ("--pos", "--neg", "--labels")
+
+# A cluster's time limit (SIGTERM) and a closed terminal (SIGHUP) stop a command as Ctrl+C does, so that temporary
+# files are removed and training saves its last step.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +42,28 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
+@contextmanager
+def stop_signals_as_interrupts() -> Iterator[None]:
+    """Within the block, STOP_SIGNALS raise KeyboardInterrupt where they would end the process outright (their
+    default action, in the main thread: an embedding program's own handlers are left alone)."""
+    changed = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in STOP_SIGNALS:
+            if signal.getsignal(number) is signal.SIG_DFL:
+                changed[number] = signal.signal(number, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for number, handler in changed.items():
+            signal.signal(number, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with stop_signals_as_interrupts():
+        return _run(argv)
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     try:
         parser = build_parser()  # imports the commands, and with them PyTorch: a second or so a Ctrl+C may land in
         args = parser.parse_args(attach_signed_values(sys.argv[1:] if argv is None else argv))  # points checked here

@@ -657,21 +657,22 @@ class ProgressLine:
 
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl+C (SIGINT) that arrives inside the block and raise it as KeyboardInterrupt when the block ends.
+    """Hold a Ctrl+C (SIGINT), or another signal raised as KeyboardInterrupt (the command line's SIGTERM), that
+    arrives inside the block and raise it as KeyboardInterrupt when the block ends.
 
-    Only where Python's own handler is installed, in the main thread (signal handlers can only change there);
+    Only for signals with Python's interrupt handler, in the main thread (signal handlers can only change there);
     elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
+    held = []
+    if threading.current_thread() is threading.main_thread():
+        held = [number for number in signal.valid_signals() if signal.getsignal(number) is signal.default_int_handler]
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for number in held:
+        signal.signal(number, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for number in held:
+            signal.signal(number, signal.default_int_handler)
     if received:
         raise KeyboardInterrupt
 

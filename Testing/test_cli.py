@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,32 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "sammed3d: interrupted; files already written are whole, nothing was left half-written.\n"
     )
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGTERM and SIGHUP are sent this way on POSIX only")
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_cluster_time_limit_or_closed_terminal_stops_as_ctrl_c_does(stop):
+    """Stopped like Ctrl+C, temporary files are removed and training saves its last step; killed outright, not."""
+    script = f"""
+import os, signal, time
+from SAMMed3DLib import cli
+from SAMMed3DLib.commands import phantom
+from SAMMed3DLib.training import interrupts_deferred
+
+def run(args):
+    with interrupts_deferred():  # training's save: the signal waits for it
+        os.kill(os.getpid(), signal.{stop})
+        time.sleep(0.2)
+        print("the save finished")
+    time.sleep(30)
+
+phantom.run = run
+code = cli.main(["phantom", "--out", "unused"])
+print(code, signal.getsignal(signal.{stop}) is signal.SIG_DFL)
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert finished.stdout.split("\n")[:2] == ["the save finished", "130 True"]
+    assert finished.stderr.startswith("sammed3d: interrupted")
 
 
 def test_a_ctrl_c_while_the_commands_load_is_one_line_too(monkeypatch, capsys):
