@@ -16,9 +16,11 @@ _NAME_CHARACTERS_KEPT = 40  # of the target's name in its temporary file's name
 
 
 @contextmanager
-def atomic_destination(target: PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_destination(target: PathLike, suffix: str = "", replace: bool = True) -> Iterator[Path]:
     """A temporary path beside `target` (ending in `suffix`, so writers that go by the extension pick the
-    right format); it replaces `target` when the block ends normally and is removed otherwise."""
+    right format); it replaces `target` when the block ends normally and is removed otherwise. With
+    `replace` False a `target` that came into being meanwhile (checked absent when the work began) is kept
+    and the write refused: a long run must not replace a file saved while it ran."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # The writer creates the file itself, so it gets the usual permissions (a mkstemp file would be 0600). The
@@ -26,9 +28,29 @@ def atomic_destination(target: PathLike, suffix: str = "") -> Iterator[Path]:
     temporary = target.with_name(f".{target.name[:_NAME_CHARACTERS_KEPT]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         yield temporary
-        os.replace(temporary, target)
+        if replace:
+            os.replace(temporary, target)
+        else:
+            _place_without_replacing(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _place_without_replacing(temporary: Path, target: Path) -> None:
+    """Give `temporary` the name `target` unless `target` exists: a hard link does both at once."""
+    try:
+        os.link(temporary, target)
+        return
+    except FileExistsError:
+        pass
+    except (OSError, NotImplementedError):  # no hard links on this file system (FAT, some network shares)
+        if not os.path.lexists(target):
+            os.replace(temporary, target)
+            return
+    raise InputError(
+        f"{target} was created by something else while this ran; it was kept and nothing was written. "
+        "Choose another output path, or pass --overwrite to replace it."
+    )
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -18,6 +18,7 @@ from .atomic import check_output_folder
 from .errors import InputError, SAMMed3DError
 from .imageio import (
     PathLike,
+    check_image_exists,
     check_image_output,
     image_stem,
     image_suffix,
@@ -65,9 +66,12 @@ class Case:
 
 @dataclass
 class CaseOutcome:
+    """What became of a case: segmented into `out`, failed with `error`, or not run for the reason `skipped`."""
+
     case: Case
     out: Optional[Path] = None
     error: Optional[str] = None
+    skipped: Optional[str] = None
     voxels: int = 0
     iou: float = float("nan")
     regions: int = 0
@@ -77,6 +81,10 @@ class CaseOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def status(self) -> str:
+        return "failed" if self.error is not None else "skipped" if self.skipped is not None else "ok"
 
 
 def segment_volume(
@@ -118,14 +126,14 @@ def mask_image(mask_kji: np.ndarray, volume: Volume) -> sitk.Image:
     return image
 
 
-def write_mask(mask_kji: np.ndarray, volume: Volume, path: PathLike) -> Path:
+def write_mask(mask_kji: np.ndarray, volume: Volume, path: PathLike, overwrite: bool = True) -> Path:
     """Write a mask or label map with the volume's geometry, whole or not at all; a .seg.nrrd as a segmentation
-    with a segment named after the file."""
+    with a segment named after the file. Unless `overwrite`, a file at `path` is never replaced."""
     image = mask_image(mask_kji, volume)
     if image_suffix(path).lower() == ".seg.nrrd":
         for key, value in slicer_segmentation_fields(mask_kji, image_stem(path)).items():
             image.SetMetaData(key, value)
-    return write_image_atomic(image, path)
+    return write_image_atomic(image, path, overwrite)
 
 
 def read_manifest(path: PathLike) -> list[Case]:
@@ -235,12 +243,15 @@ def _out(value: object, folder: Path) -> Optional[Path]:
     return folder / Path(value).expanduser()
 
 
-def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = False) -> list[Case]:
+def plan_outputs(
+    cases: Sequence[Case], out_dir: PathLike, overwrite: bool = False, skip_existing: bool = False
+) -> list[Case]:
     """The cases with `out` set: a case's own `out`, else <out_dir>/<image name>_mask.nii.gz, or
     <out_dir>/<image's folder>_<image name>_mask.nii.gz where several such cases share an image name, in any case
     (the usual case-per-folder layout). Raises InputError if `out_dir` is unusable or two cases would write one
-    file; a case whose output is an input, or exists and not `overwrite`, gets that as its `problem`. Checked
-    before any work; planned cases are planned again unchanged."""
+    file; a case whose image does not exist, whose output is an input, or whose output exists (unless `overwrite`
+    or `skip_existing`) gets that as its `problem`. Checked before any work; planned cases are planned again
+    unchanged."""
     out_dir = check_output_folder(out_dir)
     # Counted over every case, runnable or not, so that fixing one row does not rename another's mask; without
     # case, as CT_mask.nii.gz and ct_mask.nii.gz are one file on macOS and Windows.
@@ -252,7 +263,7 @@ def plan_outputs(cases: Sequence[Case], out_dir: PathLike, overwrite: bool = Fal
     _refuse_shared_outputs(planned)
     # Resolved once, not once per output.
     images = {_file_key(case.image): case.image for case in cases if case.image is not None}
-    return [_with_checked_output(case, images, overwrite) for case in planned]
+    return [_with_checked_output(case, images, overwrite or skip_existing) for case in planned]
 
 
 def _needs_default_out(case: Case) -> bool:
@@ -270,6 +281,7 @@ def _with_checked_output(case: Case, images: dict[str, Path], overwrite: bool) -
     if case.problem is not None:
         return case
     try:
+        check_image_exists(case.image)
         # Given only the input it may be: check_image_output would resolve every input again for each output.
         same_name = images.get(_file_key(case.out))
         inputs = [same_name] if same_name is not None else []
@@ -305,30 +317,43 @@ def segment_many(
     regions: str = "auto",
     progress: Optional[Callable[[int, int, CaseOutcome], None]] = None,
     overwrite: bool = False,
+    skip_existing: bool = False,
 ) -> list[CaseOutcome]:
     """Segment every case into the file `plan_outputs` gives it; a failing case (among them one whose output
-    exists, unless `overwrite`, or is an input) is reported in its outcome and the others still run."""
-    cases = plan_outputs(cases, out_dir, overwrite)
+    exists, unless `overwrite` or `skip_existing`, or is an input) is reported in its outcome and the others still
+    run. With `skip_existing`, a case whose output exists is skipped (a batch that was stopped goes on). Unless
+    `overwrite`, a file that appears at a case's output while the batch runs is kept, and that case fails."""
+    cases = plan_outputs(cases, out_dir, overwrite, skip_existing)
     outcomes = []
     for number, case in enumerate(cases, start=1):
-        started = time.perf_counter()
-        outcome = CaseOutcome(case)
-        try:
-            if case.problem is not None:
-                raise InputError(case.problem)
-            volume = Volume.from_file(case.image)
-            result = segment_volume(predictor, volume, case.clicks, case.space, prompt_mode, regions)
-            outcome.out = write_mask(result.mask, volume, case.out)
-            outcome.voxels = int(result.mask.sum())
-            outcome.iou = result.iou
-            outcome.regions = len(result.regions)
-            outcome.timings = result.timings
-        except SAMMed3DError as error:
-            outcome.error = str(error)
-        except Exception as error:  # one broken case must not stop the batch
-            outcome.error = f"unexpected {type(error).__name__}: {error}"
-        outcome.seconds = time.perf_counter() - started
+        if skip_existing and case.problem is None and case.out.exists():
+            outcome = CaseOutcome(case, out=case.out, skipped="its output exists (kept)")
+        else:
+            outcome = _segment_case(predictor, case, prompt_mode, regions, overwrite)
         outcomes.append(outcome)
         if progress is not None:
             progress(number, len(cases), outcome)
     return outcomes
+
+
+def _segment_case(
+    predictor: RegionPredictor, case: Case, prompt_mode: str, regions: str, overwrite: bool
+) -> CaseOutcome:
+    started = time.perf_counter()
+    outcome = CaseOutcome(case)
+    try:
+        if case.problem is not None:
+            raise InputError(case.problem)
+        volume = Volume.from_file(case.image)
+        result = segment_volume(predictor, volume, case.clicks, case.space, prompt_mode, regions)
+        outcome.out = write_mask(result.mask, volume, case.out, overwrite)
+        outcome.voxels = int(result.mask.sum())
+        outcome.iou = result.iou
+        outcome.regions = len(result.regions)
+        outcome.timings = result.timings
+    except SAMMed3DError as error:
+        outcome.error = str(error)
+    except Exception as error:  # one broken case must not stop the batch
+        outcome.error = f"unexpected {type(error).__name__}: {error}"
+    outcome.seconds = time.perf_counter() - started
+    return outcome

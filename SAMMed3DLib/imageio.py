@@ -44,11 +44,16 @@ _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha")
 _SEGMENT_COLORS = ((0.5, 0.68, 0.5), (0.9, 0.6, 0.2), (0.3, 0.5, 0.9), (0.85, 0.3, 0.3), (0.7, 0.4, 0.8))
 
 
-def read_image(path: PathLike) -> sitk.Image:
-    """Read an image file (NIfTI, NRRD, MHA, ...) or a folder holding one DICOM series."""
+def check_image_exists(path: PathLike) -> Path:
     location = Path(path)
     if not location.exists():
         raise InputError(f"Image {location} does not exist; check the path.")
+    return location
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """Read an image file (NIfTI, NRRD, MHA, ...) or a folder holding one DICOM series."""
+    location = check_image_exists(path)
     try:
         if location.is_dir():
             return _read_dicom_series(location)
@@ -390,13 +395,14 @@ def _extent_ijk(mask_kji: np.ndarray) -> str:
     return " ".join(str(bound) for bound in (box_to_vtk_extent(box) if box is not None else (0, -1) * 3))
 
 
-def write_image_atomic(image: sitk.Image, path: PathLike) -> Path:
+def write_image_atomic(image: sitk.Image, path: PathLike, overwrite: bool = True) -> Path:
     """Write `image` to `path` through a temporary file in the same folder, then rename it into place,
-    so readers never see a half-written file; the temporary file is removed if writing fails."""
+    so readers never see a half-written file; the temporary file is removed if writing fails. Unless
+    `overwrite`, a file at `path` is never replaced (see `atomic_destination`)."""
     target = Path(path)
     suffix = _writable_suffix(target)
     try:
-        with atomic_destination(target, suffix) as temporary:
+        with atomic_destination(target, suffix, replace=overwrite) as temporary:
             sitk.WriteImage(image, str(temporary), True)
             _check_written(image, temporary, target)
     except (RuntimeError, OSError) as error:

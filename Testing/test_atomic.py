@@ -60,3 +60,24 @@ def test_output_checks_protect_inputs_and_existing_files(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         check_output_path(tmp_path)
     assert image.read_text() == "scan"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_without_replace_a_file_that_appeared_meanwhile_is_kept(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # FAT and some network shares: the fallback checks, then renames
+
+        def no_links(source, target):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "mask.nii.gz"
+    with atomic_destination(path, ".nii.gz", replace=False) as temporary:
+        temporary.write_text("new")
+    assert path.read_text() == "new"
+    later = tmp_path / "later.nii.gz"
+    with pytest.raises(InputError, match="was created by something else while this ran; it was kept"):
+        with atomic_destination(later, ".nii.gz", replace=False) as temporary:
+            temporary.write_text("new")
+            later.write_text("the user's")
+    assert later.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later.nii.gz", "mask.nii.gz"]

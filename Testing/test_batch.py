@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from SAMMed3DLib import batch as batch_module
 from SAMMed3DLib.batch import Case, plan_outputs, read_manifest, segment_volume, write_mask
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.errors import InputError
@@ -151,15 +152,22 @@ def test_an_output_equal_to_an_input_is_refused_even_with_overwrite(tmp_path, ch
 
 
 def test_outputs_are_checked_when_planned(tmp_path):
-    """Before the model loads: an existing mask or an input as output becomes that case's problem."""
+    """Before the model loads: a missing image, an existing mask or an input as output becomes that case's problem."""
     existing, image = tmp_path / "out" / "a_mask.nii.gz", tmp_path / "b.nii.gz"
     existing.parent.mkdir()
     existing.write_bytes(b"an earlier mask")
-    cases = [Case(tmp_path / "a.nii.gz", []), Case(image, [], out=image), Case(tmp_path / "c.nii.gz", [])]
-    first, second, third = plan_outputs(cases, tmp_path / "out")
+    images = [tmp_path / f"{name}.nii.gz" for name in "abcd"]
+    for path in images[:3]:
+        path.write_bytes(b"an image")
+    cases = [Case(images[0], []), Case(image, [], out=image), Case(images[2], []), Case(images[3], [])]
+    first, second, third, fourth = plan_outputs(cases, tmp_path / "out")
     assert "already exists" in first.problem and "input" in second.problem and third.problem is None
-    first, second, third = plan_outputs(cases, tmp_path / "out", overwrite=True)
-    assert first.problem is None and "input" in second.problem
+    assert fourth.problem == f"Image {images[3]} does not exist; check the path."
+    for planned in (
+        plan_outputs(cases, tmp_path / "out", overwrite=True),
+        plan_outputs(cases, tmp_path / "out", skip_existing=True),
+    ):
+        assert planned[0].problem is None and "input" in planned[1].problem
 
 
 def test_planning_resolves_each_path_a_few_times_not_once_per_pair_of_cases(tmp_path, monkeypatch):
@@ -173,6 +181,8 @@ def test_planning_resolves_each_path_a_few_times_not_once_per_pair_of_cases(tmp_
 
     monkeypatch.setattr(Path, "resolve", counted)
     cases = [Case(tmp_path / f"image{number}.nii.gz", []) for number in range(300)]
+    for case in cases:
+        case.image.write_bytes(b"an image")
     planned = plan_outputs(cases, tmp_path / "out")
     assert all(case.problem is None for case in planned)
     assert len(calls) < 20 * len(cases)  # 300 x 300 = 90,000 when every check resolved all inputs again
@@ -362,6 +372,58 @@ def test_csv_problems_name_the_row(tmp_path, image_path):
     assert unquoted.problem == (
         'Manifest line 2: it has more fields than the header names; put each point in quotes, like "10,20,30".'
     )
+
+
+def test_an_interrupted_batch_prints_what_it_did_and_goes_on_with_skip_existing(
+    tmp_path, checkpoint, image_path, capsys, monkeypatch
+):
+    entries = [_case(image_path, out=f"case{number}.nii.gz") for number in range(3)]
+    manifest = _manifest(tmp_path, entries)
+    segmented = []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        if len(segmented) == 1:
+            raise KeyboardInterrupt
+        segmented.append(args)
+        return real_segment_volume(*args, **kwargs)
+
+    real_segment_volume = batch_module.segment_volume
+    monkeypatch.setattr(batch_module, "segment_volume", interrupted_at_the_second)
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1") == 130
+    output = capsys.readouterr().out
+    assert "1 of 3 cases segmented, 0 failed, 2 skipped" in output and output.count("not run: interrupted") == 2
+    assert "--skip-existing" in output
+    first = (tmp_path / "case0.nii.gz").read_bytes()
+    assert not (tmp_path / "case1.nii.gz").exists() and not list(tmp_path.glob(".case1*"))
+    monkeypatch.setattr(batch_module, "segment_volume", real_segment_volume)
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1", "--skip-existing") == 0
+    output = capsys.readouterr().out
+    assert "its output exists (kept)" in output and "2 of 3 cases segmented, 0 failed, 1 skipped" in output
+    assert (tmp_path / "case0.nii.gz").read_bytes() == first and (tmp_path / "case2.nii.gz").exists()
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--overwrite", "--skip-existing") == 2
+
+
+def test_a_batch_where_no_case_can_run_loads_no_model(tmp_path, capsys):
+    manifest = _manifest(tmp_path, [_case(tmp_path / "missing.nii.gz")])
+    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    assert "missing.nii.gz does not exist" in captured.out and "0 of 1 cases segmented, 1 failed" in captured.out
+    assert "absent.pth" not in captured.out + captured.err
+
+
+def test_a_mask_saved_while_the_batch_ran_is_kept(tmp_path, checkpoint, image_path, capsys, monkeypatch):
+    """Outputs are checked before the model loads; one that appears later must not be replaced either."""
+    target = tmp_path / "case.nii.gz"
+    real_segment_volume = batch_module.segment_volume
+
+    def user_saves_meanwhile(*args, **kwargs):
+        target.write_bytes(b"the user's hand-corrected mask")
+        return real_segment_volume(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "segment_volume", user_saves_meanwhile)
+    assert _batch(_manifest(tmp_path, [_case(image_path, out="case.nii.gz")]), checkpoint, tmp_path / "out") == 1
+    assert "was created by something else while this ran; it was kept" in capsys.readouterr().out
+    assert target.read_bytes() == b"the user's hand-corrected mask" and not list(tmp_path.glob(".case*"))
 
 
 def test_bad_entries_are_reported_and_the_others_run(tmp_path, checkpoint, image_path, capsys):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 from ..batch import CaseOutcome, plan_outputs, read_manifest, segment_many
+from ..errors import InputError
 from ..session import PROMPT_MODES, REGION_MODES
 from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback
 
@@ -23,33 +25,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-mode", default="newest", choices=PROMPT_MODES)
     parser.add_argument("--regions", default="auto", choices=REGION_MODES)
     add_overwrite_option(parser)
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="keep the masks already written and segment only the other cases (a batch that was stopped goes on)",
+    )
     add_model_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.overwrite and args.skip_existing:
+        raise InputError("--overwrite replaces existing masks and --skip-existing keeps them; give one of the two.")
     # Everything that can be checked without the model is, so a bad manifest or folder fails before a download.
-    cases = plan_outputs(read_manifest(args.manifest), args.out_dir, args.overwrite)
+    cases = plan_outputs(read_manifest(args.manifest), args.out_dir, args.overwrite, args.skip_existing)
+    if all(case.problem is not None for case in cases):  # no case can run: no model to load, or download
+        print(summary_table([CaseOutcome(case, error=case.problem) for case in cases]))
+        return 1
     predictor = predictor_from_args(args)
-    outcomes = segment_many(
-        predictor,
-        cases,
-        args.out_dir,
-        args.prompt_mode,
-        args.regions,
-        progress=_print_progress,
-        overwrite=args.overwrite,
-    )
+    outcomes: list[CaseOutcome] = []
+    try:
+        segment_many(
+            predictor,
+            cases,
+            args.out_dir,
+            args.prompt_mode,
+            args.regions,
+            progress=lambda done, total, outcome: _record(outcomes, done, total, outcome),
+            overwrite=args.overwrite,
+            skip_existing=args.skip_existing,
+        )
+    except KeyboardInterrupt:  # the table of what was done, then the usual interrupted line and status
+        stopped = [CaseOutcome(case, skipped="not run: interrupted") for case in cases[len(outcomes) :]]
+        print(summary_table(outcomes + stopped))
+        print("Run the same command with --skip-existing to segment the cases not done yet.")
+        raise
     report_fallback(predictor)
     print(summary_table(outcomes))
     failed = sum(not outcome.ok for outcome in outcomes)
     return 1 if failed else 0
 
 
+def _record(outcomes: list[CaseOutcome], done: int, total: int, outcome: CaseOutcome) -> None:
+    outcomes.append(outcome)
+    _print_progress(done, total, outcome)
+
+
 def _print_progress(done: int, total: int, outcome: CaseOutcome) -> None:
     width = 30
     filled = round(width * done / total)
-    state = "ok" if outcome.ok else "FAILED"
+    state = "FAILED" if outcome.error is not None else outcome.status
     sys.stderr.write(f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {outcome.case.name}: {state}\n")
     if not outcome.ok:
         sys.stderr.write(f"    {outcome.error}\n")
@@ -61,12 +86,12 @@ def summary_table(outcomes: list[CaseOutcome]) -> str:
     )
     lines = [header, "-" * len(header)]
     for number, o in enumerate(outcomes, start=1):
-        status = "ok" if o.ok else "failed"
-        detail = str(o.out) if o.ok else o.error
+        detail = o.error if o.error is not None else str(o.out) if o.skipped is None else f"{o.skipped}: {o.case.out}"
         lines.append(
-            f"{number:>4} {o.case.name:<28} {status:<7} {o.voxels:>9} {o.iou:>6.3f} {o.regions:>7} {o.seconds:>8.2f}"
+            f"{number:>4} {o.case.name:<28} {o.status:<7} {o.voxels:>9} {o.iou:>6.3f} {o.regions:>7} {o.seconds:>8.2f}"
             f"  {detail}"
         )
-    done = sum(o.ok for o in outcomes)
-    lines.append(f"{done} of {len(outcomes)} cases segmented, {len(outcomes) - done} failed")
+    counts = Counter(o.status for o in outcomes)
+    tally = f"{counts['ok']} of {len(outcomes)} cases segmented, {counts['failed']} failed"
+    lines.append(tally + (f", {counts['skipped']} skipped" if counts["skipped"] else ""))
     return "\n".join(lines)

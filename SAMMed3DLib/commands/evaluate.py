@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_case(
         predictor, image, label, args.clicks, args.seed, accumulate_clicks=not args.newest_only, values=values
     )
-    write_mask(result.mask, image, args.out)
+    write_mask(result.mask, image, args.out, args.overwrite)
     report_fallback(predictor)
     print(dice_table(result))
     if args.report:

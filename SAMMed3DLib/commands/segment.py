@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     volume.points_to_ras([point for point, _ in args.clicks], args.space)  # a bad point fails before a download
     predictor = predictor_from_args(args)
     result = segment_volume(predictor, volume, args.clicks, args.space, args.prompt_mode, args.regions)
-    path = write_mask(result.mask, volume, args.out)
+    path = write_mask(result.mask, volume, args.out, args.overwrite)
     report_fallback(predictor)
     voxels = int(result.mask.sum())
     millilitres = voxels * float(np.prod(volume.spacing)) / 1000.0
