@@ -66,7 +66,10 @@ class RegionPredictor:
     def _embed(self, region_input: torch.Tensor) -> torch.Tensor:
         dtype = PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.model.image_encoder(region_input.to(self.device)).float()
+            embedding = self.model.image_encoder(region_input.to(self.device)).float()
+        if self.device.type == "cuda":  # done here, so that stage timings give the encoder its own time
+            torch.cuda.synchronize(self.device)
+        return embedding
 
     def decode(
         self,
@@ -127,7 +130,7 @@ class RegionPredictor:
         return self.model.first_click_multimask and previous_logits is None and len(labels) == 1 and int(labels[0]) == 1
 
     def _image_pe(self) -> torch.Tensor:
-        if self._dense_pe is None or self._dense_pe.device != self.device:
+        if self._dense_pe is None or self._dense_pe.device.type != self.device.type:  # "cuda" is "cuda:0" there
             with torch.inference_mode():
                 self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         return self._dense_pe
@@ -143,10 +146,10 @@ class RegionPredictor:
 
     def _with_cpu_fallback(self, step: Callable):
         try:
-            with _float32_convolutions():
+            with _full_float32(self.device):
                 return step()
-        except torch.cuda.OutOfMemoryError:
-            if self.device.type != "cuda":
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if self.device.type != "cuda" or not _is_gpu_out_of_memory(error):
                 raise
             log.warning("Out of GPU memory: continuing on the CPU (slower).")
             self.device = torch.device("cpu")
@@ -163,17 +166,35 @@ def _check_precision(precision: str) -> None:
         raise InputError(f"Precision '{precision}' is not one of {', '.join(PRECISIONS)}; pick one of those.")
 
 
+def _is_gpu_out_of_memory(error: BaseException) -> bool:
+    """PyTorch's own out-of-memory error, or cuBLAS / cuDNN failing to get their workspace (a RuntimeError)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "ALLOC_FAILED" in str(error)
+
+
 @contextmanager
-def _float32_convolutions() -> Iterator[None]:
-    """cuDNN runs float32 convolutions in TF32 unless told otherwise (a 10-bit mantissa: embeddings moved
-    by up to 2e-3 against the CPU on an H200). Float32 here means float32 on every device; the setting is
-    put back afterwards, as the user's session may rely on it."""
-    allowed = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+def _full_float32(device: torch.device) -> Iterator[None]:
+    """On CUDA, float32 convolutions (cuDNN's default) and, where the session asked for it, matrix products run
+    in TF32 (a 10-bit mantissa: embeddings moved by up to 2e-3 against the CPU on an H200). Float32 here means
+    float32 on every device; the settings are put back afterwards, as the user's session may rely on them.
+    PyTorch 2.9 has per-backend settings and refuses the older flags once they are used."""
+    if device.type != "cuda":
+        yield
+        return
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        settings = [
+            (torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+        ]
+    else:
+        settings = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    kept = [getattr(owner, name) for owner, name, _ in settings]
+    for owner, name, value in settings:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = allowed
+        for (owner, name, _), value in zip(settings, kept):
+            setattr(owner, name, value)
 
 
 def load_predictor(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,25 +111,35 @@ def test_given_the_region_image_a_lone_first_click_takes_the_alternative_the_ima
 class _RunsOutOfGpuMemoryOnce(RegionPredictor):
     """Pretends to sit on a GPU whose memory runs out at the first encoder run."""
 
-    def __init__(self, model):
+    def __init__(self, model, error: Exception):
         super().__init__(model)
         self.device = torch.device("cuda")
-        self.failures = 1
+        self.error = error
 
     def _embed(self, region_input):
-        if self.device.type == "cuda" and self.failures:
-            self.failures -= 1
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        if self.device.type == "cuda" and self.error is not None:
+            error, self.error = self.error, None
+            raise error
         return super()._embed(region_input)
 
 
-def test_out_of_gpu_memory_retries_on_the_cpu_and_says_so(model, caplog):
-    predictor = _RunsOutOfGpuMemoryOnce(model)
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),  # cuBLAS's own
+    ],
+)
+def test_out_of_gpu_memory_retries_on_the_cpu_and_says_so(model, caplog, error):
+    predictor = _RunsOutOfGpuMemoryOnce(model, error)
     with caplog.at_level(logging.WARNING):
         embedding = predictor.embed(_volume_input())
     assert predictor.fell_back_to_cpu and predictor.device.type == "cpu"
     assert embedding.device.type == "cpu"
     assert "Out of GPU memory" in caplog.text
+    other = _RunsOutOfGpuMemoryOnce(model, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # not hidden by a move to the CPU
+        other.embed(_volume_input())
 
 
 def test_unknown_precision_is_refused_before_any_checkpoint_is_read(model, tmp_path):
@@ -144,22 +156,41 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
         load_predictor(None, device="cuda")
 
 
-def test_network_runs_with_tf32_convolutions_off_and_the_setting_is_put_back(model):
-    seen = []
-    hooks = [
-        module.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
-        for module in (model.image_encoder, model.prompt_encoder)
-    ]
-    predictor = RegionPredictor(model)
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        predictor.decode(predictor.embed(_volume_input()), np.array([[64, 64, 64]]), np.array([1]))
-        assert seen == [False, False]
-        assert torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cudnn.allow_tf32 = True
-        for hook in hooks:
-            hook.remove()
+def test_on_cuda_tf32_is_off_inside_and_the_session_s_settings_are_put_back():
+    """Run in a fresh process: PyTorch refuses its older TF32 flags in a process that has used the newer ones."""
+    script = """
+import torch
+from SAMMed3DLib.predictor import _full_float32
+new_api = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision")
+owners = [torch.backends.cudnn.conv if new_api else torch.backends.cudnn, torch.backends.cuda.matmul]
+name, tf32, full = ("fp32_precision", "tf32", "ieee") if new_api else ("allow_tf32", True, False)
+for owner in owners:
+    setattr(owner, name, tf32)
+with _full_float32(torch.device("cpu")):
+    assert [getattr(owner, name) for owner in owners] == [tf32, tf32]
+with _full_float32(torch.device("cuda")):
+    assert [getattr(owner, name) for owner in owners] == [full, full]
+assert [getattr(owner, name) for owner in owners] == [tf32, tf32]
+print("ok")
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.stdout.strip() == "ok", finished.stderr
+
+
+def test_a_session_that_set_tf32_the_newer_way_can_still_segment_on_the_cpu(checkpoint):
+    """The older flag read under PyTorch 2.9's newer settings raises: every embedding failed."""
+    script = f"""
+import numpy as np, torch
+from SAMMed3DLib.predictor import load_predictor
+if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+predictor = load_predictor({str(checkpoint)!r}, device="cpu")
+embedding = predictor.embed(torch.randn(1, 1, 128, 128, 128))
+logits, iou = predictor.decode(embedding, np.array([[64, 64, 64]]), np.array([1]))
+print(tuple(logits.shape))
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert finished.stdout.strip() == "(1, 1, 32, 32, 32)", finished.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
