@@ -63,6 +63,8 @@ CACHE_VERSION = 1
 DICE_SMOOTHING = 1e-5
 # Regions drawn before giving up when none can be normalised.
 MAX_DRAWS = 100
+# Tries of one step whose gradients overflowed (the loss scale halves each time) before the loss is taken as NaN.
+MAX_OVERFLOWED_TRIES = 30
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -726,7 +728,24 @@ class Trainer:
 
     # -- one optimiser step
     def train_step(self) -> tuple[float, float]:
-        """One optimiser step over batch_size x accumulation samples; returns mean loss and Dice."""
+        """One optimiser step over batch_size x accumulation samples; returns mean loss and Dice. On CUDA, a step
+        whose float16 gradients overflowed (the loss scaler then skips the update and lowers its scale) is done
+        again over the same samples, so that every counted step, the warm-up's too, changed the weights."""
+        for _ in range(MAX_OVERFLOWED_TRIES):
+            losses, dices = self._accumulate_gradients()
+            with interrupts_deferred():  # the update is applied and counted whole, so a Ctrl+C saves a true step
+                if self._update_weights():
+                    self.scheduler.step()
+                    self.state.step += 1
+                    self.state.losses.append(float(np.mean(losses)))
+                    self.state.dices.append(float(np.mean(dices)))
+                    return self.state.losses[-1], self.state.dices[-1]
+        raise SAMMed3DError(
+            f"Step {self.state.step + 1}: the gradients were not finite {MAX_OVERFLOWED_TRIES} times in a row (a loss "
+            "of NaN or infinity): check the images and labels, or lower the learning rates."
+        )
+
+    def _accumulate_gradients(self) -> tuple[list[float], list[float]]:
         options = self.options
         rng = np.random.default_rng([options.seed, self.state.step])
         self.optimizer.zero_grad(set_to_none=True)
@@ -754,17 +773,17 @@ class Trainer:
                 losses.append(sample_loss.item() / options.clicks_per_sample)
                 dices.append(sample_dice)
             self.scaler.scale(loss / options.samples_per_step).backward()
-        with interrupts_deferred():  # the update is applied and counted whole, so a Ctrl+C saves a true step
-            if options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), options.max_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.state.step += 1
-            self.state.losses.append(float(np.mean(losses)))
-            self.state.dices.append(float(np.mean(dices)))
-        return self.state.losses[-1], self.state.dices[-1]
+        return losses, dices
+
+    def _update_weights(self) -> bool:
+        """Apply the gradients; False where the loss scaler skipped the update (it lowers its scale then)."""
+        if self.options.max_grad_norm > 0:  # not in the official recipe; keeps small-batch training from scratch stable
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.options.max_grad_norm)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale
 
     def _draw_sample(self, rng: np.random.Generator) -> Sample:
         targets = self.data.targets

@@ -455,10 +455,10 @@ def test_checkpoints_have_the_official_layout_and_load(data, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_uses_mixed_precision_and_writes_a_cpu_loadable_checkpoint(data, tmp_path):
-    model = tiny_model()
-    before = {name: value.clone() for name, value in model.state_dict().items()}
-    trainer = Trainer(model, data, tiny_options(device="cuda", first_click_multimask=True), tmp_path / "cuda.pth")
+    options = tiny_options(device="cuda", first_click_multimask=True)
+    trainer = Trainer(tiny_model(), data, options, tmp_path / "cuda.pth")
     assert trainer.use_amp
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}  # after multimask seeding
     state = trainer.run()
     assert all(np.isfinite(loss) for loss in state.losses)
     loaded = load_model(tmp_path / "cuda.pth")  # onto the CPU
@@ -505,6 +505,42 @@ def test_the_mixed_precision_loss_scale_is_saved_and_resumed(data, tmp_path):
     resumed.resume(run)
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
     assert resumed.scaler.get_scale() == 4 * 2.0**16  # grown twice from the initial scale
+
+
+def test_a_step_whose_scaled_gradients_overflowed_is_done_again_not_counted(data, tmp_path, monkeypatch):
+    """The loss scaler skips an update with infinite gradients: counting it lost warm-up steps and moved the
+    schedule for weights that never changed (a CPU scaler stands in for the CUDA one)."""
+    real_interact, calls = training.interact, []
+
+    def overflowing_once(*args, **kwargs):
+        loss, dice = real_interact(*args, **kwargs)
+        calls.append(loss)
+        return (loss * 1e38 if len(calls) == 1 else loss), dice  # times the scale 2^16: infinite gradients
+
+    monkeypatch.setattr(training, "interact", overflowing_once)
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=2), tmp_path / "run.pth")
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    trainer.train_step()
+    assert len(calls) == 2 and trainer.scaler.get_scale() == 2.0**15  # one try skipped, the scale halved
+    assert trainer.state.step == 1 and trainer.scheduler.last_epoch == 1 and len(trainer.state.losses) == 1
+    assert any(not torch.equal(trainer.model.state_dict()[name], value) for name, value in before.items())
+
+
+def test_a_loss_that_stays_nan_stops_training_saying_so(data, tmp_path, monkeypatch):
+    real_interact = training.interact
+
+    def nan_loss(*args, **kwargs):
+        loss, dice = real_interact(*args, **kwargs)
+        return loss * float("nan"), dice
+
+    monkeypatch.setattr(training, "interact", nan_loss)
+    trainer = Trainer(tiny_model(), data, tiny_options(steps=2), tmp_path / "run.pth")
+    trainer.scaler = torch.amp.GradScaler("cpu")
+    monkeypatch.setattr(training, "MAX_OVERFLOWED_TRIES", 3)
+    with pytest.raises(SAMMed3DError, match="Step 1: the gradients were not finite 3 times in a row"):
+        trainer.train_step()
+    assert trainer.state.step == 0
 
 
 def official_optimizer(model: torch.nn.Module, lr: float = 8e-4) -> torch.optim.AdamW:
