@@ -59,6 +59,18 @@ def test_dense_positional_encoding_matches(model, reference):
     np.testing.assert_allclose(dense_pe.numpy(), reference["dense_pe"], atol=1e-6, rtol=0)
 
 
+def test_positional_encoding_stays_float32_under_mixed_precision(model, reference):
+    """Mixed-precision training runs the prompt encoder under autocast: the encoding must be inference's."""
+    points = torch.tensor([[[3.0, 64.0, 127.0], [100.5, 7.25, 64.0]]])
+    with torch.inference_mode():
+        plain = model.prompt_encoder.pe_layer.encode_points(points, (128, 128, 128))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.prompt_encoder.pe_layer.encode_points(points, (128, 128, 128))
+            dense_pe = model.prompt_encoder.get_dense_pe()
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    np.testing.assert_allclose(dense_pe.float().numpy(), reference["dense_pe"], atol=1e-6, rtol=0)
+
+
 def _prompt(reference, case):
     coords = torch.from_numpy(reference[f"{case}_point_coords"])
     labels = torch.from_numpy(reference[f"{case}_point_labels"])
