@@ -6,7 +6,8 @@ Spatial axes are called (d, h, w) here; they are the axes (a0, a1, a2) of the in
 Two attention paths give the same numbers up to float rounding: "reference" follows the official
 computation step by step (windowed blocks attend over a zero-padded 14^3 window); "fast" computes only
 the real tokens and folds the padding in exactly (see `windowed_attention`); "fused" is "fast" with
-PyTorch's fused attention kernel for the last step (slower than "fast" on the CPU).
+`F.scaled_dot_product_attention` for the last step (slower than "fast" on the CPU; on CUDA, PyTorch runs a
+fused kernel where its constraints on dtype and channel widths allow, which was not measured on a GPU).
 """
 
 from __future__ import annotations

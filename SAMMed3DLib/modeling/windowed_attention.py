@@ -101,8 +101,8 @@ def _attend_float32(
     if not fused and not torch.is_grad_enabled() and q.device.type == "cpu":
         return _attend_cache_sized(q, keys, values, row_bias, padding_mass)
     bias = _bias_matrix(row_bias, padding_mass, rw)
-    if fused:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
+    if fused:  # 4-D: PyTorch's fused kernels take (batch, heads, tokens, channels) only, else its plain one runs
+        return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=bias[None], scale=1.0)[0]
     return torch.baddbmm(bias, q, keys.transpose(-2, -1)).softmax(dim=-1) @ values
 
 
