@@ -117,28 +117,43 @@ class Volume:
         """Points given in `space` ('ras', 'lps' or 'ijk') as RAS (N, 3); every point must lie inside."""
         given = geometry.as_points(points)
         kind = space.lower() if isinstance(space, str) else None
-        if kind == "ras":
-            ras = given
-        elif kind == "lps":
-            ras = geometry.lps_to_ras(given)
-        elif kind == "ijk":
-            ras = self.ijk_to_ras_points(given)
-        else:
+        if kind not in POINT_SPACES:
             raise InputError(f"Point space {space!r} is unknown; use one of {', '.join(POINT_SPACES)}.")
-        self._check_inside(given, ras, kind)
-        return ras
-
-    def _check_inside(self, given: np.ndarray, ras: np.ndarray, space: str) -> None:
-        ijk = self.ras_to_ijk(ras)
-        upper = np.array(self.size_ijk) - 0.5
-        outside = np.any((ijk < -0.5 - _INSIDE_TOLERANCE) | (ijk > upper + _INSIDE_TOLERANCE), axis=1)
+        ras = self._as_ras(given, kind)
+        outside = self._outside(ras)
         if np.any(outside):
             point = given[int(np.argmax(outside))]
             shown = ", ".join(f"{value:g}" for value in point)
             raise InputError(
-                f"Point ({shown}) {space.upper()} lies outside {self.name}, which spans {self.extent_text()}; "
-                "place the point inside the volume."
+                f"Point ({shown}) {kind.upper()} lies outside {self.name}, which spans {self.extent_text()}; "
+                f"place the point inside the volume.{self._other_space_hint(point, kind)}"
             )
+        return ras
+
+    def _as_ras(self, points: np.ndarray, space: str) -> np.ndarray:
+        if space == "lps":
+            return geometry.lps_to_ras(points)
+        if space == "ijk":
+            return self.ijk_to_ras_points(points)
+        return points
+
+    def _outside(self, ras: np.ndarray) -> np.ndarray:
+        """Per point, whether it lies beyond the outer faces of the volume's voxels."""
+        ijk = self.ras_to_ijk(ras)
+        upper = np.array(self.size_ijk) - 0.5
+        return np.any((ijk < -0.5 - _INSIDE_TOLERANCE) | (ijk > upper + _INSIDE_TOLERANCE), axis=1)
+
+    def _other_space_hint(self, point: np.ndarray, space: str) -> str:
+        """Voxel indices given as mm (or LPS as RAS) are the usual reason a point lands outside: say so."""
+        fitting = [
+            other for other in POINT_SPACES if other != space and not self._outside(self._as_ras(point[None], other))[0]
+        ]
+        if not fitting:
+            return ""
+        return (
+            f" Read as {fitting[0].upper()} it lies inside: if that is what it is, give the point space "
+            f'(--space {fitting[0]} on the command line, "space": "{fitting[0]}" in a manifest).'
+        )
 
     def check_same_grid(self, other: Volume) -> None:
         """Raise unless `other` (a label map) has this volume's voxels: same size and voxel positions."""

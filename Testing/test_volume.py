@@ -83,6 +83,20 @@ def test_point_outside_names_the_point_and_the_extent():
         volume.points_to_ras([[1, 1, 1], [0, 0, 10.2]], "ijk")
     with pytest.raises(InputError, match="unknown"):
         volume.points_to_ras([1, 1, 1], "voxel")
+    with pytest.raises(InputError, match="inside the volume.$"):  # inside in no other space either: no hint
+        volume.points_to_ras([[1, 1, 1], [0, 0, 10.2]], "ijk")
+
+
+def test_a_point_outside_that_fits_in_another_space_says_so():
+    """Voxel indices typed without --space ijk are read as millimetres: the usual reason a click is outside."""
+    affine = np.diag([0.7, 0.7, 5.0, 1.0])
+    affine[:3, 3] = (0.0, 0.0, -300.0)  # R and A 0..357.7 mm, S -300..-5 mm
+    volume = Volume.from_array(np.zeros((60, 512, 512), dtype=np.int16), affine)
+    hint = "Read as IJK it lies inside: if that is what it is, give the point space (--space ijk on the command line"
+    with pytest.raises(InputError, match=re.escape(hint)):
+        volume.points_to_ras([256, 300, 40], "ras")
+    with pytest.raises(InputError, match=re.escape("Read as LPS it lies inside")):
+        volume.points_to_ras([-100.0, -100.0, -100.0], "ras")  # inside as LPS, RAS (100, 100, -100), only
 
 
 @pytest.mark.parametrize(
