@@ -158,6 +158,10 @@ def read_manifest(path: PathLike) -> list[Case]:
 def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
     if not isinstance(entry, dict):
         return Case(None, [], problem=f'{where} is not an object; write each case as {{"image": ..., ...}}.')
+    miscased = [key for key in entry if isinstance(key, str) and key != key.lower() and key.lower() in JSON_KEYS]
+    if miscased:  # CSV headers are read without case; JSON keys are not
+        keys = ", ".join(f'"{key}"' for key in miscased)
+        return Case(None, [], problem=f'{where} has the key(s) {keys}; write them in lower case, like "image".')
     image = entry.get("image")
     if not isinstance(image, str) or not image.strip():
         return Case(None, [], problem=f'{where} has no \'image\' path; give each case one, like "image": "ct.nii.gz".')

@@ -306,6 +306,13 @@ def test_problems_name_the_line_a_spreadsheet_shows_past_blank_rows(tmp_path, im
     assert first.problem is None and second.problem.startswith("Manifest line 5: Point '4,5'")
 
 
+def test_a_json_key_in_another_case_is_named(tmp_path, image_path):
+    manifest = _manifest(tmp_path, [{"Image": str(image_path), "Positive": [[1, 2, 3]]}])
+    (case,) = read_manifest(manifest)
+    expected = 'has the key(s) "Image", "Positive"; write them in lower case, like "image".'
+    assert case.problem == f"Manifest entry 1 {expected}"
+
+
 def test_a_tilde_in_a_manifest_path_is_the_home_folder(tmp_path, image_path, monkeypatch):
     home = tmp_path / "home"
     (home / "scans").mkdir(parents=True)
