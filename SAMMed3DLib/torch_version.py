@@ -1,7 +1,8 @@
 """The oldest PyTorch the engine runs on, and a clear error for an older one.
 
 Safe checkpoint loading needs `torch.serialization.get_unsafe_globals_in_checkpoint` and `safe_globals`,
-which came with PyTorch 2.5.
+which came with PyTorch 2.5, and a `torch.load(weights_only=True)` that cannot be tricked into running code,
+which came with 2.6 (CVE-2025-32434: up to 2.5.1 a crafted checkpoint could run code all the same).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Optional
 
 from .errors import SAMMed3DError
 
-MINIMUM_TORCH_VERSION = (2, 5)
+MINIMUM_TORCH_VERSION = (2, 6)
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -31,6 +32,7 @@ def require_supported_torch(version: Optional[str] = None) -> None:
     if parse_version(version) < MINIMUM_TORCH_VERSION:
         minimum = ".".join(str(part) for part in MINIMUM_TORCH_VERSION)
         raise SAMMed3DError(
-            f"PyTorch {version} is too old: SAM-Med3D needs PyTorch {minimum} or newer. Update it "
-            "(in 3D Slicer with the PyTorch Utils module; elsewhere with pip install --upgrade torch)."
+            f"PyTorch {version} is too old: SAM-Med3D needs PyTorch {minimum} or newer (older ones can be made to run "
+            "code hidden in a checkpoint file). Update it (in 3D Slicer with the PyTorch Utils module; elsewhere with "
+            "pip install --upgrade torch)."
         )

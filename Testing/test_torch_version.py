@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -23,12 +25,19 @@ def test_an_unreadable_version_is_refused():
 
 
 def test_an_old_torch_is_a_clear_error_naming_the_fix():
-    with pytest.raises(SAMMed3DError, match=r"PyTorch 2\.4\.1\+cu121 is too old.*2\.5 or newer.*pip install --upgrade"):
+    with pytest.raises(SAMMed3DError, match=r"PyTorch 2\.4\.1\+cu121 is too old.*2\.6 or newer.*pip install --upgrade"):
         require_supported_torch("2.4.1+cu121")
 
 
 def test_the_installed_torch_and_newer_ones_pass():
     require_supported_torch()
     require_supported_torch(torch.__version__)
-    require_supported_torch("2.5.0")
+    require_supported_torch("2.6.0")
     require_supported_torch("10.0.0")
+
+
+@pytest.mark.parametrize("version", ["2.5.0", "2.5.1+cu124"])
+def test_a_torch_whose_weights_only_loading_can_be_bypassed_is_refused(version):
+    """CVE-2025-32434: up to 2.5.1 a crafted checkpoint runs code even under torch.load(weights_only=True)."""
+    with pytest.raises(SAMMed3DError, match=rf"PyTorch {re.escape(version)} is too old.*2\.6 or newer"):
+        require_supported_torch(version)
