@@ -43,6 +43,7 @@ class FileServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _RangeHandler)
         self.content = content
         self.cut_after: Optional[int] = None
+        self.range_limit: Optional[int] = None  # a 206 holds at most this many bytes (its Content-Range says so)
         self.ignore_range = False
         self.stall_seconds = 0.0
         self.send_length = True  # False: the body ends where the connection closes (HTTP/1.0 style)
@@ -79,11 +80,15 @@ class _RangeHandler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            end = (
+                len(content) if self.server.range_limit is None else min(len(content), start + self.server.range_limit)
+            )
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(content)}")
         else:
+            end = len(content)
             self.send_response(200)
-        body = content[start:]
+        body = content[start:end]
         self.send_header("ETag", self.server.version)
         if self.server.content_encoding:
             self.send_header("Content-Encoding", self.server.content_encoding)
@@ -234,6 +239,52 @@ def test_a_file_replaced_on_the_server_is_downloaded_whole_not_spliced(server: F
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model.pth.sha256"]
 
 
+def test_a_stop_as_a_changed_file_starts_arriving_leaves_no_old_bytes_under_its_new_version(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    server.cut_after = 100_000
+    with pytest.raises(DownloadError):
+        fetch(server, destination)
+    server.cut_after = None
+    server.content, server.version = random_bytes(300_000, seed=1), '"v2"'
+    with pytest.raises(DownloadCancelled):  # stopped as the whole new file (200) begins to arrive
+        fetch(server, destination, progress=lambda done, total: False)
+    assert not part_path(destination).exists()  # the old bytes are gone before "v2" is noted
+
+    assert fetch(server, destination) == hashlib.sha256(server.content).hexdigest()
+    assert destination.read_bytes() == server.content
+    assert server.if_ranges_seen == [None, '"v1"', None]
+
+
+def test_a_206_that_ends_short_of_the_file_is_an_interrupted_transfer_that_resumes(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    part_path(destination).write_bytes(CONTENT[:100_000])
+    server.range_limit = 50_000  # bytes 100000-149999/300000: a server may send less than asked
+    with pytest.raises(DownloadError, match=r"stopped after 150000 of 300000 bytes .*try again to resume"):
+        fetch(server, destination)
+    assert not destination.exists() and not sidecar_path(destination).exists()
+    assert part_path(destination).read_bytes() == CONTENT[:150_000]
+
+    server.range_limit = None
+    assert fetch(server, destination) == CONTENT_SHA256
+    assert server.ranges_seen == ["bytes=100000-", "bytes=150000-"]
+    assert destination.read_bytes() == CONTENT
+
+
+def test_progress_of_a_resumed_transfer_counts_toward_the_size_its_content_range_gives(
+    server: FileServer, tmp_path: Path
+) -> None:
+    destination = tmp_path / "model.pth"
+    part_path(destination).write_bytes(CONTENT[:100_000])
+    server.send_length = False
+    calls = []
+    assert fetch(server, destination, progress=lambda done, total: calls.append((done, total))) == CONTENT_SHA256
+    assert calls[0] == (100_000, len(CONTENT)) and calls[-1] == (len(CONTENT), len(CONTENT))
+
+
 def test_server_ignoring_range_restarts_from_the_beginning(server: FileServer, tmp_path: Path) -> None:
     destination = tmp_path / "model.pth"
     part_path(destination).write_bytes(b"stale bytes that must not survive")
@@ -333,6 +384,16 @@ def test_unreachable_host_gives_one_clear_sentence(tmp_path: Path) -> None:
     assert message.startswith("Cannot reach 127.0.0.1 to download model.pth (")
     assert "check the network connection" in message and "--checkpoint PATH" in message
     assert not destination.exists()
+
+
+def test_the_caller_words_how_to_supply_the_file_by_hand(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    hint = "download the file yourself and choose it under Model"
+    with pytest.raises(DownloadError) as caught:
+        download_file(f"http://127.0.0.1:{closed_port}/model.pth", tmp_path / "model.pth", manual_hint=hint)
+    assert str(caught.value).endswith(f", or {hint}.") and "--checkpoint" not in str(caught.value)
 
 
 def test_http_error_names_the_status(server: FileServer, tmp_path: Path) -> None:
