@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -40,12 +41,20 @@ ALLOWED_GLOBALS = (
 )
 ALLOWED_DTYPE_MODULE = "numpy.dtypes."
 
+# What a pickled NumPy array asks for. Refused all the same (not on the allow-list), but named with the way out.
+NUMPY_ARRAY_GLOBALS = frozenset(
+    {"numpy.ndarray", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+)
+
 # CVPR-2025 checkpoints add box-corner embeddings that the main model does not use.
 TOLERATED_EXTRA_KEYS = ("prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight")
 
 # Top-level flag of checkpoints trained with alternative masks for a lone first click (see Sam3D); other
 # SAM-Med3D tools read only `model_state_dict` and ignore it.
 FIRST_CLICK_MULTIMASK_KEY = "first_click_multimask"
+
+# How a Git LFS pointer file begins: what a repository cloned without Git LFS holds in place of the weights.
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 
 def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Sam3D:
@@ -92,19 +101,36 @@ def read_checkpoint_file(path: PathLike) -> object:
 
 def _check_record_checksums(path: Path) -> None:
     """Refuse a zip checkpoint whose records fail their CRC-32: torch.load does not check them, so a flipped
-    bit in the weights would load silently (about 0.2 s per 400 MB)."""
+    bit in the weights would load silently (about 0.2 s per 400 MB). A zip that torch.save did not write (the
+    archive a checkpoint was packed into, encrypted or compressed in ways PyTorch never uses) is named as such."""
     if not zipfile.is_zipfile(path):  # the legacy pickle format carries no checksums; torch.load judges it
         return
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError):  # a broken archive is reported by torch.load's own error
         return
+    except NotImplementedError as error:  # e.g. Deflate64 (Windows zips big files so); a RuntimeError, so first
+        raise _packed_archive(path, f"a zip archive packed in a way PyTorch never writes ({error})") from error
+    except RuntimeError as error:  # zipfile's word for an encrypted record
+        raise _packed_archive(path, "a password-protected zip archive") from error
+    except zlib.error as error:
+        raise CheckpointError(
+            f"{path} is damaged: a compressed record in it cannot be unpacked ({error}); use a whole copy "
+            "(download or copy it again)."
+        ) from error
     if damaged is not None:
         raise CheckpointError(
             f"{path} is damaged: its record {damaged} fails its checksum (changed on disk or in a copy); "
             "use a whole copy (download or copy it again)."
         )
+    if not any(name.endswith("/data.pkl") for name in names):  # what every zip torch.save writes holds
+        raise _packed_archive(path, "a zip archive")
+
+
+def _packed_archive(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is {what}, not a PyTorch checkpoint: extract the .pth file from it and use that.")
 
 
 def _state_dict_of(content: object, path: Path) -> dict[str, torch.Tensor]:
@@ -159,6 +185,13 @@ def _load_with_allowed_globals(path: Path) -> object:
 
 
 def _refusal(path: Path, refused: list[str]) -> CheckpointError:
+    if set(refused) <= NUMPY_ARRAY_GLOBALS:
+        return CheckpointError(
+            f"{path} was refused: it holds NumPy arrays beside the weights ({', '.join(refused)}), which are "
+            "not loaded, as rebuilding them could run code. If the file is your own, re-save only the weights in a "
+            f"Python you trust: ckpt = torch.load({str(path)!r}, weights_only=False); "
+            "torch.save({'model_state_dict': ckpt['model_state_dict']}, 'clean.pth'); then use clean.pth."
+        )
     return CheckpointError(
         f"{path} was refused: it asks to run or build {', '.join(refused)} while loading, which a weights "
         "file never needs; only use checkpoints from a source you trust."
@@ -198,6 +231,9 @@ def _numpy_dtype_classes() -> list:
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    stand_in = _stand_in_error(path)
+    if stand_in is not None:
+        return stand_in
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if "central directory" in text or "unexpected EOF" in text or isinstance(error, EOFError):
         return CheckpointError(
@@ -209,6 +245,27 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
             "check the path."
         )
     return CheckpointError(f"{path} is not a PyTorch checkpoint that can be read ({text}): check the file.")
+
+
+def _stand_in_error(path: Path) -> CheckpointError | None:
+    """The error for the two files most often taken for a checkpoint: what a clone without Git LFS holds, and the
+    web page of the file saved instead of the file. None for anything else."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(256)
+    except OSError:
+        return None
+    if start.startswith(GIT_LFS_POINTER):
+        return CheckpointError(
+            f"{path} is a Git LFS pointer, not the checkpoint itself (the repository was cloned without Git LFS): "
+            "run git lfs pull in that clone, or download the file itself."
+        )
+    if start.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return CheckpointError(
+            f"{path} is a saved web page, not a checkpoint: download the file itself from its resolve URL (the "
+            "download link, .../resolve/...), not the web page that shows it."
+        )
+    return None
 
 
 def _check_keys(model: Sam3D, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -152,6 +152,84 @@ def test_flipped_bit_in_the_weights_is_refused(tmp_path, tiny_checkpoint):
         load_model(path)
 
 
+def _zip_of_one_record(path, name, mutate=None):
+    """A deflated zip holding one record; `mutate(bytes, offset of its local header)` edits the written archive."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, bytes(range(256)) * 400)
+    data = bytearray(path.read_bytes())
+    if mutate is not None:
+        mutate(data, data.find(b"PK\x03\x04"), data.find(b"PK\x01\x02"))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _encrypted(data, local, central):
+    data[local + 6] |= 1  # general-purpose flag bit 0, in the local and the central header
+    data[central + 8] |= 1
+
+
+def _deflate64(data, local, central):
+    data[local + 8 : local + 10] = struct.pack("<H", 9)  # compression method 9, which zipfile cannot unpack
+    data[central + 10 : central + 12] = struct.pack("<H", 9)
+
+
+def _broken_deflate_stream(data, local, central):
+    name_length = struct.unpack("<H", data[local + 26 : local + 28])[0]
+    start = local + 30 + name_length
+    data[start : start + 8] = b"\xff" * 8
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_encrypted, r"is a password-protected zip archive, not a PyTorch checkpoint: extract the \.pth file from it"),
+        (_deflate64, r"is a zip archive packed in a way PyTorch never writes .*extract the \.pth file from it"),
+        (_broken_deflate_stream, r"is damaged: a compressed record in it cannot be unpacked .*download or copy it"),
+    ],
+    ids=["encrypted", "deflate64", "broken-deflate"],
+)
+def test_zips_that_zipfile_cannot_check_are_named_not_a_traceback(tmp_path, mutate, message):
+    path = _zip_of_one_record(tmp_path / "model.pth", "archive/data.pkl", mutate)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+def test_a_zip_holding_a_checkpoint_is_named_as_the_archive_it_is(tmp_path):
+    path = _zip_of_one_record(tmp_path / "model.zip", "sam_med3d_turbo.pth")
+    with pytest.raises(CheckpointError, match=r"is a zip archive, not a PyTorch checkpoint: extract the \.pth file"):
+        load_model(path)
+
+
+def test_a_git_lfs_pointer_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "sam_med3d_turbo.pth"
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 452000000\n")
+    with pytest.raises(CheckpointError, match="is a Git LFS pointer, not the checkpoint itself.*run git lfs pull"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "start", [b"<!DOCTYPE html>\n<html>", b"  \r\n<!doctype html><html class=''>", b"\n<HTML><head>"]
+)
+def test_a_saved_web_page_is_named_with_the_fix(tmp_path, start):
+    path = tmp_path / "sam_med3d_turbo.pth"
+    path.write_bytes(start + b"<title>sam_med3d_turbo.pth</title>" + b" " * 2000)
+    with pytest.raises(CheckpointError, match="is a saved web page, not a checkpoint: download the file itself from"):
+        load_model(path)
+
+
+def test_numpy_arrays_beside_the_weights_are_refused_with_how_to_save_the_weights_alone(tmp_path, tiny_checkpoint):
+    import numpy as np
+
+    path = tmp_path / "with_arrays.pth"
+    torch.save({"model_state_dict": torch.load(tiny_checkpoint), "dices": [np.array([0.81, 0.77])]}, path)
+    with pytest.raises(CheckpointError, match="refused: it holds NumPy arrays beside the weights") as caught:
+        load_model(path)
+    message = str(caught.value)
+    assert "in a Python you trust" in message
+    assert f"torch.load({str(path)!r}, weights_only=False)" in message
+    assert "torch.save({'model_state_dict': ckpt['model_state_dict']}, 'clean.pth')" in message
+
+
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_text("these are not weights\n")
