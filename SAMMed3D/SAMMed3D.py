@@ -41,7 +41,7 @@ MODULE_DIR = pathlib.Path(__file__).resolve().parent
 REPOSITORY_ROOT = MODULE_DIR.parent
 ENGINE_PACKAGE = "SAMMed3DLib"
 # SAMMed3DLib.torch_version.MINIMUM_TORCH_VERSION, which cannot be imported before torch is installed.
-MINIMUM_TORCH_VERSION = "2.5"
+MINIMUM_TORCH_VERSION = "2.6"
 REGION_BOX_ATTRIBUTE = "SAMMed3D.RegionBox"
 POSITIVE_COLOR = (0.18, 0.80, 0.30)
 NEGATIVE_COLOR = (0.90, 0.20, 0.20)
@@ -815,7 +815,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         spec, device = self._modelSpec(), self._parameterNode.device.value
         if self.logic.modelRequested(spec, device):
             return
-        needsDownload = spec == "turbo" and not self.logic.publishedCheckpointCached("turbo")
+        # A damaged cached copy is downloaded again too: asked for and shown like a first download.
+        needsDownload = spec == "turbo" and self.logic.publishedCheckpointNeedsDownload("turbo")
         if needsDownload and not slicer.app.testingEnabled():
             if not slicer.util.confirmOkCancelDisplay(
                 _(
@@ -1258,10 +1259,11 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         return "demo" if checkpoint is None else str(checkpoint)
 
     @staticmethod
-    def publishedCheckpointCached(name: str) -> bool:
-        from SAMMed3DLib.published import PUBLISHED_CHECKPOINTS, cache_dir
+    def publishedCheckpointNeedsDownload(name: str) -> bool:
+        """Whether loading the published checkpoint `name` downloads it (absent, or its cached copy damaged)."""
+        from SAMMed3DLib.published import needs_download
 
-        return (cache_dir() / PUBLISHED_CHECKPOINTS[name].filename).is_file()
+        return needs_download(name)
 
     @staticmethod
     def checkpointCacheFolder() -> str:
@@ -1277,7 +1279,8 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         # The model asked for replaces the old one even if it fails to load: segmenting on with the old one would
         # write masks of a model the user no longer chose.
         self._engine.predictor = self._engine.session = None
-        path = resolve_checkpoint(checkpoint, progress=progress)
+        byHand = _("download the file yourself and choose it as the checkpoint file under Model")
+        path = resolve_checkpoint(checkpoint, progress=progress, manual_hint=byHand)
         torchDevice = resolve_device(device)
         info = self._workUseModel(load_model(path, torchDevice), torchDevice)
         info["checkpoint"] = str(path)

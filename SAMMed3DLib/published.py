@@ -12,7 +12,9 @@ from typing import Dict, Union
 
 from .checkpoint import read_checkpoint_file
 from .download import (
+    MANUAL_HINT,
     ChecksumMismatch,
+    DownloadCancelled,
     ProgressCallback,
     download_file,
     file_sha256,
@@ -53,6 +55,9 @@ DEMO_CHECKPOINT: Path = Path(__file__).parent / "weights" / "sammed3d_demo.pth"
 
 CACHE_DIR_VARIABLE = "SAMMED3D_CACHE_DIR"
 
+# What `_cached_copy_problem` says of a copy that is not there (every other answer is a kind of damage).
+_ABSENT = "absent"
+
 
 def cache_dir() -> Path:
     """Where published checkpoints are downloaded: $SAMMED3D_CACHE_DIR, else the per-user cache."""
@@ -69,11 +74,17 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "sammed3d"
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike, None], progress: ProgressCallback | None = None) -> Path:
+def resolve_checkpoint(
+    name_or_path: Union[str, os.PathLike, None],
+    progress: ProgressCallback | None = None,
+    manual_hint: str = MANUAL_HINT,
+) -> Path:
     """The checkpoint file for None (the built-in demo), an existing file, or a published name.
 
     A published checkpoint is downloaded into `cache_dir()` when absent, and a cached copy that does not
-    match the registry hash (or the hash recorded at its first download) is downloaded again.
+    match the registry hash (or the hash recorded at its first download) is downloaded again (a warning says
+    so). `manual_hint` ends the errors of a failed download with how to supply the file by hand; the default
+    names the command line's --checkpoint, so other front ends pass their own words.
     """
     if name_or_path is None:
         return _demo_checkpoint()
@@ -82,7 +93,7 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike, None], progress: Pr
         return path
     entry = PUBLISHED_CHECKPOINTS.get(os.fspath(name_or_path))
     if entry is not None:
-        return _cached_published(entry, progress)
+        return _cached_published(entry, progress, manual_hint)
     names = ", ".join(sorted(PUBLISHED_CHECKPOINTS))
     if path.exists():
         raise CheckpointError(f"The checkpoint '{path}' is not a file: pass a .pth file or one of: {names}.")
@@ -90,6 +101,26 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike, None], progress: Pr
         f"There is no checkpoint file '{path}' and no published checkpoint of that name: pass the path of "
         f"an existing .pth file or one of the published names: {names}."
     )
+
+
+def needs_download(name: str) -> bool:
+    """Whether `resolve_checkpoint(name)` would download the published checkpoint `name`: its cached copy is
+    absent, or fails the check resolving makes before every use. Ask it just before resolving, to decide whether
+    to ask the user first and show progress.
+
+    It makes that same check, so that its answer is the one resolving will reach: when a hash is known (from the
+    registry or recorded at the first download) one SHA-256 pass over the file, about 0.4 s for the 400 MB turbo
+    file, and otherwise (a copy placed by hand, until its first use records its hash) reading it as a checkpoint.
+    A cheaper test (size, or the hash file alone) would miss a copy damaged on disk, which resolving would then
+    download again with no consent asked and no progress shown.
+    """
+    entry = PUBLISHED_CHECKPOINTS.get(name)
+    if entry is None:
+        raise CheckpointError(
+            f"There is no published checkpoint '{name}': use one of {', '.join(sorted(PUBLISHED_CHECKPOINTS))}."
+        )
+    target = cache_dir() / entry.filename
+    return _cached_copy_problem(target, _expected_sha256(entry, target)) is not None
 
 
 def _demo_checkpoint() -> Path:
@@ -101,7 +132,7 @@ def _demo_checkpoint() -> Path:
     return DEMO_CHECKPOINT
 
 
-def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | None) -> Path:
+def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | None, manual_hint: str) -> Path:
     """The cached file of `entry`, verified, downloading it when absent or damaged. One process at a time (a
     lock beside the file): two downloading at once would write into one partial file."""
     require_supported_torch()  # checked first: an old PyTorch would refuse the file only after the whole download
@@ -117,27 +148,78 @@ def _cached_published(entry: PublishedCheckpoint, progress: ProgressCallback | N
     def waiting() -> None:
         log.warning("Another process is downloading %s: waiting for it to finish.", target)
 
-    with exclusive_lock(target.with_name(target.name + ".lock"), on_wait=waiting) if writable else nullcontext():
-        return _verified_or_downloaded(entry, target, progress)
+    def unlocked(error: OSError) -> None:
+        log.warning(
+            "The download cache %s cannot lock files (%s): going on without the lock, so do not fetch %s in two "
+            "programs at once; to avoid this, point %s at a folder on a local disk.",
+            folder,
+            error.strerror or error,
+            entry.filename,
+            CACHE_DIR_VARIABLE,
+        )
+
+    lock = exclusive_lock(target.with_name(target.name + ".lock"), on_wait=waiting, on_unsupported=unlocked)
+    with lock if writable else nullcontext():
+        return _verified_or_downloaded(entry, target, progress, manual_hint)
 
 
-def _verified_or_downloaded(entry: PublishedCheckpoint, target: Path, progress: ProgressCallback | None) -> Path:
-    recorded = read_recorded_sha256(target)
-    expected = entry.sha256.lower() if entry.sha256 else recorded
-    if target.is_file():
-        actual = file_sha256(target)
-        if actual == expected:
-            return target
-        if expected is None and _reads_as_checkpoint(target):
-            # Neither the registry nor an earlier download knows the hash: trust this copy from now on.
-            _record_if_possible(target, actual)
-            return target
-    # A copy that does not match stays in place until a verified download replaces it. Without a known hash
-    # only loading tells a checkpoint from an error page or a cut-off file, so that is checked before the
-    # download is accepted and its hash recorded for good.
-    check = None if expected is not None else _require_checkpoint
+def _expected_sha256(entry: PublishedCheckpoint, target: Path) -> str | None:
+    """The registry's hash, else the one recorded at the first download; None when neither is known."""
+    return entry.sha256.lower() if entry.sha256 else read_recorded_sha256(target)
+
+
+def _cached_copy_problem(target: Path, expected: str | None) -> str | None:
+    """Why the cached copy cannot be used as it is, or None when it can. Without a known hash only loading tells
+    a checkpoint from an error page or a cut-off file."""
+    if not target.is_file():
+        return _ABSENT
+    if expected is not None:
+        return None if file_sha256(target) == expected else "hash mismatch"
+    return None if _reads_as_checkpoint(target) else "not a readable checkpoint"
+
+
+def _verified_or_downloaded(
+    entry: PublishedCheckpoint, target: Path, progress: ProgressCallback | None, manual_hint: str
+) -> Path:
+    expected = _expected_sha256(entry, target)
+    problem = _cached_copy_problem(target, expected)
+    if problem is None:
+        if expected is None:  # neither the registry nor an earlier download knows the hash: trust this copy from now on
+            _record_if_possible(target, file_sha256(target))
+        return target
+    if problem != _ABSENT:
+        log.warning("The cached copy at %s was damaged (%s): downloading it again.", target, problem)
     try:
-        download_file(entry.url, target, sha256=expected, progress=progress, check=check)
+        _download(entry, target, expected, progress, manual_hint)
+    except DownloadCancelled:
+        raise
+    except DownloadError as error:
+        if problem == _ABSENT:
+            raise
+        raise DownloadError(
+            f"The cached copy at {target} was damaged ({problem}); downloading it again failed: {error}"
+        ) from error
+    return target
+
+
+def _download(
+    entry: PublishedCheckpoint, target: Path, expected: str | None, progress: ProgressCallback | None, manual_hint: str
+) -> None:
+    """Download `entry` onto `target`. A copy that does not match stays in place until a verified download replaces
+    it. Without a known hash the download must read as a checkpoint before it is accepted and its hash recorded."""
+
+    def require_checkpoint(downloaded: Path) -> None:
+        try:
+            read_checkpoint_file(downloaded)
+        except CheckpointError as error:
+            raise DownloadError(
+                f"What was downloaded is not a usable checkpoint, so it was deleted ({error}): retry later, or "
+                f"{manual_hint}."
+            ) from error
+
+    check = None if expected is not None else require_checkpoint
+    try:
+        download_file(entry.url, target, sha256=expected, progress=progress, check=check, manual_hint=manual_hint)
     except ChecksumMismatch as error:
         if entry.sha256:
             raise
@@ -145,17 +227,6 @@ def _verified_or_downloaded(entry: PublishedCheckpoint, target: Path, progress: 
             f"The downloaded {entry.filename} differs from the copy first downloaded (hash recorded in "
             f"{sidecar_path(target)}): retry, or if the published file has changed on purpose, delete "
             f"{sidecar_path(target)} and try again."
-        ) from error
-    return target
-
-
-def _require_checkpoint(downloaded: Path) -> None:
-    try:
-        read_checkpoint_file(downloaded)
-    except CheckpointError as error:
-        raise DownloadError(
-            f"What was downloaded is not a usable checkpoint, so it was deleted ({error}): retry later, or "
-            "download the file yourself and pass its path with --checkpoint."
         ) from error
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -86,6 +89,73 @@ def test_recorded_hash_detects_a_corrupted_cached_file_and_downloads_it_again(
     assert resolve_checkpoint("turbo") == path
     assert len(server.ranges_seen) == 2
     assert path.read_bytes() == CONTENT
+
+
+def unreachable_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/sam_med3d_turbo.pth"
+
+
+def test_needs_download_answers_what_resolving_will_do(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    assert published.needs_download("turbo")  # absent
+    resolve_checkpoint("turbo")
+    assert not published.needs_download("turbo")
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # same size, same hash file: only the hash tells
+    path.write_bytes(bytes(damaged))
+    assert published.needs_download("turbo")
+
+    sidecar_path(path).unlink()  # a copy placed by hand, no hash known: it must read as a checkpoint
+    path.write_bytes(checkpoint_bytes(seed=4))
+    assert not published.needs_download("turbo")
+    path.write_bytes(b"<html>an error page saved by hand</html>")
+    assert published.needs_download("turbo")
+    with pytest.raises(CheckpointError, match="no published checkpoint 'tubro'.*turbo"):
+        published.needs_download("tubro")
+    assert len(server.ranges_seen) == 1  # asking downloads nothing
+
+
+def test_a_damaged_cached_copy_is_named_when_downloaded_again_and_when_that_fails(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = publish_locally(monkeypatch, server)
+    resolve_checkpoint("turbo")
+    path.write_bytes(random_bytes(len(CONTENT), seed=1))
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint("turbo").read_bytes() == CONTENT
+    assert f"The cached copy at {path} was damaged (hash mismatch): downloading it again" in caplog.text
+
+    path.write_bytes(random_bytes(len(CONTENT), seed=1))
+    entry = replace(PUBLISHED_CHECKPOINTS["turbo"], url=unreachable_url())
+    monkeypatch.setitem(PUBLISHED_CHECKPOINTS, "turbo", entry)  # offline
+    with pytest.raises(DownloadError) as caught:
+        resolve_checkpoint("turbo")
+    assert str(caught.value).startswith(
+        f"The cached copy at {path} was damaged (hash mismatch); downloading it again failed: Cannot reach 127.0.0.1"
+    )
+
+
+def test_the_caller_words_how_to_supply_the_file_by_hand(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hint = "download the file yourself and choose it under Model"
+    publish_locally(monkeypatch, server)
+    server.content = b"<html>rate limited</html>"
+    with pytest.raises(DownloadError, match="not a usable checkpoint") as caught:
+        resolve_checkpoint("turbo", manual_hint=hint)
+    assert str(caught.value).endswith(f", or {hint}.") and "--checkpoint" not in str(caught.value)
+
+    entry = replace(PUBLISHED_CHECKPOINTS["turbo"], url=unreachable_url())
+    monkeypatch.setitem(PUBLISHED_CHECKPOINTS, "turbo", entry)
+    with pytest.raises(DownloadError, match="Cannot reach") as caught:
+        resolve_checkpoint("turbo", manual_hint=hint)
+    assert str(caught.value).endswith(f", or {hint}.") and "--checkpoint" not in str(caught.value)
+    with pytest.raises(DownloadError, match=r"--checkpoint PATH\.$"):  # the command line's words stay the default
+        resolve_checkpoint("turbo")
 
 
 def test_changed_published_file_is_refused_against_the_recorded_hash(
@@ -201,6 +271,82 @@ def test_a_lock_file_another_user_made_in_a_shared_cache_still_locks(
         assert results == []
     waiting.join(timeout=30)
     assert results == [path] and len(server.ranges_seen) == 1
+
+
+def test_a_cache_that_cannot_lock_is_used_without_the_lock_and_the_way_out_named(
+    server: FileServer, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = publish_locally(monkeypatch, server)
+
+    def no_locks(descriptor: int, operation: int) -> None:  # NFS without lockd
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(filelock, "_try_lock", filelock._posix_try_lock)
+    monkeypatch.setattr(filelock, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=2, LOCK_NB=4, LOCK_UN=8))
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint("turbo").read_bytes() == CONTENT
+    assert "cannot lock files" in caplog.text and "SAMMED3D_CACHE_DIR" in caplog.text
+    assert "Another process is downloading" not in caplog.text
+    with pytest.raises(OSError, match="No locks available"):  # a caller that accepts no unlocked run gets the error
+        with exclusive_lock(path.with_name("other.lock")):
+            pass
+
+
+class FakeMsvcrt:
+    """msvcrt.locking as Windows answers it: busy (EACCES) `busy_times` times, then either the lock or `error`."""
+
+    LK_UNLCK, LK_LOCK, LK_NBLCK = 0, 1, 2
+
+    def __init__(self, busy_times: int = 0, error: int | None = None):
+        self.busy_left, self.error, self.calls = busy_times, error, []
+
+    def locking(self, descriptor: int, mode: int, length: int) -> None:
+        self.calls.append(mode)
+        if mode == self.LK_UNLCK:
+            return
+        if self.busy_left:
+            self.busy_left -= 1
+            raise OSError(errno.EACCES, "Permission denied")
+        if self.error is not None:
+            raise OSError(self.error, os.strerror(self.error))
+
+
+def use_windows_locking(monkeypatch: pytest.MonkeyPatch, fake: FakeMsvcrt) -> list[float]:
+    """Make filelock take the Windows path with `fake` as msvcrt; return the list its pauses are recorded in."""
+    monkeypatch.setattr(filelock, "msvcrt", fake, raising=False)
+    monkeypatch.setattr(filelock, "_lock", filelock._windows_lock)
+    monkeypatch.setattr(filelock, "_try_lock", filelock._windows_try_lock)
+    monkeypatch.setattr(filelock, "_unlock", filelock._windows_unlock)
+    pauses: list[float] = []
+    monkeypatch.setattr(filelock.time, "sleep", pauses.append)
+    return pauses
+
+
+def test_windows_waits_for_a_held_lock_with_pauses_between_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeMsvcrt(busy_times=3)
+    pauses = use_windows_locking(monkeypatch, fake)
+    waits = []
+    with exclusive_lock(tmp_path / "x.lock", on_wait=lambda: waits.append(1)):
+        assert fake.calls == [fake.LK_NBLCK] * 4
+    assert waits == [1] and len(pauses) == 2 and all(0 < pause <= 1 for pause in pauses)
+    assert fake.calls[-1] == fake.LK_UNLCK
+
+
+def test_windows_where_locking_is_unsupported_goes_on_without_it_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeMsvcrt(error=errno.EINVAL)
+    use_windows_locking(monkeypatch, fake)
+    waits, unsupported, ran = [], [], []
+    with exclusive_lock(tmp_path / "x.lock", on_wait=lambda: waits.append(1), on_unsupported=unsupported.append):
+        ran.append(True)
+    assert ran == [True] and waits == [] and [error.errno for error in unsupported] == [errno.EINVAL]
+    assert fake.calls == [fake.LK_NBLCK]  # tried once, neither retried forever nor unlocked
+    with pytest.raises(OSError):
+        with exclusive_lock(tmp_path / "x.lock"):
+            pass
 
 
 def test_an_old_pytorch_is_named_before_anything_is_downloaded(
