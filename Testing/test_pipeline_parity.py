@@ -83,8 +83,9 @@ def assert_official_regions(case: Case, run: str, intermediates: str) -> None:
 def assert_znorm_stats(raw: np.ndarray, facts: dict) -> None:
     values = torch.from_numpy(raw).float()
     selected = values[values > 0]
-    assert selected.mean().item() == facts["znorm_mean"]
-    assert selected.std().item() == facts["znorm_std"]
+    # float32 sums, as the official code takes them: their rounding depends on how many threads add them up.
+    assert selected.mean().item() == pytest.approx(facts["znorm_mean"], rel=1e-6)
+    assert selected.std().item() == pytest.approx(facts["znorm_std"], rel=1e-6)
     if "znorm_count" in facts:
         assert selected.numel() == facts["znorm_count"]
 
