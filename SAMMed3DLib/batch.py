@@ -39,18 +39,22 @@ OPTIONAL_COLUMNS = ("negative", "space", "out")
 # A JSON entry gives its clicks either in order ("clicks") or as lists of points ("positive", "negative").
 JSON_KEYS = (*CSV_COLUMNS, *OPTIONAL_COLUMNS, "clicks")
 CLICK_KEYS = ("point", "positive")
+# Why a case was skipped under skip_existing.
+EXISTING_KEPT = "its output exists (kept)"
 
 
 @dataclass
 class Case:
     """One volume and its clicks, in the order they are applied. `problem` says why a manifest entry cannot be
-    segmented; such a case is reported as failed without running."""
+    segmented; such a case is reported as failed without running. `source` says where a manifest lists it
+    ('Manifest line 3'), for messages."""
 
     image: Optional[Path]
     clicks: list[tuple[Point, bool]]
     space: str = "ras"
     out: Optional[Path] = None
     problem: Optional[str] = None
+    source: str = ""
 
     def __post_init__(self) -> None:  # paths may be given as text from Python
         self.image = None if self.image is None else Path(self.image)
@@ -165,9 +169,11 @@ def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
     image = entry.get("image")
     if not isinstance(image, str) or not image.strip():
         return Case(None, [], problem=f'{where} has no \'image\' path; give each case one, like "image": "ct.nii.gz".')
-    case = Case(folder / Path(image).expanduser(), [])
+    case = Case(folder / Path(image).expanduser(), [], source=where)
     try:
         case.out = _out(entry.get("out"), folder)  # first, so that the output is known even when the clicks are bad
+        if None in entry:  # where csv puts a row's fields beyond the header: every later column is shifted
+            raise InputError('it has more fields than the header names; put each point in quotes, like "10,20,30".')
         case.space = _space(entry.get("space"))
         case.clicks = _clicks(entry)
     except InputError as error:
@@ -176,8 +182,6 @@ def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
 
 
 def _clicks(entry: dict) -> list[tuple[Point, bool]]:
-    if None in entry:  # where csv puts a row's fields beyond the header
-        raise InputError('it has more fields than the header names; put each point in quotes, like "10,20,30".')
     _refuse_unknown_keys(entry, JSON_KEYS, "it")
     if "clicks" in entry and ("positive" in entry or "negative" in entry):
         raise InputError("it gives both 'clicks' and 'positive'/'negative'; give the clicks one way.")
@@ -301,16 +305,18 @@ def _file_key(path: Path) -> str:
 
 
 def _refuse_shared_outputs(cases: Sequence[Case]) -> None:
-    writers: dict[str, int] = {}
+    writers: dict[str, tuple[int, Case]] = {}
     for number, case in enumerate(cases, start=1):
         if case.problem is not None:
             continue
-        first = writers.setdefault(_file_key(case.out), number)
-        if first != number:
-            raise InputError(
-                f"Cases {first} and {number} (counted in manifest order) would both write {case.out}; "
-                "give each of them its own 'out'."
+        first_number, first = writers.setdefault(_file_key(case.out), (number, case))
+        if first_number != number:
+            both = (
+                f"{first.source} and {case.source.replace('Manifest ', '')}"
+                if first.source and case.source
+                else f"Cases {first_number} and {number} (counted in list order)"
             )
+            raise InputError(f"{both} would both write {case.out}; give each of them its own 'out'.")
 
 
 def segment_many(
@@ -330,14 +336,19 @@ def segment_many(
     cases = plan_outputs(cases, out_dir, overwrite, skip_existing)
     outcomes = []
     for number, case in enumerate(cases, start=1):
-        if skip_existing and case.problem is None and case.out.exists():
-            outcome = CaseOutcome(case, out=case.out, skipped="its output exists (kept)")
+        if keeps_existing_output(case, skip_existing):
+            outcome = CaseOutcome(case, out=case.out, skipped=EXISTING_KEPT)
         else:
             outcome = _segment_case(predictor, case, prompt_mode, regions, overwrite)
         outcomes.append(outcome)
         if progress is not None:
             progress(number, len(cases), outcome)
     return outcomes
+
+
+def keeps_existing_output(case: Case, skip_existing: bool) -> bool:
+    """Whether a planned case is skipped because its output exists (with `skip_existing`)."""
+    return skip_existing and case.problem is None and case.out.exists()
 
 
 def _segment_case(

@@ -122,8 +122,8 @@ def test_two_cases_writing_one_file_fail_before_the_model_loads(tmp_path, image_
     # A checkpoint that does not exist: the batch must stop before it would be needed.
     assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out") == 2
     error = capsys.readouterr().err
-    assert "Cases 1 and 2" in error and "scan_mask.nii.gz" in error and "'out'" in error
-    assert not (tmp_path / "out").exists()
+    assert "Manifest entry 1 and entry 2 would both write" in error and "scan_mask.nii.gz" in error
+    assert "'out'" in error and not (tmp_path / "out").exists()
 
 
 # -- never overwriting
@@ -306,6 +306,13 @@ def test_problems_name_the_line_a_spreadsheet_shows_past_blank_rows(tmp_path, im
     assert first.problem is None and second.problem.startswith("Manifest line 5: Point '4,5'")
 
 
+def test_an_unquoted_point_is_named_before_the_columns_it_shifted(tmp_path, image_path):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"image,positive,space\n{image_path},60,50,10,ijk\n")
+    (case,) = read_manifest(manifest)
+    assert case.problem.startswith("Manifest line 2: it has more fields than the header names; put each point")
+
+
 def test_a_json_key_in_another_case_is_named(tmp_path, image_path):
     manifest = _manifest(tmp_path, [{"Image": str(image_path), "Positive": [[1, 2, 3]]}])
     (case,) = read_manifest(manifest)
@@ -407,6 +414,9 @@ def test_an_interrupted_batch_prints_what_it_did_and_goes_on_with_skip_existing(
     output = capsys.readouterr().out
     assert "its output exists (kept)" in output and "2 of 3 cases segmented, 0 failed, 1 skipped" in output
     assert (tmp_path / "case0.nii.gz").read_bytes() == first and (tmp_path / "case2.nii.gz").exists()
+    # Every mask there: nothing to run, so no model is loaded (one that does not exist is not even looked for).
+    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out", "--skip-existing") == 0
+    assert "0 of 3 cases segmented, 0 failed, 3 skipped" in capsys.readouterr().out
     assert _batch(manifest, checkpoint, tmp_path / "out", "--overwrite", "--skip-existing") == 2
 
 

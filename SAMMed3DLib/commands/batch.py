@@ -6,7 +6,15 @@ import argparse
 import sys
 from collections import Counter
 
-from ..batch import CaseOutcome, plan_outputs, read_manifest, segment_many
+from ..batch import (
+    EXISTING_KEPT,
+    Case,
+    CaseOutcome,
+    keeps_existing_output,
+    plan_outputs,
+    read_manifest,
+    segment_many,
+)
 from ..errors import InputError
 from ..session import PROMPT_MODES, REGION_MODES
 from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback
@@ -39,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--overwrite replaces existing masks and --skip-existing keeps them; give one of the two.")
     # Everything that can be checked without the model is, so a bad manifest or folder fails before a download.
     cases = plan_outputs(read_manifest(args.manifest), args.out_dir, args.overwrite, args.skip_existing)
-    if all(case.problem is not None for case in cases):  # no case can run: no model to load, or download
-        print(summary_table([CaseOutcome(case, error=case.problem) for case in cases]))
-        return 1
+    if not any(_will_run(case, args.skip_existing) for case in cases):  # no model to load, or download
+        outcomes = [_not_run(case) for case in cases]
+        print(summary_table(outcomes))
+        return 0 if all(outcome.ok for outcome in outcomes) else 1
     predictor = predictor_from_args(args)
     outcomes: list[CaseOutcome] = []
     try:
@@ -64,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(outcomes))
     failed = sum(not outcome.ok for outcome in outcomes)
     return 1 if failed else 0
+
+
+def _will_run(case: Case, skip_existing: bool) -> bool:
+    return case.problem is None and not keeps_existing_output(case, skip_existing)
+
+
+def _not_run(case: Case) -> CaseOutcome:
+    if case.problem is not None:
+        return CaseOutcome(case, error=case.problem)
+    return CaseOutcome(case, out=case.out, skipped=EXISTING_KEPT)
 
 
 def _record(outcomes: list[CaseOutcome], done: int, total: int, outcome: CaseOutcome) -> None:
