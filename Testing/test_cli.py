@@ -222,7 +222,8 @@ def test_evaluate_command_reproduces_the_official_run(tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert sorted(report["labels"]) == ["1", "2", "5"]
     assert len(report["mean_dice"]) == 1 and len(report["labels"]["5"]["clicks"]) == 1
-    assert "mean" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean" in printed and f"Wrote {out} and {report_path}" in printed
 
 
 def test_segment_never_writes_over_its_input_or_an_existing_file(tmp_path, checkpoint, image_path, capsys):

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     truth_image = mask_image(truth.astype(np.uint8), volume)
     save_preview(image, mask_image(result.mask, volume), click_ijk, out / PREVIEW_FILE, truth=truth_image)
     report_fallback(predictor)
-    ras = ", ".join(f"{v:.1f}" for v in volume.ijk_to_ras_points([click_ijk])[0])
+    # To 0.01 mm: a voxel centre rounded to 0.1 mm may fall on a face, and typed back it lands on the neighbour.
+    ras = ", ".join(f"{v:.2f}" for v in volume.ijk_to_ras_points([click_ijk])[0])
     print(f"Target label {target}: one positive click at voxel IJK {click_ijk} = RAS ({ras}) mm")
     print(
         f"Dice against the truth: {dice(result.mask, truth):.3f}; predicted IoU {result.iou:.3f}; "

@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     write_mask(result.mask, image, args.out, args.overwrite)
     report_fallback(predictor)
     print(dice_table(result))
+    written = [str(args.out)]
     if args.report:
-        write_text_atomic(args.report, json.dumps(report(result), indent=2))
+        written.append(str(write_text_atomic(args.report, json.dumps(report(result), indent=2))))
+    print(f"Wrote {' and '.join(written)}")
     return 0
 
 
