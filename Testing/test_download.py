@@ -226,13 +226,19 @@ def test_progress_returning_false_cancels_and_keeps_the_part_for_resuming(server
     assert destination.read_bytes() == CONTENT
 
 
-def test_a_file_replaced_on_the_server_is_downloaded_whole_not_spliced(server: FileServer, tmp_path: Path) -> None:
-    destination = tmp_path / "model.pth"
+def _cut_short_then_replaced_on_the_server(server: FileServer, folder: Path) -> Path:
+    """A download stopped after 100,000 bytes of version "v1", whose file the server then replaces ("v2")."""
+    destination = folder / "model.pth"
     server.cut_after = 100_000
     with pytest.raises(DownloadError):
         fetch(server, destination)
     server.cut_after = None
     server.content, server.version = random_bytes(300_000, seed=1), '"v2"'
+    return destination
+
+
+def test_a_file_replaced_on_the_server_is_downloaded_whole_not_spliced(server: FileServer, tmp_path: Path) -> None:
+    destination = _cut_short_then_replaced_on_the_server(server, tmp_path)
     assert fetch(server, destination) == hashlib.sha256(server.content).hexdigest()
     assert destination.read_bytes() == server.content
     assert server.if_ranges_seen == [None, '"v1"'] and server.ranges_seen[-1] == "bytes=100000-"
@@ -242,12 +248,7 @@ def test_a_file_replaced_on_the_server_is_downloaded_whole_not_spliced(server: F
 def test_a_stop_as_a_changed_file_starts_arriving_leaves_no_old_bytes_under_its_new_version(
     server: FileServer, tmp_path: Path
 ) -> None:
-    destination = tmp_path / "model.pth"
-    server.cut_after = 100_000
-    with pytest.raises(DownloadError):
-        fetch(server, destination)
-    server.cut_after = None
-    server.content, server.version = random_bytes(300_000, seed=1), '"v2"'
+    destination = _cut_short_then_replaced_on_the_server(server, tmp_path)
     with pytest.raises(DownloadCancelled):  # stopped as the whole new file (200) begins to arrive
         fetch(server, destination, progress=lambda done, total: False)
     assert not part_path(destination).exists()  # the old bytes are gone before "v2" is noted
