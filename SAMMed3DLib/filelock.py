@@ -18,7 +18,7 @@ from typing import BinaryIO, Callable, Iterator, Optional
 # What a file system that cannot lock answers (EINVAL: what Windows' C runtime makes of "not supported").
 UNSUPPORTED_ERRNOS = frozenset((errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL))
 # What msvcrt.locking answers while another process holds the lock.
-_WINDOWS_BUSY_ERRNOS = frozenset((errno.EACCES, errno.EDEADLOCK))
+_WINDOWS_BUSY_ERRNOS = frozenset((errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)))  # macOS has no EDEADLOCK
 _WINDOWS_RETRY_SECONDS = 0.1
 
 if os.name == "nt":

@@ -8,6 +8,8 @@ import io
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -413,3 +415,10 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setenv("SAMMED3D_CACHE_DIR", str(tmp_path / "chosen"))
     assert cache_dir() == tmp_path / "chosen"
+
+
+def test_the_lock_module_imports_where_errno_lacks_edeadlock() -> None:
+    """macOS's errno has EDEADLK only: a module-level errno.EDEADLOCK broke every command there."""
+    script = "import errno; del errno.EDEADLOCK; import SAMMed3DLib.published; print('imported')"
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.stdout.strip() == "imported", finished.stderr
