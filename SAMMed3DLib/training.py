@@ -63,7 +63,7 @@ CACHE_VERSION = 1
 DICE_SMOOTHING = 1e-5
 # Regions drawn before giving up when none can be normalised.
 MAX_DRAWS = 100
-# Tries of one step whose gradients overflowed (the loss scale halves each time) before the loss is taken as NaN.
+# Tries of one step whose gradients overflowed (the loss scale halves each time) before giving up.
 MAX_OVERFLOWED_TRIES = 30
 
 
@@ -729,20 +729,22 @@ class Trainer:
     # -- one optimiser step
     def train_step(self) -> tuple[float, float]:
         """One optimiser step over batch_size x accumulation samples; returns mean loss and Dice. On CUDA, a step
-        whose float16 gradients overflowed (the loss scaler then skips the update and lowers its scale) is done
-        again over the same samples, so that every counted step, the warm-up's too, changed the weights."""
+        whose float16 gradients overflowed with a finite loss (the loss scaler then skips the update and lowers its
+        scale) is done again over the same samples, so that every counted step, the warm-up's too, changed the
+        weights; one whose loss itself is not finite is counted as the scaler skipped it (trying the same samples
+        again would give the same loss)."""
         for _ in range(MAX_OVERFLOWED_TRIES):
             losses, dices = self._accumulate_gradients()
             with interrupts_deferred():  # the update is applied and counted whole, so a Ctrl+C saves a true step
-                if self._update_weights():
+                if self._update_weights() or not np.all(np.isfinite(losses)):
                     self.scheduler.step()
                     self.state.step += 1
                     self.state.losses.append(float(np.mean(losses)))
                     self.state.dices.append(float(np.mean(dices)))
                     return self.state.losses[-1], self.state.dices[-1]
         raise SAMMed3DError(
-            f"Step {self.state.step + 1}: the gradients were not finite {MAX_OVERFLOWED_TRIES} times in a row (a loss "
-            "of NaN or infinity): check the images and labels, or lower the learning rates."
+            f"Step {self.state.step + 1}: the gradients overflowed {MAX_OVERFLOWED_TRIES} times in a row although the "
+            "loss was finite: lower the learning rates, or train in float32 with --device cpu."
         )
 
     def _accumulate_gradients(self) -> tuple[list[float], list[float]]:

@@ -527,20 +527,27 @@ def test_a_step_whose_scaled_gradients_overflowed_is_done_again_not_counted(data
     assert any(not torch.equal(trainer.model.state_dict()[name], value) for name, value in before.items())
 
 
-def test_a_loss_that_stays_nan_stops_training_saying_so(data, tmp_path, monkeypatch):
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+def test_a_step_with_a_nan_loss_is_skipped_as_before_and_endless_overflow_stops_saying_so(data, tmp_path, monkeypatch):
+    """The same samples would give the same NaN again: that step is counted as skipped, and training goes on."""
     real_interact = training.interact
+    factor = [float("nan")]
 
-    def nan_loss(*args, **kwargs):
+    def scaled_loss(*args, **kwargs):
         loss, dice = real_interact(*args, **kwargs)
-        return loss * float("nan"), dice
+        return loss * factor[0], dice
 
-    monkeypatch.setattr(training, "interact", nan_loss)
+    monkeypatch.setattr(training, "interact", scaled_loss)
     trainer = Trainer(tiny_model(), data, tiny_options(steps=2), tmp_path / "run.pth")
     trainer.scaler = torch.amp.GradScaler("cpu")
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    trainer.train_step()
+    assert trainer.state.step == 1 and all(torch.equal(trainer.model.state_dict()[n], v) for n, v in before.items())
+    factor[0] = 1e38  # finite, but infinite once scaled: each try halves the scale
     monkeypatch.setattr(training, "MAX_OVERFLOWED_TRIES", 3)
-    with pytest.raises(SAMMed3DError, match="Step 1: the gradients were not finite 3 times in a row"):
+    with pytest.raises(SAMMed3DError, match="Step 2: the gradients overflowed 3 times in a row although the loss"):
         trainer.train_step()
-    assert trainer.state.step == 0
+    assert trainer.state.step == 1
 
 
 def official_optimizer(model: torch.nn.Module, lr: float = 8e-4) -> torch.optim.AdamW:
