@@ -25,7 +25,7 @@ from .imageio import (
     slicer_segmentation_fields,
     write_image_atomic,
 )
-from .manifest import manifest_rows
+from .manifest import manifest_path, manifest_rows
 from .predictor import RegionPredictor
 from .preprocess import prepare
 from .session import Click, InteractiveSession, SessionResult, is_click_flag
@@ -169,7 +169,7 @@ def _case_from_entry(entry: object, folder: Path, where: str) -> Case:
     image = entry.get("image")
     if not isinstance(image, str) or not image.strip():
         return Case(None, [], problem=f'{where} has no \'image\' path; give each case one, like "image": "ct.nii.gz".')
-    case = Case(folder / Path(image).expanduser(), [], source=where)
+    case = Case(manifest_path(folder, image), [], source=where)
     try:
         case.out = _out(entry.get("out"), folder)  # first, so that the output is known even when the clicks are bad
         if None in entry:  # where csv puts a row's fields beyond the header: every later column is shifted
@@ -248,7 +248,7 @@ def _out(value: object, folder: Path) -> Optional[Path]:
         return None
     if not isinstance(value, str):
         raise InputError(f"'out' is {json.dumps(value)}; give a file path such as liver_mask.nii.gz.")
-    return folder / Path(value).expanduser()
+    return manifest_path(folder, value)
 
 
 def plan_outputs(

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 from .errors import InputError
+
+
+def manifest_path(folder: Path, text: str) -> Path:
+    """A path written in a manifest: relative to the manifest's `folder`, '~' and '~/...' in the home folder (a
+    name such as '~scan.nii.gz' is a file's: expanding it would look for a user named 'scan.nii.gz')."""
+    path = Path(text)
+    if text == "~" or text.startswith(("~/", f"~{os.sep}")):
+        path = path.expanduser()
+    return folder / path
 
 
 class ManifestRow(NamedTuple):

@@ -46,7 +46,7 @@ from .clicks import simulate_click
 from .config import ModelConfig, build_model
 from .errors import CheckpointError, InputError, SAMMed3DError
 from .evaluate import label_values
-from .manifest import manifest_rows
+from .manifest import manifest_path, manifest_rows
 from .metrics import dice
 from .modeling import MaskDecoder3D, Sam3D
 from .modeling.upsampling import upsample_trilinear
@@ -115,7 +115,7 @@ def _read_manifest(path: Path) -> list[CaseFiles]:
             isinstance(row.get(key), str) and row[key] for key in ("image", "label")
         ):
             raise InputError(f"{where.capitalize()} of {path} lacks an 'image' or 'label' path; give both, as text.")
-        image, label = (_manifest_path(path, row["image"]), _manifest_path(path, row["label"]))
+        image, label = (manifest_path(path.parent, row[key]).resolve() for key in ("image", "label"))
         for file in (image, label):
             if file.is_dir():  # training caches a case by its file's size and time, which a folder does not give
                 raise InputError(
@@ -129,11 +129,6 @@ def _read_manifest(path: Path) -> list[CaseFiles]:
             raise InputError(f"{where.capitalize()} of {path} repeats {rows_of_cases[case]}; list each case once.")
         rows_of_cases[case] = where
     return list(rows_of_cases)
-
-
-def _manifest_path(manifest: Path, text: str) -> Path:
-    """A path written in a manifest: relative to the manifest's folder, '~' the home folder."""
-    return (manifest.parent / Path(text).expanduser()).resolve()
 
 
 @dataclass

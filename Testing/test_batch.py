@@ -330,6 +330,9 @@ def test_a_tilde_in_a_manifest_path_is_the_home_folder(tmp_path, image_path, mon
     manifest.write_text('image,positive,out\n~/scans/ct.nii.gz,"1,2,3",~/masks/ct.nii.gz\n')
     (case,) = read_manifest(manifest)
     assert case.image == home / "scans" / "ct.nii.gz" and case.out == home / "masks" / "ct.nii.gz"
+    manifest.write_text('image,positive,out\n~scan.nii.gz,"1,2,3",~mask.nii.gz\n')  # names, not a user's home
+    (case,) = read_manifest(manifest)
+    assert case.image == manifest.parent / "~scan.nii.gz" and case.out == manifest.parent / "~mask.nii.gz"
 
 
 def test_an_unclosed_quote_is_refused_rather_than_swallowing_the_rows_below(tmp_path, image_path):
