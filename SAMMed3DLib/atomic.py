@@ -69,7 +69,7 @@ def check_output_path(path: PathLike, inputs: Iterable[PathLike] = (), overwrite
         raise InputError(f"The output {path} is one of the input files; choose another output path.")
     if path.is_dir():
         raise InputError(f"The output {path} is a folder; give a file name inside it.")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # lexists: a link to nothing is there too, and would be replaced
         raise InputError(f"{path} already exists; choose another output path, or pass --overwrite to replace it.")
     check_output_folder(path.parent)
     return path

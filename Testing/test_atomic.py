@@ -60,6 +60,10 @@ def test_output_checks_protect_inputs_and_existing_files(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         check_output_path(tmp_path)
     assert image.read_text() == "scan"
+    dangling = tmp_path / "linked_mask.nii.gz"
+    dangling.symlink_to(tmp_path / "gone.nii.gz")  # found before the work, not as "created meanwhile" after it
+    with pytest.raises(InputError, match="already exists"):
+        check_output_path(dangling)
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
