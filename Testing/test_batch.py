@@ -395,7 +395,7 @@ def test_an_interrupted_batch_prints_what_it_did_and_goes_on_with_skip_existing(
     tmp_path, checkpoint, image_path, capsys, monkeypatch
 ):
     entries = [_case(image_path, out=f"case{number}.nii.gz") for number in range(3)]
-    manifest = _manifest(tmp_path, entries)
+    manifest = _manifest(tmp_path, [*entries, _case(tmp_path / "missing.nii.gz", out="case3.nii.gz")])
     segmented = []
 
     def interrupted_at_the_second(*args, **kwargs):
@@ -408,18 +408,18 @@ def test_an_interrupted_batch_prints_what_it_did_and_goes_on_with_skip_existing(
     monkeypatch.setattr(batch_module, "segment_volume", interrupted_at_the_second)
     assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1") == 130
     output = capsys.readouterr().out
-    assert "1 of 3 cases segmented, 0 failed, 2 skipped" in output and output.count("not run: interrupted") == 2
+    assert "1 of 4 cases segmented, 1 failed, 2 skipped" in output and output.count("not run: interrupted") == 2
     assert "--skip-existing" in output
     first = (tmp_path / "case0.nii.gz").read_bytes()
     assert not (tmp_path / "case1.nii.gz").exists() and not list(tmp_path.glob(".case1*"))
     monkeypatch.setattr(batch_module, "segment_volume", real_segment_volume)
-    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1", "--skip-existing") == 0
+    assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1", "--skip-existing") == 1
     output = capsys.readouterr().out
-    assert "its output exists (kept)" in output and "2 of 3 cases segmented, 0 failed, 1 skipped" in output
+    assert "its output exists (kept)" in output and "2 of 4 cases segmented, 1 failed, 1 skipped" in output
     assert (tmp_path / "case0.nii.gz").read_bytes() == first and (tmp_path / "case2.nii.gz").exists()
     # Every mask there: nothing to run, so no model is loaded (one that does not exist is not even looked for).
-    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out", "--skip-existing") == 0
-    assert "0 of 3 cases segmented, 0 failed, 3 skipped" in capsys.readouterr().out
+    assert _batch(manifest, tmp_path / "absent.pth", tmp_path / "out", "--skip-existing") == 1
+    assert "0 of 4 cases segmented, 1 failed, 3 skipped" in capsys.readouterr().out
     assert _batch(manifest, checkpoint, tmp_path / "out", "--overwrite", "--skip-existing") == 2
 
 

@@ -65,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
             skip_existing=args.skip_existing,
         )
     except KeyboardInterrupt:  # the table of what was done, then the usual interrupted line and status
-        stopped = [CaseOutcome(case, skipped="not run: interrupted") for case in cases[len(outcomes) :]]
+        stopped = [
+            CaseOutcome(case, error=case.problem) if case.problem else CaseOutcome(case, skipped="not run: interrupted")
+            for case in cases[len(outcomes) :]
+        ]
         print(summary_table(outcomes + stopped))
-        print("Run the same command with --skip-existing to segment the cases not done yet.")
+        print("Run the same command with --skip-existing (and without --overwrite) to segment the cases not done yet.")
         raise
     report_fallback(predictor)
     print(summary_table(outcomes))
