@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -42,6 +43,20 @@ def attach_signed_values(argv: Sequence[str]) -> list[str]:
     return joined
 
 
+def _terminal_closed(signum: int, frame: object) -> None:
+    """SIGHUP: the terminal is gone and writing to it would fail (EIO) where the command reports how it stopped, so
+    output goes nowhere from now on; then stop as Ctrl+C does."""
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    for descriptor in (1, 2):
+        os.dup2(nowhere, descriptor)
+    os.close(nowhere)
+    raise KeyboardInterrupt
+
+
+# Marks a handler that stops as Ctrl+C does, for training's `interrupts_deferred` to hold it like Ctrl+C.
+_terminal_closed.raises_keyboard_interrupt = True  # type: ignore[attr-defined]
+
+
 @contextmanager
 def stop_signals_as_interrupts() -> Iterator[None]:
     """Within the block, STOP_SIGNALS raise KeyboardInterrupt where they would end the process outright (their
@@ -50,7 +65,8 @@ def stop_signals_as_interrupts() -> Iterator[None]:
     if threading.current_thread() is threading.main_thread():
         for number in STOP_SIGNALS:
             if signal.getsignal(number) is signal.SIG_DFL:
-                changed[number] = signal.signal(number, signal.default_int_handler)
+                handler = _terminal_closed if number == getattr(signal, "SIGHUP", None) else signal.default_int_handler
+                changed[number] = signal.signal(number, handler)
     try:
         yield
     finally:

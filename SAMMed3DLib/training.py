@@ -654,24 +654,27 @@ class ProgressLine:
 
 @contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl+C (SIGINT), or another signal raised as KeyboardInterrupt (the command line's SIGTERM), that
-    arrives inside the block and raise it as KeyboardInterrupt when the block ends.
+    """Hold a Ctrl+C (SIGINT), or another signal that stops as it does (the command line's SIGTERM and SIGHUP),
+    that arrives inside the block, and act on it when the block ends.
 
-    Only for signals with Python's interrupt handler, in the main thread (signal handlers can only change there);
-    elsewhere the block runs as it is."""
-    held = []
+    Only for signals with Python's interrupt handler or one marked `raises_keyboard_interrupt`, in the main thread
+    (signal handlers can only change there); elsewhere the block runs as it is."""
+    held = {}
     if threading.current_thread() is threading.main_thread():
-        held = [number for number in signal.valid_signals() if signal.getsignal(number) is signal.default_int_handler]
+        for number in signal.valid_signals():
+            handler = signal.getsignal(number)
+            if handler is signal.default_int_handler or getattr(handler, "raises_keyboard_interrupt", False):
+                held[number] = handler
     received = []
     for number in held:
         signal.signal(number, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        for number in held:
-            signal.signal(number, signal.default_int_handler)
+        for number, handler in held.items():
+            signal.signal(number, handler)
     if received:
-        raise KeyboardInterrupt
+        held[received[0]](received[0], None)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
