@@ -820,8 +820,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if needsDownload and not slicer.app.testingEnabled():
             if not slicer.util.confirmOkCancelDisplay(
                 _(
-                    "The SAM-Med3D-turbo weights will be downloaded once into {folder}. A cancelled download "
-                    "resumes later. Continue?"
+                    "The SAM-Med3D-turbo weights will be downloaded into {folder} (no usable copy is there yet). "
+                    "A cancelled download resumes later. Continue?"
                 ).format(folder=self.logic.checkpointCacheFolder()),
                 windowTitle=_("Download SAM-Med3D-turbo"),
             ):
