@@ -32,6 +32,7 @@ from .errors import InputError
 from .postprocess import Footprint, region_footprint, tight_box
 from .predictor import RegionPredictor
 from .preprocess import PreparedVolume, Region
+from .transforms import intersect_boxes, relative_box
 
 PROMPT_MODES = ("newest", "accumulate")
 REGION_MODES = ("auto", "1")
@@ -421,10 +422,10 @@ def _owned_voxels(footprints: list[Footprint], centres: list[np.ndarray], ijk_to
     near and earlier). Regions are compared in pairs, over the boxes they share only."""
     owned = [footprint.inside.copy() for footprint in footprints]
     for first, second in combinations(range(len(footprints)), 2):
-        shared = _intersection_box(footprints[first].box, footprints[second].box)
+        shared = intersect_boxes(footprints[first].box, footprints[second].box)
         if shared is None:
             continue
-        in_first, in_second = _local_box(shared, footprints[first].box), _local_box(shared, footprints[second].box)
+        in_first, in_second = relative_box(shared, footprints[first].box), relative_box(shared, footprints[second].box)
         first_wins = _first_is_nearer(shared, ijk_to_ras, centres[first], centres[second])
         owned[first][in_first] &= first_wins | ~footprints[second].inside[in_second]
         owned[second][in_second] &= ~first_wins | ~footprints[first].inside[in_first]
@@ -481,15 +482,6 @@ def _box_corners_ras(box: KJI, ijk_to_ras: np.ndarray) -> np.ndarray:
     """RAS of the 8 outermost voxel centres of a KJI box (the farthest from any point is one of them)."""
     kji = np.array(np.meshgrid(*([s.start, s.stop - 1] for s in box), indexing="ij"), dtype=np.float64).reshape(3, -1)
     return (ijk_to_ras[:3, :3] @ kji[::-1] + ijk_to_ras[:3, 3:4]).T
-
-
-def _intersection_box(first: KJI, second: KJI) -> Optional[KJI]:
-    shared = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(first, second))
-    return shared if all(s.start < s.stop for s in shared) else None
-
-
-def _local_box(inner: KJI, outer: KJI) -> KJI:
-    return tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(inner, outer))
 
 
 def _union_box(boxes: Sequence[KJI]) -> KJI:
