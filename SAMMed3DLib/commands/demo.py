@@ -91,25 +91,29 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[sitk.Image, sitk.Image
             raise InputError("--image needs --label (the truth to click in and compare with).")
         _check_inputs_are_not_outputs(out, args.image, args.label)
         _check_result_files(out, may_replace=args.overwrite)
-        image, label = Volume.from_file(args.image), Volume.from_file(args.label)
-        image.check_same_grid(label)
+        pair = _image_and_label(args.image, args.label)
         check_output_folder(out)
-        return image.image, label.image
+        return pair
     if args.label:
         raise InputError("--label needs --image (the scan it labels); leave both out to use a phantom.")
-    _check_phantom_folder(out)
     description = _phantom_description(out / LABELS_JSON)
+    _check_phantom_folder(out, description)
     _check_result_files(out, may_replace=args.overwrite or description is not None)
     if _reusable(out, description, args.seed):
         # A phantom written earlier (by `sammed3d phantom`, perhaps with its own size) is segmented as it is.
         print(f"Using the phantom of seed {description['seed']} already in {out}: {IMAGE_FILE}, {LABEL_FILE}")
-        image, label = Volume.from_file(out / IMAGE_FILE), Volume.from_file(out / LABEL_FILE)
-        image.check_same_grid(label)
-        return image.image, label.image
+        return _image_and_label(out / IMAGE_FILE, out / LABEL_FILE)
     phantom = make_phantom(0 if args.seed is None else args.seed)
     image_path, label_path = write_phantom(phantom, out)
     print(f"Generated phantom seed {phantom.seed}: {image_path}, {label_path}")
     return phantom.image, phantom.label
+
+
+def _image_and_label(image_path: str | Path, label_path: str | Path) -> tuple[sitk.Image, sitk.Image]:
+    """An image and its label map, read and checked to share one voxel grid."""
+    image, label = Volume.from_file(image_path), Volume.from_file(label_path)
+    image.check_same_grid(label)
+    return image.image, label.image
 
 
 def _check_inputs_are_not_outputs(out: Path, *inputs: str) -> None:
@@ -128,11 +132,11 @@ def _check_result_files(out: Path, may_replace: bool) -> None:
             raise InputError(f"{out / name} already exists; choose another --out folder or pass --overwrite.")
 
 
-def _check_phantom_folder(out: Path) -> None:
-    """A phantom replaces image.nii.gz and label.nii.gz in `out` only where they are a phantom's (its labels.json
-    beside them), so a folder holding someone's scan is left alone."""
+def _check_phantom_folder(out: Path, description: Optional[dict]) -> None:
+    """A phantom replaces image.nii.gz and label.nii.gz in `out` only where they are a phantom's (`description`,
+    its labels.json beside them), so a folder holding someone's scan is left alone."""
     existing = [out / name for name in (IMAGE_FILE, LABEL_FILE) if (out / name).exists()]
-    if existing and _phantom_description(out / LABELS_JSON) is None:
+    if existing and description is None:
         raise InputError(
             f"{existing[0]} is not a phantom written by sammed3d; choose another --out folder "
             "(or pass --image and --label to segment that scan)."
