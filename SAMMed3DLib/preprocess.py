@@ -17,6 +17,7 @@ import torch
 
 from . import geometry
 from .errors import InputError
+from .transforms import bounding_box
 from .volume import Volume
 
 ROI_SIZE = 128
@@ -266,16 +267,11 @@ class PreparedVolume:
 def begin_for_label_bbox(canonical_label: np.ndarray, size: int = ROI_SIZE) -> np.ndarray:
     """Region begin centred on the label's bounding box (torchio CropOrPad with a mask, spec 5.4):
     floor((lo + hi) / 2) - size/2 per axis; an empty label centres the region on the volume instead."""
-    shape = np.array(canonical_label.shape)
-    if not np.any(canonical_label):
+    box = bounding_box(canonical_label)
+    if box is None:
+        shape = np.array(canonical_label.shape)
         return np.where(shape >= size, -((size - shape) // 2), -((size - shape + 1) // 2)).astype(np.int64)
-    begin = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(np.any(canonical_label, axis=others))
-        low, high = int(present[0]), int(present[-1]) + 1
-        begin.append((low + high) // 2 - size // 2)
-    return np.array(begin, dtype=np.int64)
+    return np.array([(s.start + s.stop) // 2 - size // 2 for s in box], dtype=np.int64)
 
 
 _CACHE: weakref.WeakKeyDictionary[Volume, PreparedVolume] = weakref.WeakKeyDictionary()
