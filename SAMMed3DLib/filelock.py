@@ -42,13 +42,12 @@ def exclusive_lock(
     except PermissionError:  # made by another user of a shared cache: taking the lock needs no write access
         handle = open(path, "rb")
     with handle:
-        if not _acquire(handle, on_wait, on_unsupported):
-            yield
-            return
+        locked = _acquire(handle, on_wait, on_unsupported)
         try:
             yield
         finally:
-            _unlock(handle)
+            if locked:
+                _unlock(handle)
 
 
 def _acquire(
