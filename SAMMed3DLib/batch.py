@@ -337,13 +337,20 @@ def segment_many(
     outcomes = []
     for number, case in enumerate(cases, start=1):
         if keeps_existing_output(case, skip_existing):
-            outcome = CaseOutcome(case, out=case.out, skipped=EXISTING_KEPT)
+            outcome = not_run(case, EXISTING_KEPT)
         else:
             outcome = _segment_case(predictor, case, prompt_mode, regions, overwrite)
         outcomes.append(outcome)
         if progress is not None:
             progress(number, len(cases), outcome)
     return outcomes
+
+
+def not_run(case: Case, reason: str) -> CaseOutcome:
+    """The outcome of a case that is not run: failed with its problem, else skipped for `reason`."""
+    if case.problem is not None:
+        return CaseOutcome(case, error=case.problem)
+    return CaseOutcome(case, out=case.out, skipped=reason)
 
 
 def keeps_existing_output(case: Case, skip_existing: bool) -> bool:

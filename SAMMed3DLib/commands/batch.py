@@ -11,6 +11,7 @@ from ..batch import (
     Case,
     CaseOutcome,
     keeps_existing_output,
+    not_run,
     plan_outputs,
     read_manifest,
     segment_many,
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is, so a bad manifest or folder fails before a download.
     cases = plan_outputs(read_manifest(args.manifest), args.out_dir, args.overwrite, args.skip_existing)
     if not any(_will_run(case, args.skip_existing) for case in cases):  # no model to load, or download
-        outcomes = [_not_run(case, EXISTING_KEPT) for case in cases]
+        outcomes = [not_run(case, EXISTING_KEPT) for case in cases]
         print(summary_table(outcomes))
         return 0 if all(outcome.ok for outcome in outcomes) else 1
     predictor = predictor_from_args(args)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             skip_existing=args.skip_existing,
         )
     except KeyboardInterrupt:  # the table of what was done, then the usual interrupted line and status
-        stopped = [_not_run(case, "not run: interrupted") for case in cases[len(outcomes) :]]
+        stopped = [not_run(case, "not run: interrupted") for case in cases[len(outcomes) :]]
         print(summary_table(outcomes + stopped))
         print("Run the same command with --skip-existing (and without --overwrite) to segment the cases not done yet.")
         raise
@@ -77,13 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _will_run(case: Case, skip_existing: bool) -> bool:
     return case.problem is None and not keeps_existing_output(case, skip_existing)
-
-
-def _not_run(case: Case, reason: str) -> CaseOutcome:
-    """The outcome of a case the batch does not run: failed with its problem, else skipped for `reason`."""
-    if case.problem is not None:
-        return CaseOutcome(case, error=case.problem)
-    return CaseOutcome(case, out=case.out, skipped=reason)
 
 
 def _record(outcomes: list[CaseOutcome], done: int, total: int, outcome: CaseOutcome) -> None:
@@ -106,7 +100,7 @@ def summary_table(outcomes: list[CaseOutcome]) -> str:
     )
     lines = [header, "-" * len(header)]
     for number, o in enumerate(outcomes, start=1):
-        detail = o.error if o.error is not None else str(o.out) if o.skipped is None else f"{o.skipped}: {o.case.out}"
+        detail = o.error if o.error is not None else f"{o.skipped}: {o.out}" if o.skipped else str(o.out)
         lines.append(
             f"{number:>4} {o.case.name:<28} {o.status:<7} {o.voxels:>9} {o.iou:>6.3f} {o.regions:>7} {o.seconds:>8.2f}"
             f"  {detail}"
