@@ -17,7 +17,6 @@ from ..device import DEVICE_CHOICES, resolve_device
 from ..errors import InputError, SAMMed3DError
 from ..published import CACHE_DIR_VARIABLE, PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
 from ..training import (
-    BATCH_SPLIT,
     LOSSES,
     CaseCache,
     CaseFiles,
@@ -30,7 +29,6 @@ from ..training import (
     model_for_training,
     read_training_checkpoint,
     resumed_options,
-    same_regions_per_step,
     steps_for_epochs,
 )
 from .common import add_overwrite_option, download_progress, seed_argument
@@ -219,8 +217,8 @@ def refuse_a_new_model_with_resume(args: argparse.Namespace) -> None:
 
 def starting_checkpoint(args: argparse.Namespace) -> Path | None:
     """The weights fine-tuning starts from: a file, a published name (downloaded once) or, left out, the demo
-    model; None when training from scratch or resuming (the resumed file holds the weights)."""
-    if args.command != "finetune" or args.resume is not None:
+    model; None when training from scratch."""
+    if args.command != "finetune":
         return None
     with download_progress(args.checkpoint) as progress:
         return resolve_checkpoint(args.checkpoint, progress=progress)
@@ -250,11 +248,11 @@ def options_to_resume(args: argparse.Namespace, options: TrainingOptions, conten
     or --steps asks for no more than the steps done."""
     stored = content.get("training_options") or {}
     name = args.resume.name
-    free = BATCH_SPLIT if same_regions_per_step(options, stored) else ()
+    resumed = resumed_options(options, stored)
     changed = [
-        f"--{option.replace('_', '-')} {value} ({name}: {stored[option]})"
+        f"--{option.replace('_', '-')} {value} ({name}: {getattr(resumed, option)})"
         for option, value in typed_recipe(args).items()
-        if option in stored and value != stored[option] and option not in free
+        if value != getattr(resumed, option)
     ]
     if changed:
         raise InputError(
@@ -264,7 +262,7 @@ def options_to_resume(args: argparse.Namespace, options: TrainingOptions, conten
         )
     if args.steps is not None:
         check_resumed_total(args.resume, int(content["step"]), int(stored.get("steps", args.steps)), args.steps)
-    return resumed_options(options, stored)
+    return resumed
 
 
 def interruption_message(saved_step: int | None, out: Path) -> str:
