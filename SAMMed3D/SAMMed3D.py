@@ -602,8 +602,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.markSegmentCompleted(self._parameterNode.segmentation, self._parameterNode.currentSegmentId)
         self._removePoints(self._observedPromptNodes)
         self._forgetPromptState()
-        self.logic.endSession()
-        self.logic.showRegionBoxes(None, [], visible=False)
+        self._startAfresh()
         self._updateButtons()
 
     def onClearPrompts(self) -> None:
@@ -705,11 +704,12 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._addJob(future, onDone, label, firstOfSession)
 
-    def _requestFailed(self, prompts, preview: bool, message: Optional[str] = None) -> None:
-        """Asked again once the points or the model change, or a point is clicked; a release ends its drag's step."""
+    def _requestFailed(self, prompts, preview: bool, message: Optional[str] = None, key=None) -> None:
+        """Asked again once the points or the model change, or a point is clicked; a release ends its drag's step
+        (of segment `key`, else the current one's)."""
         self._failedRequest = (prompts, self._modelSettings())
         if not preview:
-            self._closeStep(self._currentSegmentKey())
+            self._closeStep(self._currentSegmentKey() if key is None else key)
         if message:
             self._setStatus(message)
 
@@ -725,10 +725,8 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             result = future.result()
         except Exception as error:
-            if not preview:
-                self._closeStep(key)
+            self._requestFailed(prompts, preview, key=key)
             self._submitted = None
-            self._failedRequest = (prompts, self._modelSettings())
             self._showError(_("Segmentation failed."), error, quiet=preview or not self.logic.modelReady())
             return
         node = self._parameterNode
