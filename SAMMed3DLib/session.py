@@ -257,7 +257,7 @@ class InteractiveSession:
     def _opened_by(self, placed: list[_PlacedClick], position: int, timings: dict[str, float]) -> _RegionRun:
         """The region centred on include click `position`, stepped with it, then with the earlier clicks inside."""
         voxel = placed[position].voxel
-        run = self._open_region(self.prepared.region(voxel - self.predictor.input_size // 2), timings)
+        run = self._open_region(self.prepared.region(_centred_begin(voxel, self.predictor.input_size)), timings)
         self._step(run, voxel - run.region.begin, 1, timings)
         self._step_with_clicks_inside(run, placed[:position], timings)
         return run
@@ -564,11 +564,16 @@ def _excludes_after_their_region(placed: list[_PlacedClick], size: int) -> list[
             order.append(index)
             waiting.append(index)
         else:
-            begins.append(voxel - size // 2)
+            begins.append(_centred_begin(voxel, size))
             held = [other for other in waiting if _holds(begins[-1], size, placed[other].voxel)]
             waiting = [other for other in waiting if other not in held]
             order = [other for other in order if other not in held] + [index, *held]
     return [placed[index] for index in order]
+
+
+def _centred_begin(voxel: np.ndarray, size: int) -> np.ndarray:
+    """Where the region an include click at canonical `voxel` opens begins: centred on the click."""
+    return voxel - size // 2
 
 
 def _holds(begin: np.ndarray, size: int, voxel: np.ndarray) -> bool:
