@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 from .errors import InputError
+from .paths import user_path
 
 
 def manifest_path(folder: Path, text: str) -> Path:
-    """A path written in a manifest: relative to the manifest's `folder`, '~' and '~/...' in the home folder (a
-    name such as '~scan.nii.gz' is a file's: expanding it would look for a user named 'scan.nii.gz')."""
-    path = Path(text)
-    if text == "~" or text.startswith(("~/", f"~{os.sep}")):
-        path = path.expanduser()
-    return folder / path
+    """A path written in a manifest: relative to the manifest's `folder`, '~' and '~/...' in the home folder."""
+    return folder / user_path(text)
 
 
 class ManifestRow(NamedTuple):

@@ -24,6 +24,7 @@ from .download import (
 )
 from .errors import CheckpointError, DownloadError
 from .filelock import exclusive_lock
+from .paths import user_path
 from .torch_version import require_supported_torch
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def cache_dir() -> Path:
     """Where published checkpoints are downloaded: $SAMMED3D_CACHE_DIR, else the per-user cache."""
     override = os.environ.get(CACHE_DIR_VARIABLE)
     if override:
-        return Path(override).expanduser()
+        return user_path(override)
     if _on_windows():
         local = os.environ.get("LOCALAPPDATA")
         return (Path(local) if local else Path.home() / "AppData" / "Local") / "sammed3d"
@@ -88,7 +89,7 @@ def resolve_checkpoint(
     """
     if name_or_path is None:
         return _demo_checkpoint()
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path)
     if path.is_file():
         return path
     entry = PUBLISHED_CHECKPOINTS.get(os.fspath(name_or_path))

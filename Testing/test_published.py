@@ -376,6 +376,20 @@ def test_existing_file_path_is_returned_as_it_is(tmp_path: Path) -> None:
     assert resolve_checkpoint(str(checkpoint)) == checkpoint
 
 
+def test_a_checkpoint_named_with_a_tilde_is_a_file_name_or_in_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "mine.pth").write_bytes(b"weights")
+    assert resolve_checkpoint("~/mine.pth") == tmp_path / "home" / "mine.pth"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~mine.pth").write_bytes(b"weights")
+    assert resolve_checkpoint("~mine.pth") == Path("~mine.pth")
+    with pytest.raises(CheckpointError, match="no checkpoint file '~other.pth'"):
+        resolve_checkpoint("~other.pth")
+
+
 def test_unknown_name_lists_the_published_names(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no published checkpoint of that name.*: turbo\.$"):
         resolve_checkpoint("tubro")
@@ -415,6 +429,8 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setenv("SAMMED3D_CACHE_DIR", str(tmp_path / "chosen"))
     assert cache_dir() == tmp_path / "chosen"
+    monkeypatch.setenv("SAMMED3D_CACHE_DIR", "~/models")
+    assert cache_dir() == tmp_path / "home" / "models"
 
 
 def test_the_lock_module_imports_where_errno_lacks_edeadlock() -> None:
