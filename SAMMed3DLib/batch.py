@@ -67,6 +67,12 @@ class Case:
             return "(no image)"
         return image_stem(self.image)
 
+    @property
+    def folder(self) -> str:
+        """The name of the image's folder: 'case1' for case1/image.nii.gz (abspath, not resolve: a linked image
+        keeps its folder)."""
+        return Path(os.path.abspath(self.image)).parent.name
+
 
 @dataclass
 class CaseOutcome:
@@ -281,8 +287,7 @@ def _needs_default_out(case: Case) -> bool:
 def _default_out(case: Case, out_dir: Path, repeated: set[str]) -> Path:
     if case.name.casefold() not in repeated:
         return out_dir / f"{case.name}_mask.nii.gz"
-    folder = Path(os.path.abspath(case.image)).parent.name  # abspath, not resolve: a linked image keeps its folder
-    return out_dir / f"{folder}_{case.name}_mask.nii.gz"
+    return out_dir / f"{case.folder}_{case.name}_mask.nii.gz"
 
 
 def _with_checked_output(case: Case, images: dict[str, Path], overwrite: bool) -> Case:
@@ -344,6 +349,16 @@ def segment_many(
         if progress is not None:
             progress(number, len(cases), outcome)
     return outcomes
+
+
+def case_labels(cases: Sequence[Case]) -> list[str]:
+    """What reports call each case: its image's name, with the folder where images share a name ('case1/image',
+    'case2/image' in the usual case-per-folder layout)."""
+    counts = Counter(case.name.casefold() for case in cases)
+    return [
+        f"{case.folder}/{case.name}" if case.image is not None and counts[case.name.casefold()] > 1 else case.name
+        for case in cases
+    ]
 
 
 def not_run(case: Case, reason: str) -> CaseOutcome:

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from SAMMed3DLib import batch as batch_module
-from SAMMed3DLib.batch import Case, plan_outputs, read_manifest, segment_volume, write_mask
+from SAMMed3DLib.batch import Case, case_labels, plan_outputs, read_manifest, segment_volume, write_mask
 from SAMMed3DLib.cli import main
 from SAMMed3DLib.errors import InputError
 from SAMMed3DLib.predictor import load_predictor
@@ -61,7 +61,18 @@ def test_images_of_the_same_name_get_their_folder_name(tmp_path, checkpoint, cap
     manifest = _manifest(tmp_path, [_case(image) for image in images])
     assert _batch(manifest, checkpoint, tmp_path / "out", "--regions", "1") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c1_image_mask.nii.gz", "c2_image_mask.nii.gz"]
-    assert "2 of 2 cases segmented" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "2 of 2 cases segmented" in captured.out
+    # The table and the progress lines tell the two cases apart as the mask names do.
+    rows = [line.split()[1] for line in captured.out.splitlines() if line.startswith(("   1 ", "   2 "))]
+    assert rows == ["c1/image", "c2/image"]
+    assert "2/2 c2/image: ok" in captured.err
+
+
+def test_case_labels_add_the_folder_only_where_image_names_repeat(tmp_path):
+    cases = [Case(tmp_path / f / n, []) for f, n in (("a", "ct.nii.gz"), ("b", "CT.nrrd"), ("a", "mr.nii.gz"))]
+    assert case_labels(cases) == ["a/ct", "b/CT", "mr"]
+    assert case_labels([Case(None, [], problem="no image"), Case(None, [], problem="no image")]) == ["(no image)"] * 2
 
 
 def test_a_bad_row_does_not_rename_the_others(tmp_path):

@@ -10,6 +10,7 @@ from ..batch import (
     EXISTING_KEPT,
     Case,
     CaseOutcome,
+    case_labels,
     keeps_existing_output,
     not_run,
     plan_outputs,
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if all(outcome.ok for outcome in outcomes) else 1
     predictor = predictor_from_args(args)
     outcomes: list[CaseOutcome] = []
+    labels = case_labels(cases)
     try:
         segment_many(
             predictor,
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             args.out_dir,
             args.prompt_mode,
             args.regions,
-            progress=lambda done, total, outcome: _record(outcomes, done, total, outcome),
+            progress=lambda done, total, outcome: _record(outcomes, done, total, outcome, labels[done - 1]),
             overwrite=args.overwrite,
             skip_existing=args.skip_existing,
         )
@@ -80,30 +82,33 @@ def _will_run(case: Case, skip_existing: bool) -> bool:
     return case.problem is None and not keeps_existing_output(case, skip_existing)
 
 
-def _record(outcomes: list[CaseOutcome], done: int, total: int, outcome: CaseOutcome) -> None:
+def _record(outcomes: list[CaseOutcome], done: int, total: int, outcome: CaseOutcome, label: str) -> None:
     outcomes.append(outcome)
-    _print_progress(done, total, outcome)
+    _print_progress(done, total, outcome, label)
 
 
-def _print_progress(done: int, total: int, outcome: CaseOutcome) -> None:
+def _print_progress(done: int, total: int, outcome: CaseOutcome, label: str) -> None:
     width = 30
     filled = round(width * done / total)
     state = "FAILED" if outcome.error is not None else outcome.status
-    sys.stderr.write(f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {outcome.case.name}: {state}\n")
+    sys.stderr.write(f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {label}: {state}\n")
     if not outcome.ok:
         sys.stderr.write(f"    {outcome.error}\n")
 
 
 def summary_table(outcomes: list[CaseOutcome]) -> str:
+    labels = case_labels([outcome.case for outcome in outcomes])
+    case_width = max([28, *map(len, labels)])
     header = (
-        f"{'#':>4} {'case':<28} {'status':<7} {'voxels':>9} {'IoU':>6} {'regions':>7} {'seconds':>8}  output / error"
+        f"{'#':>4} {'case':<{case_width}} {'status':<7} {'voxels':>9} {'IoU':>6} {'regions':>7} {'seconds':>8}"
+        "  output / error"
     )
     lines = [header, "-" * len(header)]
-    for number, o in enumerate(outcomes, start=1):
+    for number, (o, label) in enumerate(zip(outcomes, labels), start=1):
         detail = o.error if o.error is not None else f"{o.skipped}: {o.out}" if o.skipped else str(o.out)
         lines.append(
-            f"{number:>4} {o.case.name:<28} {o.status:<7} {o.voxels:>9} {o.iou:>6.3f} {o.regions:>7} {o.seconds:>8.2f}"
-            f"  {detail}"
+            f"{number:>4} {label:<{case_width}} {o.status:<7} {o.voxels:>9} {o.iou:>6.3f} {o.regions:>7}"
+            f" {o.seconds:>8.2f}  {detail}"
         )
     counts = Counter(o.status for o in outcomes)
     tally = f"{counts['ok']} of {len(outcomes)} cases segmented, {counts['failed']} failed"
