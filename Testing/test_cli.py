@@ -229,6 +229,8 @@ def test_evaluate_command_reproduces_the_official_run(tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert sorted(report["labels"]) == ["1", "2", "5"]
     assert len(report["mean_dice"]) == 1 and len(report["labels"]["5"]["clicks"]) == 1
+    assert report["run"]["seed"] == 233 and report["run"]["clicks"] == 1 and report["run"]["device"] == "cpu"
+    assert report["run"]["checkpoint"].endswith("state_dict.pt") and report["run"]["prompts"] == "every click"
     printed = capsys.readouterr().out
     assert "mean" in printed and f"Wrote {out} and {report_path}" in printed
 

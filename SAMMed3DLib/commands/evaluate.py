@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from ..atomic import check_output_path, write_text_atomic
 from ..batch import write_mask
 from ..errors import InputError
 from ..evaluate import OFFICIAL_SEED, EvaluationResult, chosen_values, evaluate_case, label_values
 from ..imageio import check_image_output
+from ..predictor import RegionPredictor
 from ..volume import Volume
 from .common import add_model_options, add_overwrite_option, predictor_from_args, report_fallback, seed_argument
 
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     print(dice_table(result))
     written = [str(args.out)]
     if args.report:
-        written.append(str(write_text_atomic(args.report, json.dumps(report(result), indent=2))))
+        contents = report(result, run_settings(args, predictor))
+        written.append(str(write_text_atomic(args.report, json.dumps(contents, indent=2))))
     print(f"Wrote {' and '.join(written)}")
     return 0
 
@@ -77,8 +81,24 @@ def _parse_values(text: str | None) -> list[int] | None:
         raise InputError(f"--labels '{text}' must be comma-separated whole numbers, like 1,5,7.") from None
 
 
-def report(result: EvaluationResult) -> dict:
-    """Dice per label and click count, the mean over labels, and the clicks used."""
+def run_settings(args: argparse.Namespace, predictor: RegionPredictor) -> dict:
+    """What a report needs to be reproduced or compared: the inputs, the model and the protocol's settings."""
+    return {
+        "image": os.path.abspath(args.image),
+        "label": os.path.abspath(args.label),
+        "checkpoint": args.checkpoint or "demo (built-in)",
+        "clicks": args.clicks,
+        "seed": args.seed,
+        "prompts": "newest click only" if args.newest_only else "every click",
+        "device": str(predictor.device),
+        "precision": predictor.precision,
+        "sammed3d": __version__,
+    }
+
+
+def report(result: EvaluationResult, settings: dict | None = None) -> dict:
+    """Dice per label and click count, the mean over labels, the clicks used and, when given, the run's
+    `settings`."""
     per_label = {
         str(r.value): {
             "dice": r.dice_per_click,
@@ -92,7 +112,8 @@ def report(result: EvaluationResult) -> dict:
         for r in result.labels
     }
     dice = np.array([r.dice_per_click for r in result.labels])
-    return {"labels": per_label, "mean_dice": dice.mean(axis=0).tolist() if len(dice) else []}
+    contents = {"labels": per_label, "mean_dice": dice.mean(axis=0).tolist() if len(dice) else []}
+    return contents if settings is None else {"run": settings, **contents}
 
 
 def dice_table(result: EvaluationResult) -> str:
