@@ -23,7 +23,13 @@ _FLIP_XY = np.diag([-1, -1, 1])
 
 def as_points(points: Sequence[float] | np.ndarray) -> np.ndarray:
     """Points as a float64 (N, 3) array; a single point may be given as 3 numbers."""
-    array = np.asarray(points, dtype=np.float64)
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as error:  # ragged lists, text: numpy's own message would not say what to give
+        raise InputError(
+            "Points must be given as three numbers each, like [x, y, z]; got lists of other lengths or "
+            "values that are not numbers."
+        ) from error
     if array.ndim == 1:
         array = array[np.newaxis]
     if array.ndim != 2 or array.shape[1] != 3:

@@ -30,12 +30,19 @@ _SLOPE_TAG, _INTERCEPT_TAG = "0028|1053", "0028|1052"
 _DICOM_ORIENTATION_TOLERANCE = 1e-3
 _DICOM_STEP_TOLERANCE = 0.05  # of the median step between slices
 _DICOM_POSITION_TOLERANCE_MM = 0.1  # two slices this close lie at one place; a slice this far sideways, tilted
-# NIfTI headers by their size: (header bytes, dim (format, offset), bitpix (format, offset), vox_offset (format,
-# offset)); NIfTI-1 keeps int16 dims and a float32 offset, NIfTI-2 int64 dims and an int64 offset.
+# NIfTI headers by their size: (header bytes, dim (format, offset), datatype (format, offset), bitpix (format,
+# offset), vox_offset (format, offset)); NIfTI-1 keeps int16 dims and a float32 offset, NIfTI-2 int64 dims and an
+# int64 offset.
 _NIFTI_LAYOUTS = {
-    348: (("8h", 40), ("h", 72), ("f", 108)),
-    540: (("8q", 16), ("h", 14), ("q", 168)),
+    348: (("8h", 40), ("h", 70), ("h", 72), ("f", 108)),
+    540: (("8q", 16), ("h", 12), ("h", 14), ("q", 168)),
 }
+# Bits per voxel of each NIfTI datatype code: the reader (nifti1_io, in ITK) sizes the voxels by the datatype and
+# ignores bitpix, which some writers get wrong.
+_NIFTI_DATATYPE_BITS = {
+    1: 1, 2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
+    1536: 128, 1792: 128, 2048: 256, 2304: 32,
+}  # fmt: skip
 # Formats whose header names a second data file: a temporary name would end up inside the header.
 _TWO_FILE_SUFFIXES = (".mhd", ".hdr", ".img", ".nhdr")
 # Single-file formats that keep a 3-D volume with its geometry (a .png or .tif would keep one 2-D slice).
@@ -46,9 +53,18 @@ _SEGMENT_COLORS = ((0.5, 0.68, 0.5), (0.9, 0.6, 0.2), (0.3, 0.5, 0.9), (0.85, 0.
 
 def check_image_exists(path: PathLike) -> Path:
     location = Path(path)
-    if not location.exists():
+    if not _exists(location):
         raise InputError(f"Image {location} does not exist; check the path.")
     return location
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, with a path that cannot be looked at (a name too long, a folder it may not enter) as an
+    InputError: before Python 3.13 Path.exists raises OSError there, which would stop a whole batch."""
+    try:
+        return path.exists()
+    except OSError as error:
+        raise InputError(f"Cannot look at {path} ({error.strerror}); check the path and its permissions.") from error
 
 
 def read_image(path: PathLike) -> sitk.Image:
@@ -57,13 +73,7 @@ def read_image(path: PathLike) -> sitk.Image:
     try:
         if location.is_dir():
             return _read_dicom_series(location)
-        name = location.name.lower()
-        if name.endswith(".gz"):
-            _check_gzip_complete(location)
-        elif name.endswith(".nii"):
-            _check_nifti_complete(location, location)
-        elif name.endswith(".hdr"):
-            _check_nifti_complete(location, location.with_suffix(".img"))
+        _check_complete(location)
         image = _without_a_lone_frame(sitk.ReadImage(str(location)))
         if image.GetDimension() == 3 and image.GetSize()[2] == 1 and _is_dicom(location):
             _refuse_one_slice_of_a_series(location)
@@ -86,38 +96,62 @@ def _without_a_lone_frame(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def _check_gzip_complete(path: Path) -> None:
-    """ITK reads a cut-off .gz file without complaint and fills the rest of the volume with zeros; the gzip
-    stream itself says whether it is whole, and a NIfTI header inside says how many bytes it needs (a short file
-    compressed whole). Decompressed piece by piece and thrown away, to bound memory; what follows the first gzip
+def _check_complete(location: Path) -> None:
+    """ITK reads a cut-off NIfTI file (.nii, or the .img of a .hdr/.img pair given by either name, gzipped or not
+    whatever its name says) or a cut-off .gz file without complaint, the missing voxels as zeros; a NIfTI header
+    says how many bytes its voxels take."""
+    name = location.name.lower()
+    base = name[:-3] if name.endswith(".gz") else name
+    if base.endswith(".nii"):
+        header_file, data_file = location, location
+    elif base.endswith(".hdr"):
+        header_file, data_file = location, _pair_file(location, ".img")
+    elif base.endswith(".img"):
+        header_file, data_file = _pair_file(location, ".hdr"), location
+    else:
+        if name.endswith(".gz"):
+            _file_content(location)  # the gzip stream must be whole
+        return
+    if header_file is None or data_file is None:
+        return  # ITK names the missing file
+    start, size, compressed = _file_content(data_file)
+    header = start if header_file == data_file else _file_content(header_file)[0]
+    _check_nifti_size(data_file, _nifti_data_end(header), size, "bytes once decompressed" if compressed else "bytes")
+
+
+def _pair_file(path: Path, extension: str) -> Optional[Path]:
+    """The other file of a .hdr/.img pair where NIfTI's reader looks for it (same stem, either case, gzipped or
+    not), or None when there is none."""
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    stem = name[:-4]  # without its own .hdr or .img
+    for candidate in (stem + ext + gz for ext in (extension, extension.upper()) for gz in ("", ".gz", ".GZ")):
+        if (path.parent / candidate).exists():
+            return path.parent / candidate
+    return None
+
+
+def _file_content(path: Path) -> tuple[bytes, int, bool]:
+    """(first bytes, size, compressed) of a file's content: a gzip file (by its magic bytes, not its name) is
+    decompressed piece by piece and thrown away, to bound memory, and must be whole; what follows the first gzip
     member (rare in images) is left to ITK."""
-    decompressor = zlib.decompressobj(wbits=_GZIP_WINDOW)
-    start, size = b"", 0
-    try:
-        with path.open("rb") as stream:
-            if stream.read(2) != _GZIP_MAGIC:
-                return  # not gzip at all, whatever its name: ITK reads it or says why not
-            stream.seek(0)
+    with path.open("rb") as stream:
+        start = stream.read(max(_NIFTI_LAYOUTS))
+        if not start.startswith(_GZIP_MAGIC):
+            return start, path.stat().st_size, False
+        stream.seek(0)
+        decompressor = zlib.decompressobj(wbits=_GZIP_WINDOW)
+        start, size = b"", 0
+        try:
             while not decompressor.eof and (chunk := stream.read(_CHUNK_BYTES)):
                 while chunk and not decompressor.eof:
                     data = decompressor.decompress(chunk, _CHUNK_BYTES)
                     start, size = start + data[: max(_NIFTI_LAYOUTS) - len(start)], size + len(data)
                     chunk = decompressor.unconsumed_tail
-    except zlib.error as error:
-        raise InputError(f"Image {path} is damaged ({error}); copy or export it again.") from error
+        except zlib.error as error:
+            raise InputError(f"Image {path} is damaged ({error}); copy or export it again.") from error
     if not decompressor.eof:
         raise InputError(f"Image {path} is cut off (its compressed data end early); copy or download it again.")
-    if path.name.lower().endswith(".nii.gz"):
-        _check_nifti_size(path, _nifti_data_end(start), size, "bytes once decompressed")
-
-
-def _check_nifti_complete(header_file: Path, data_file: Path) -> None:
-    """ITK reads a cut-off uncompressed NIfTI file (.nii, or the .img of a .hdr/.img pair) without complaint, the
-    missing voxels as zeros; its header says how many bytes the voxels take."""
-    with header_file.open("rb") as stream:
-        header = stream.read(max(_NIFTI_LAYOUTS))
-    if data_file.exists():  # else ITK names the missing data file
-        _check_nifti_size(data_file, _nifti_data_end(header), data_file.stat().st_size)
+    return start, size, True
 
 
 def _check_nifti_size(path: Path, expected: Optional[int], size: int, unit: str = "bytes") -> None:
@@ -136,9 +170,10 @@ def _nifti_data_end(header: bytes) -> Optional[int]:
         layout = _NIFTI_LAYOUTS.get(size)
         if layout is None or len(header) < size:
             continue
-        (dim_format, dim_at), (bitpix_format, bitpix_at), (offset_format, offset_at) = layout
+        (dim_format, dim_at), (type_format, type_at), (bitpix_format, bitpix_at), (offset_format, offset_at) = layout
         dims = struct.unpack_from(order + dim_format, header, dim_at)
-        bitpix = struct.unpack_from(order + bitpix_format, header, bitpix_at)[0]
+        datatype = struct.unpack_from(order + type_format, header, type_at)[0]
+        bitpix = _NIFTI_DATATYPE_BITS.get(datatype) or struct.unpack_from(order + bitpix_format, header, bitpix_at)[0]
         offset = struct.unpack_from(order + offset_format, header, offset_at)[0]
         if not 1 <= dims[0] <= 7 or bitpix <= 0 or not math.isfinite(offset) or min(dims[1 : dims[0] + 1]) < 0:
             return None
@@ -333,7 +368,11 @@ def image_stem(path: PathLike) -> str:
     """A file's name without its image extension ('ct.v1' for ct.v1.nii.gz); a folder's whole name (a DICOM
     series folder has no extension, whatever dots its name has)."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_folder = path.is_dir()
+    except OSError:  # a path it cannot look at (before Python 3.13): named as a file; reading it says why
+        is_folder = False
+    if is_folder:
         return path.name
     return path.name[: len(path.name) - len(image_suffix(path))] or path.name
 
@@ -347,7 +386,10 @@ def check_image_output(path: PathLike, inputs: Iterable[PathLike] = (), overwrit
             f"Output {path} is not a volume format: {suffix} would keep at most one 2-D slice, without the "
             f"volume's geometry; use one of {', '.join(_VOLUME_SUFFIXES)}."
         )
-    return check_output_path(path, inputs, overwrite)
+    try:
+        return check_output_path(path, inputs, overwrite)
+    except OSError as error:  # a name too long, a folder it may not enter: that output's problem, not a crash
+        raise InputError(f"Cannot write {path} ({error.strerror}); check the path and its permissions.") from error
 
 
 def _writable_suffix(target: Path) -> str:
@@ -367,7 +409,13 @@ def slicer_segmentation_fields(array_kji: np.ndarray, name: str) -> dict[str, st
     segment at all). An empty mask keeps one empty segment of value 1; `name` names a lone value-1 segment,
     other values are named '<name> <value>'. Keys and formats as vtkMRMLSegmentationStorageNode reads them."""
     array = np.asarray(array_kji)
-    values = [int(value) for value in np.unique(array) if value != 0] or [1]
+    present = np.unique(array)
+    if not np.array_equal(present, np.round(present)):  # int() would file 0.5 under label 0, the background
+        raise InputError(
+            f"A .seg.nrrd keeps whole label values; the mask {name} holds fractions such as "
+            f"{present[present != np.round(present)][0]:g}: threshold or round it first, or write it as .nii.gz."
+        )
+    values = [int(value) for value in present if value != 0] or [1]
     fields = {
         "Segmentation_MasterRepresentation": "Binary labelmap",
         "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
@@ -419,7 +467,12 @@ def _check_written(image: sitk.Image, written: Path, target: Path) -> None:
     try:
         back = read_image(written)
         whole = back.GetSize() == image.GetSize() and back.GetPixelID() == image.GetPixelID()
-        whole = whole and np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+        if whole:
+            read_back, original = sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
+            # Float voxels are compared where finite: NaN != NaN, and ITK's NIfTI reader gives NaN and infinite
+            # voxels back as 0; a float image holding them is written whole all the same.
+            kept = np.isfinite(original) if original.dtype.kind == "f" else Ellipsis
+            whole = np.array_equal(read_back[kept], original[kept])
     except InputError:
         whole = False
     if not whole:

@@ -60,6 +60,10 @@ class Volume:
             array = array.astype(np.uint8)
         elif array.dtype.kind == "f" and array.dtype.itemsize == 2:  # SimpleITK has no half-precision voxels
             array = array.astype(np.float32)
+        elif array.dtype.kind == "f" and array.dtype.itemsize > 8:  # nor extended precision (np.longdouble)
+            array = array.astype(np.float64)
+        elif array.dtype.kind == "c":  # refused here: SimpleITK would fail on a big-endian one with a TypeError
+            raise InputError(f"The {name} array holds complex values; convert it to real values first.")
         elif array.dtype.kind in "iuf" and not array.dtype.isnative:  # e.g. big-endian data read with nibabel
             array = array.astype(array.dtype.newbyteorder("="))
         elif array.dtype.kind not in "iufc":
@@ -203,6 +207,7 @@ def _check_image(image: sitk.Image, name: str) -> None:
         )
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"The {name} has complex voxels; convert it to real values first.")
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(image))):
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.dtype.kind == "f":  # by the voxels, not the pixel ID: a one-component vector image may be float too
+        if not np.all(np.isfinite(voxels)):
             raise InputError(f"The {name} contains NaN or infinite voxel values; replace them first.")
