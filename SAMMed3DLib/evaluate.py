@@ -126,8 +126,7 @@ def evaluate_case(
     """
     if num_clicks < 1:
         raise InputError(f"The number of clicks must be at least 1, got {num_clicks}.")
-    if label.size_ijk != image.size_ijk:
-        raise InputError(f"The label has {label.size_ijk} voxels but the image has {image.size_ijk}; use its label.")
+    image.check_same_grid(label)
     run = _ProtocolRun(
         predictor=predictor,
         prepared=prepared or prepare(image),

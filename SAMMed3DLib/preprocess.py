@@ -25,8 +25,6 @@ ROI_SIZE = 128
 # sizes along one axis) the header's spacing must be wrong.
 MAX_RESAMPLED_VOXELS = 10**9
 TARGET_SPACING = 1.5
-# Label and image must share their grid; this much disagreement (mm, or matrix units) is float noise.
-_GRID_TOLERANCE = 1e-3
 
 
 def official_sitk_image(image: sitk.Image) -> sitk.Image:
@@ -242,21 +240,16 @@ class PreparedVolume:
         return self.region(voxel - ROI_SIZE // 2)
 
     def prepare_label(self, label: LabelInput, value: int) -> np.ndarray:
-        """Binary (label == value) resampled (nearest) and reoriented like the image: uint8, canonical grid."""
-        label_image = label.image if isinstance(label, Volume) else Volume(label, name="label").image
-        if tuple(label_image.GetSize()) != self.volume.size_ijk:
-            raise InputError(
-                f"The label has {tuple(label_image.GetSize())} voxels but the image has {self.volume.size_ijk}; "
-                "give the label of this image."
-            )
-        binary = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(label_image) == value).astype(np.uint8))
-        binary.CopyInformation(label_image)
-        resampled = resample_to_target_spacing(official_sitk_image(binary), sitk.sitkNearestNeighbor)
-        canonical, affine = canonical_from_resampled(resampled)
-        if canonical.shape != self.canonical.shape or not np.allclose(
-            affine, self.canonical_affine, atol=_GRID_TOLERANCE
-        ):
-            raise InputError("The label and the image are not on the same grid; give the label of this image.")
+        """Binary (label == value) resampled (nearest) and reoriented like the image: uint8, canonical grid. The
+        label must be on the image's grid (`Volume.check_same_grid`); its voxels are read on the image's geometry,
+        so header rounding within that check's tolerance gives the image's canonical grid."""
+        label_volume = label if isinstance(label, Volume) else Volume(label, name="label")
+        self.volume.check_same_grid(label_volume)
+        binary = sitk.GetImageFromArray((label_volume.array_kji == value).astype(np.uint8))
+        binary.CopyInformation(self.volume.image)
+        canonical, _ = canonical_from_resampled(
+            resample_to_target_spacing(official_sitk_image(binary), sitk.sitkNearestNeighbor)
+        )
         return canonical
 
     def label_region(self, canonical_label: np.ndarray, region: Region) -> np.ndarray:

@@ -145,14 +145,12 @@ def prepare_case(files: CaseFiles) -> PreparedCase:
     """Resample and reorient image and label exactly as inference does (one binary label per value)."""
     prepared = PreparedVolume(Volume.from_file(files.image))
     label = Volume.from_file(files.label)
+    prepared.volume.check_same_grid(label)  # its message names both files: which of many cases
     values = label_values(label, str(files.label), "give the case's label map as its label")
     targets = np.zeros(prepared.canonical_shape, dtype=np.uint16)  # label_values allows 1000 values at most
     kept_values, counts = [], []
     for value in values:
-        try:
-            binary = prepared.prepare_label(label, value).astype(bool)
-        except InputError as error:  # e.g. another grid: which of many cases must be named
-            raise InputError(f"{files.label}: {error}") from error
+        binary = prepared.prepare_label(label, value).astype(bool)
         if binary.any():
             kept_values.append(value)
             counts.append(int(binary.sum()))

@@ -11,12 +11,15 @@ import SimpleITK as sitk
 from . import geometry
 from .errors import InputError
 from .imageio import PathLike, read_image
+from .transforms import lattice_offset
 
 POINT_SPACES = ("ras", "lps", "ijk")
 # A point this far (in voxels) outside the outer voxel faces still counts as inside (float noise).
 _INSIDE_TOLERANCE = 1e-6
-# Voxel-to-RAS matrices this close (mm, or mm per voxel) describe one grid: header rounding, not another grid.
-GRID_TOLERANCE_MM = 1e-3
+# Two grids are one when no voxel of one lies further than this (in voxels) from the same voxel of the other:
+# header rounding, not another grid. In voxels over the whole grid, not mm per matrix entry: 0.001 mm more
+# spacing moves voxel 511 by half a voxel, while origins rounded to 0.01 mm move none.
+SAME_GRID_TOLERANCE_VOXELS = 0.1
 # Largest departure of a direction matrix's D^T D from the identity still read as header rounding (oblique DICOM
 # orientations are written with a few decimals), not as a sheared or scaled grid.
 DIRECTION_TOLERANCE = 1e-3
@@ -164,7 +167,7 @@ class Volume:
         fix = "they must share one voxel grid: give the label map made on this image"
         if other.size_ijk != self.size_ijk:
             raise InputError(f"{other.name} has {other.size_ijk} voxels but {self.name} has {self.size_ijk}; {fix}.")
-        if not np.allclose(other.ijk_to_ras, self.ijk_to_ras, atol=GRID_TOLERANCE_MM):
+        if lattice_offset(self.ijk_to_ras, other.ijk_to_ras, self.size_ijk, SAME_GRID_TOLERANCE_VOXELS) != (0, 0, 0):
             raise InputError(
                 f"{other.name} and {self.name} have the same size but different origins, spacings or directions; {fix}."
             )

@@ -173,7 +173,7 @@ def test_empty_label_map_and_bad_arguments(predictor):
     assert result.labels == [] and not result.mask.any()
     with pytest.raises(InputError, match="at least 1"):
         evaluate_case(predictor, image, empty, num_clicks=0)
-    with pytest.raises(InputError, match="voxels but the image has"):
+    with pytest.raises(InputError, match="must share one voxel grid"):
         evaluate_case(predictor, image, Volume.from_array(np.zeros((20, 20, 21), dtype=np.uint8), np.eye(4)))
 
 

@@ -218,9 +218,9 @@ def test_prepare_label_binarises_before_resampling_and_checks_the_grid():
     centre_ras = geometry.apply_affine(prepared.canonical_affine, np.argwhere(canonical_label).mean(axis=0))
     ijk = volume.ras_to_ijk(centre_ras)[0]
     assert 20 <= ijk[0] < 30 and 20 <= ijk[1] < 30
-    with pytest.raises(InputError, match="voxels but the image has"):
+    with pytest.raises(InputError, match="voxels but image has"):
         prepared.prepare_label(Volume.from_array(labels[:, :, :30], affine), 7)
-    with pytest.raises(InputError, match="not on the same grid"):
+    with pytest.raises(InputError, match="different origins, spacings or directions"):
         prepared.prepare_label(Volume.from_array(labels, np.diag([-0.9, 0.9, 2.5, 1.0])).image, 7)
 
 

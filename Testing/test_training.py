@@ -209,7 +209,7 @@ def test_a_label_map_on_another_grid_is_refused_naming_its_file(cases_dir, tmp_p
         return label
 
     files = _case_with_label(cases_dir, tmp_path / "shifted", shifted)
-    with pytest.raises(InputError, match=re.escape(f"{files.label}: The label and the image are not on the same")):
+    with pytest.raises(InputError, match=re.escape(f"{files.label} and {files.image} have the same size but differ")):
         CaseCache(tmp_path / "cache").summary(files)
 
 

@@ -378,3 +378,17 @@ def test_real_label_written_as_mask_keeps_ras_positions(tmp_path, case):
     ijk = geometry.round_half_up(back.ras_to_ijk(ras))
     np.testing.assert_array_equal(ijk, kji[:, ::-1])
     assert back.array_kji[ijk[:, 2], ijk[:, 1], ijk[:, 0]].all()
+
+
+def test_same_grid_means_no_voxel_moves_a_tenth_of_a_voxel_over_the_whole_grid():
+    image = Volume.from_array(np.zeros((300, 40, 512), dtype=np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+
+    def label(ijk_to_ras: np.ndarray) -> Volume:
+        return Volume.from_array(np.zeros((300, 40, 512), dtype=np.uint8), ijk_to_ras, name="label")
+
+    rounded_origin = np.diag([1.0, 1.0, 1.0, 1.0])
+    rounded_origin[:3, 3] = [0.004, -0.004, 0.004]  # origins written with two decimals
+    image.check_same_grid(label(rounded_origin))
+    stretched = np.diag([1.0009, 1.0, 1.0, 1.0])  # voxel 511 lies 0.46 voxel away
+    with pytest.raises(InputError, match="must share one voxel grid"):
+        image.check_same_grid(label(stretched))
