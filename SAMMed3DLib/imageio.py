@@ -353,9 +353,10 @@ def _first_line(error: Exception) -> str:
 
 
 def image_suffix(path: PathLike) -> str:
-    """The file-type suffix SimpleITK dispatches on, e.g. '.nii.gz', '.seg.nrrd', '.mha'."""
+    """The file-type suffix SimpleITK dispatches on, e.g. '.nii.gz', '.seg.nrrd', '.mha'; none for a name whose
+    last part is a number (a DICOM file named by its UID, 1.2.840.113619.2.55.5, or scan.001)."""
     suffixes = Path(path).suffixes
-    if not suffixes:
+    if not suffixes or suffixes[-1][1:].isdigit():
         return ""
     if suffixes[-1].lower() == ".gz" and len(suffixes) > 1:
         return "".join(suffixes[-2:])

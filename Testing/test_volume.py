@@ -356,6 +356,7 @@ def test_image_suffix():
     assert imageio.image_suffix("a/b.nii.gz") == ".nii.gz"
     assert imageio.image_suffix("b.seg.nrrd") == ".seg.nrrd"
     assert imageio.image_suffix("x.y.mha") == ".mha"
+    assert imageio.image_suffix("1.2.840.113619.2.55.5") == "" and imageio.image_stem("scan.001") == "scan.001"
 
 
 @pytest.mark.parametrize("case", ["ct_abdomen_pelvis_totalseg_3mm", "ct_upper_abdomen_dicom_totalseg"])
