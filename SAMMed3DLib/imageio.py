@@ -81,10 +81,23 @@ def read_image(path: PathLike) -> sitk.Image:
         return image
     except RuntimeError as error:
         reason = _first_line(error)
+        if _is_gzip_named_otherwise(location):
+            raise InputError(
+                f"Could not read image {location} ({reason}): it is gzip-compressed but its name does not end in "
+                f".gz; rename it (e.g. {location.name}.gz for a NIfTI)."
+            ) from error
         raise InputError(
             f"Could not read image {location} ({reason}); give a whole NIfTI, NRRD, MHA or other ITK image file "
             "with a valid header, or a DICOM folder."
         ) from error
+
+
+def _is_gzip_named_otherwise(location: Path) -> bool:
+    """ITK picks its reader by the name: a compressed .nii is not recognised at all."""
+    if location.name.lower().endswith(".gz"):
+        return False
+    with location.open("rb") as stream:
+        return stream.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
 
 
 def _without_a_lone_frame(image: sitk.Image) -> sitk.Image:

@@ -155,3 +155,10 @@ def test_from_array_takes_extended_precision_and_refuses_complex_in_one_sentence
 def test_points_that_are_not_triples_of_numbers_are_an_input_error(points):
     with pytest.raises(InputError, match="three numbers each"):
         geometry.as_points(points)
+
+
+def test_a_gzipped_nifti_named_nii_is_named_with_the_fix(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(VOXELS), str(tmp_path / "scan.nii.gz"))
+    (tmp_path / "scan.nii.gz").rename(tmp_path / "scan.nii")
+    with pytest.raises(InputError, match=r"gzip-compressed but its name does not end in \.gz; rename it \(e\.g\. scan"):
+        Volume.from_file(tmp_path / "scan.nii")
