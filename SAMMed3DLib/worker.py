@@ -119,6 +119,11 @@ class InferenceWorker:
 
 def _cancel(jobs: list[_Job]) -> None:
     """Cancel jobs taken off the queue, outside the lock: a future runs its done-callbacks as it is cancelled,
-    and a callback may submit again or wait for the worker."""
+    and a callback may submit again or wait for the worker.
+
+    The worker never pops these jobs, so they are also marked notified here, as an executor does before it
+    would run them: `concurrent.futures.wait()` and `as_completed()` see a cancelled future only then (they
+    blocked until their timeout)."""
     for job in jobs:
-        job.future.cancel()
+        if job.future.cancel():  # always, for a job that never started
+            job.future.set_running_or_notify_cancel()

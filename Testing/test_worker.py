@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, as_completed, wait
 
 import pytest
 
@@ -164,3 +164,21 @@ def test_submit_latest_without_a_key_is_refused_as_it_would_cancel_every_plain_j
             worker.submit_latest(None, lambda: 1)
     finally:
         worker.shutdown()
+
+
+def test_superseded_and_dropped_requests_finish_for_wait_and_as_completed():
+    worker = InferenceWorker()
+    gate = threading.Event()
+    try:
+        worker.submit(gate.wait)  # keeps the queue waiting
+        superseded = worker.submit_latest("preview", lambda: 1)
+        worker.submit_latest("preview", lambda: 2)
+        assert superseded.cancelled()
+        assert wait([superseded], timeout=1).done == {superseded}  # it blocked until the timeout
+        assert list(as_completed([superseded], timeout=1)) == [superseded]
+        dropped = worker.submit(lambda: 3)
+        worker.shutdown(wait=False)
+        assert dropped.cancelled() and wait([dropped], timeout=1).done == {dropped}
+    finally:
+        gate.set()
+        worker.shutdown(timeout=5)
