@@ -196,14 +196,18 @@ class InteractiveSession:
     def undo(self) -> Optional[SessionResult]:
         if not self.can_undo:
             return None
+        # Computed before the position moves: an undo that fails (say, out of memory) changes nothing, and the
+        # next edit does not silently build on a click list whose mask the caller never got.
+        result = self._compute(self._history[self._position - 1])
         self._position -= 1
-        return self._compute(self.clicks)
+        return result
 
     def redo(self) -> Optional[SessionResult]:
         if not self.can_redo:
             return None
+        result = self._compute(self._history[self._position + 1])  # as in undo: a failure changes nothing
         self._position += 1
-        return self._compute(self.clicks)
+        return result
 
     # Replay -----------------------------------------------------------------------------------
 

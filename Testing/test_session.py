@@ -521,3 +521,38 @@ def test_pasting_overlapping_regions_computes_no_float64_distance_per_voxel():
     finally:
         tracemalloc.stop()
     assert peak < 8 * max(footprint.inside.size for footprint in footprints)
+
+
+class FailingPredictor(RegionPredictor):
+    """A predictor whose upsampling fails while `failing` is set (a transient error, e.g. out of memory)."""
+
+    failing = False
+
+    def upsample_to_mask(self, logits):
+        if self.failing:
+            raise RuntimeError("transient failure")
+        return super().upsample_to_mask(logits)
+
+
+@pytest.mark.parametrize("action", ["undo", "redo"])
+def test_an_undo_or_redo_that_fails_changes_nothing(action):
+    torch.manual_seed(7)
+    array = np.random.default_rng(0).integers(50, 150, size=(30, 30, 40)).astype(np.int16)
+    volume = Volume.from_array(array, np.eye(4))
+    predictor = FailingPredictor(build_model(TINY))
+    session = InteractiveSession(predictor, PreparedVolume(volume))
+    include = Click(tuple(volume.ijk_to_ras_points([[20, 15, 15]])[0]))
+    exclude = Click(tuple(volume.ijk_to_ras_points([[24, 15, 15]])[0]), positive=False)
+    session.add_click(include)
+    session.add_click(exclude)
+    if action == "redo":
+        session.undo()
+    clicks, can_undo, can_redo = session.clicks, session.can_undo, session.can_redo
+    predictor.failing = True
+    with pytest.raises(RuntimeError, match="transient"):
+        getattr(session, action)()
+    predictor.failing = False
+    assert (session.clicks, session.can_undo, session.can_redo) == (clicks, can_undo, can_redo)
+    # The next edit builds on the click list whose mask the caller last got, and the edit can be undone to it.
+    added = session.add_click(Click(tuple(volume.ijk_to_ras_points([[16, 15, 15]])[0])))
+    assert added.clicks[:-1] == clicks and session.undo().clicks == clicks
