@@ -119,6 +119,10 @@ class Footprint:
     flat_index: np.ndarray  # int32, box shape; OUTSIDE_REGION where outside
     inside: np.ndarray  # bool, box shape
 
+    @property
+    def nbytes(self) -> int:
+        return self.flat_index.nbytes + self.inside.nbytes
+
     def paste(self, region_mask: np.ndarray) -> np.ndarray:
         """The region mask (128^3, (a0, a1, a2) order) on the footprint box, uint8 (K, J, I)."""
         mask = np.asarray(region_mask)

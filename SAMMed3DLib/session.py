@@ -38,8 +38,10 @@ PROMPT_MODES = ("newest", "accumulate")
 REGION_MODES = ("auto", "1")
 KJI = tuple[slice, slice, slice]
 # Footprints kept beyond the regions one result may need: undoing a click that opened a region finds the
-# earlier ones still there.
+# earlier ones still there; unless they hold more than FOOTPRINT_CACHE_BYTES (on a 0.4 mm grid one footprint takes
+# about half a GB: kept spares would take gigabytes).
 SPARE_FOOTPRINTS = 2
+FOOTPRINT_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -381,7 +383,8 @@ class InteractiveSession:
 
     def _footprints_of(self, regions: list[Region]) -> list[Footprint]:
         """Where the regions land on the volume's grid; the least recently used others are forgotten first, so
-        that a drag (a new region start per mouse position) does not keep one footprint per position."""
+        that a drag (a new region start per mouse position) does not keep one footprint per position, and while
+        all of them hold more than FOOTPRINT_CACHE_BYTES."""
         needed = {region.begin for region in regions}
         most = 1 if self.regions == "1" else self.max_regions
         limit = max(most + SPARE_FOOTPRINTS, len(needed))
@@ -389,7 +392,13 @@ class InteractiveSession:
         unneeded = [begin for begin in self._footprints if begin not in needed]
         for begin in unneeded[: max(0, len(self._footprints) + missing - limit)]:
             del self._footprints[begin]
-        return [self._footprint(region) for region in regions]
+        footprints = [self._footprint(region) for region in regions]
+        held = sum(footprint.nbytes for footprint in self._footprints.values())
+        for begin in [begin for begin in self._footprints if begin not in needed]:
+            if held <= FOOTPRINT_CACHE_BYTES:
+                break
+            held -= self._footprints.pop(begin).nbytes
+        return footprints
 
     def _footprint(self, region: Region) -> Footprint:
         footprint = self._footprints.pop(region.begin, None)

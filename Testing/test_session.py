@@ -438,6 +438,20 @@ def test_dragging_the_first_click_keeps_a_bounded_number_of_footprints(tiny_mode
     assert np.array_equal(undone.mask, _session(tiny_model, prepared, regions="1").set_clicks(undone.clicks).mask)
 
 
+def test_spare_footprints_are_forgotten_beyond_the_memory_bound(tiny_model, volume, prepared, monkeypatch):
+    session = _session(tiny_model, prepared, regions="1")
+    session.add_click(Click(_ras(volume, (30, 40, 20))))
+    session.move_click(0, _ras(volume, (56, 40, 20)))
+    assert len(session._footprints) == 2  # the one in use and the spare for undo
+    in_use = next(reversed(session._footprints.values()))
+    monkeypatch.setattr(session_module, "FOOTPRINT_CACHE_BYTES", in_use.nbytes)
+    moved = session.move_click(0, _ras(volume, (58, 40, 20)))
+    assert len(session._footprints) == 1
+    undone = session.undo()
+    assert np.array_equal(undone.mask, _session(tiny_model, prepared, regions="1").set_clicks(undone.clicks).mask)
+    assert np.array_equal(session.redo().mask, moved.mask)
+
+
 def _reference_paste(mask, runs, footprints, ijk_to_ras) -> None:
     """The rule as first written: each region's float32 distance to every voxel of its footprint box; a voxel
     takes the mask of the first region at the smallest distance among those whose footprint holds it."""
