@@ -90,6 +90,13 @@ def find_cases(data: PathLike) -> list[CaseFiles]:
                 raise InputError(
                     f"{folder} has {present.name} but no {absent.name}; add it, or move the folder out of {data}."
                 )
+            else:  # image.nii or image.nrrd: a case in another format would be left out silently as well
+                others = sorted(p.name for p in folder.iterdir() if p.name.split(".")[0] in ("image", "label"))
+                if others:
+                    raise InputError(
+                        f"{folder} has {', '.join(others)}, but a case folder holds {IMAGE_FILE} and {LABEL_FILE}: "
+                        f"save them under those names, list the cases in a manifest, or move the folder out of {data}."
+                    )
     elif data.is_file():
         if data.suffix.lower() not in (".csv", ".json"):
             raise InputError(
@@ -645,7 +652,7 @@ class ProgressLine:
         self.stream.flush()
 
     def finish(self) -> None:
-        if self.stream.isatty():
+        if self.stream.isatty() and self.first_step is not None:  # no line shown (nothing trained): no blank line
             self.stream.write("\n")
             self.stream.flush()
 
@@ -683,6 +690,11 @@ def is_out_of_memory(error: BaseException) -> bool:
         or "can't allocate memory" in text
         or "DefaultCPUAllocator" in text
     )
+
+
+def smoothed(running: Optional[float], value: float) -> float:
+    """The running (exponentially smoothed) loss or Dice after one more step's `value`."""
+    return value if running is None else 0.95 * running + 0.05 * value
 
 
 # Checkpoint key of the mixed-precision loss scaler's state (CUDA runs); other SAM-Med3D tools ignore it.
@@ -830,19 +842,23 @@ class Trainer:
         )
 
     def _run(self, progress: Optional[Callable[[int, float, float, float], None]]) -> TrainingState:
+        # Smoothed over the steps recorded so far: restarted on --resume, they would give the progress line and
+        # best_loss / best_dice other values than the same run uninterrupted.
         running_loss = running_dice = None
+        for loss, step_dice in zip(self.state.losses, self.state.dices):
+            running_loss, running_dice = smoothed(running_loss, loss), smoothed(running_dice, step_dice)
+        first_step = self.state.step
         while self.state.step < self.options.steps:
             lr = self.optimizer.param_groups[0]["lr"]  # shown with the step it trains (the scheduler then moves on)
             loss, step_dice = self.train_step()
-            running_loss = loss if running_loss is None else 0.95 * running_loss + 0.05 * loss
-            running_dice = step_dice if running_dice is None else 0.95 * running_dice + 0.05 * step_dice
+            running_loss, running_dice = smoothed(running_loss, loss), smoothed(running_dice, step_dice)
             if progress:
                 progress(self.state.step, running_loss, running_dice, lr)
             if self.state.step % self.options.checkpoint_every == 0 or self.state.step == self.options.steps:
                 self.state.best_loss = min(self.state.best_loss, running_loss)
                 self.state.best_dice = max(self.state.best_dice, running_dice)
                 self.save(self.out)
-        if running_loss is None:  # resumed at its step count: the checkpoint still belongs at `out`
+        if self.state.step == first_step:  # resumed at its step count: the checkpoint still belongs at `out`
             self.save(self.out)
         return self.state
 

@@ -1102,3 +1102,95 @@ def test_resuming_without_steps_goes_on_to_the_runs_own_end(cases_dir, data, tmp
     args = parser().parse_args([*arguments, "--min-voxels", "20", "--clicks-per-sample", "2", "--threads", "1"])
     assert args.func(args) == 0
     assert read_training_checkpoint(run)["step"] == 3  # not the default 1,000
+
+
+# ------------------------------------------------------------------------------------------- review
+
+
+@pytest.fixture(autouse=True)
+def _itk_threads_restored():
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    yield
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # the commands set it from --threads
+
+
+def test_a_resumed_run_shows_and_records_what_the_uninterrupted_run_does(data, tmp_path):
+    straight, shown_straight = Trainer(tiny_model(), data, tiny_options(steps=5), tmp_path / "s.pth"), []
+    straight.run(lambda *shown: shown_straight.append(shown))
+    part = Trainer(tiny_model(), data, tiny_options(steps=5), tmp_path / "p.pth")
+    part.train_step = failing_after(part, 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    resumed, shown_resumed = Trainer(tiny_model(), data, tiny_options(steps=5), tmp_path / "p.pth"), []
+    resumed.resume(tmp_path / "p.pth")
+    resumed.run(lambda *shown: shown_resumed.append(shown))
+    assert shown_resumed == shown_straight[3:]  # the smoothed loss and Dice go on, not start again
+    expected, written = read_training_checkpoint(tmp_path / "s.pth"), read_training_checkpoint(tmp_path / "p.pth")
+    assert written["losses"] == expected["losses"]
+    assert (written["best_loss"], written["best_dice"]) == (expected["best_loss"], expected["best_dice"])
+
+
+def test_a_resumed_run_keeps_its_checkpoint_interval_unless_given_another(cases_dir, data, tmp_path, tiny_config):
+    run = tmp_path / "run.pth"
+    assert run_command("train", cases_dir, data, run, "--config", str(tiny_config), "--checkpoint-every", "7") == 0
+    assert command_line("train", cases_dir, data, run, "--resume", str(run), "--steps", "2") == 0
+    assert read_training_checkpoint(run)["training_options"]["checkpoint_every"] == 7  # not the default 100
+    given = ["--steps", "3", "--checkpoint-every", "5"]
+    assert command_line("train", cases_dir, data, run, "--resume", str(run), *given) == 0
+    assert read_training_checkpoint(run)["training_options"]["checkpoint_every"] == 5
+
+
+def test_fine_tuning_never_writes_over_the_demo_model_or_a_downloaded_checkpoint(
+    cases_dir, data, tmp_path, monkeypatch
+):
+    from SAMMed3DLib import published
+
+    demo = tmp_path / "demo" / "sammed3d_demo.pth"  # a stand-in: the test must not risk the real one
+    demo.parent.mkdir()
+    save_checkpoint(demo, tiny_model())
+    monkeypatch.setattr(published, "DEMO_CHECKPOINT", demo)
+    monkeypatch.setenv("SAMMED3D_CACHE_DIR", str(tmp_path / "downloads"))
+    downloaded = tmp_path / "downloads" / published.PUBLISHED_CHECKPOINTS["turbo"].filename
+    downloaded.parent.mkdir()
+    save_checkpoint(downloaded, tiny_model(1))
+    for out, options in ((demo, []), (downloaded, ["--checkpoint", "turbo"])):
+        written = out.read_bytes()
+        with pytest.raises(InputError, match="one of the input files"):
+            run_command("finetune", cases_dir, data, out, *options, "--overwrite")
+        assert out.read_bytes() == written
+
+
+def test_threads_default_to_the_usable_cpus_and_limit_the_case_preparation_too(
+    cases_dir, data, tmp_path, tiny_config, monkeypatch
+):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # a cluster job's 2 of 64
+    assert parser().parse_args(["train", "cases", "--out", "m.pth"]).threads == 2
+    monkeypatch.undo()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+    assert run_command("train", cases_dir, data, tmp_path / "m.pth", "--config", str(tiny_config)) == 0
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1  # --threads 1, as SimpleITK resamples
+
+
+def test_a_case_folder_in_another_format_is_refused_not_left_out(cases_dir, tmp_path):
+    (files,) = find_cases(cases_dir)
+    for name, suffix in (("a", ".nii.gz"), ("b", ".nii")):
+        (tmp_path / name).mkdir()
+        for source, stem in ((files.image, "image"), (files.label, "label")):
+            sitk.WriteImage(sitk.ReadImage(str(source)), str(tmp_path / name / f"{stem}{suffix}"))
+    with pytest.raises(InputError, match=r"b has image.nii, label.nii, but a case folder holds image.nii.gz"):
+        find_cases(tmp_path)
+
+
+def test_the_progress_line_on_a_terminal_adds_no_blank_line_when_nothing_was_trained():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    progress = ProgressLine(3, stream=stream)
+    progress.finish()  # a resumed run that had done all its steps
+    assert stream.getvalue() == ""
+    progress(3, 1.0, 0.5, 1e-4)
+    progress.finish()
+    assert stream.getvalue().startswith("\rstep 3/3") and stream.getvalue().endswith(" min\n")

@@ -8,13 +8,16 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 
+from .. import published
 from ..atomic import check_output_folder, check_output_path
 from ..checkpoint import model_from_checkpoint
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
 from ..errors import InputError, SAMMed3DError
+from ..paths import user_path
 from ..published import CACHE_DIR_VARIABLE, PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
 from ..training import (
     LOSSES,
@@ -47,6 +50,8 @@ CONFIGS = {
         decoder_mlp_dim=512,
     ),
 }
+# Steps between checkpoints of a new run (a resumed run keeps its own unless --checkpoint-every is given).
+CHECKPOINT_EVERY = 100
 # Under the per-user cache (not a shared temporary folder): prepared cases are copies of the user's scans.
 PREPARED_CASES_FOLDER = "prepared-cases"
 # Options of the training recipe (TrainingOptions fields). They default to None, so that a resumed run can tell
@@ -154,7 +159,11 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         "later; dice: the Dice term alone, what the 2023 official training computed (MONAI 1.2.0)",
     )
     parser.add_argument("--seed", type=seed_argument, help="random seed (0)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="write the checkpoint every N steps (100)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help=f"write the checkpoint every N steps ({CHECKPOINT_EVERY}; a resumed run: its own)",
+    )
     parser.add_argument(
         "--cache",
         type=Path,
@@ -169,8 +178,16 @@ def _add_common_options(parser: argparse.ArgumentParser, lr_encoder: float, lr_d
         "lengthens it)",
     )
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all; fewer on a busy machine)"
+        "--threads", type=int, default=usable_cpus(), help="CPU threads (default: all; fewer on a busy machine)"
     )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a cluster job's share of the machine, not all of the machine's CPUs
+    (os.cpu_count), which would oversubscribe them."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def read_config(name: str) -> ModelConfig:
@@ -191,8 +208,9 @@ def check_outputs(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
     labels) nor the checkpoint fine-tuning starts from; an existing file needs --overwrite, except the --resume
     file itself, since resuming in place is the normal use. The --cache folder must be one it can write."""
     inputs = [args.data, *(case.image for case in cases), *(case.label for case in cases)]
-    if args.command == "finetune" and args.checkpoint and Path(args.checkpoint).is_file():
-        inputs.append(args.checkpoint)
+    starting = starting_checkpoint_file(args)
+    if starting is not None:
+        inputs.append(starting)
     resuming_in_place = args.resume is not None and args.out.resolve() == args.resume.resolve()
     check_output_path(args.out, inputs=inputs, overwrite=args.overwrite or resuming_in_place)
     check_output_folder(args.cache)
@@ -213,6 +231,21 @@ def refuse_a_new_model_with_resume(args: argparse.Namespace) -> None:
             f"--checkpoint {args.checkpoint} with --resume: the resumed checkpoint holds the weights to go on from; "
             "drop --checkpoint, or drop --resume to fine-tune from it as a new run."
         )
+
+
+def starting_checkpoint_file(args: argparse.Namespace) -> Path | None:
+    """Where the checkpoint fine-tuning starts from is, found without downloading it: the given file, the
+    published checkpoint's place in the download cache, or the built-in demo model (--out must not replace any of
+    them, even with --overwrite)."""
+    if args.command != "finetune":
+        return None
+    if args.checkpoint is None:
+        return published.DEMO_CHECKPOINT
+    path = user_path(args.checkpoint)
+    entry = PUBLISHED_CHECKPOINTS.get(str(args.checkpoint))
+    if entry is not None and not path.is_file():  # as resolve_checkpoint picks
+        return cache_dir() / entry.filename
+    return path
 
 
 def starting_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -237,7 +270,7 @@ def options_from_args(args: argparse.Namespace) -> TrainingOptions:
         raise InputError(f"--threads is {args.threads}; give 1 or more CPU threads.")
     return TrainingOptions(
         steps=args.steps if args.steps is not None else 1000,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else CHECKPOINT_EVERY,
         device=str(resolve_device(args.device)),
         **{**args.recipe_defaults, **typed_recipe(args)},
     )
@@ -262,6 +295,8 @@ def options_to_resume(args: argparse.Namespace, options: TrainingOptions, conten
         )
     if args.steps is not None:
         check_resumed_total(args.resume, int(content["step"]), int(stored.get("steps", args.steps)), args.steps)
+    if args.checkpoint_every is None and "checkpoint_every" in stored:  # not typed: the run's own, not the default
+        resumed = replace(resumed, checkpoint_every=int(stored["checkpoint_every"]))
     return resumed
 
 
@@ -276,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_a_new_model_with_resume(args)
     options = options_from_args(args)
     torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)  # preparing the cases resamples with ITK
     cases = find_cases(args.data)
     if args.cache is None:
         args.cache = cache_dir() / PREPARED_CASES_FOLDER
