@@ -1794,7 +1794,14 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _createRegionBox(number: int):
+        # The markups logic makes every markups node added the one the mouse places into: without this, the next
+        # click in a view would start drawing a new ROI instead of placing a prompt point.
+        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+        placeClassName = selectionNode.GetActivePlaceNodeClassName()
+        placeNodeID = selectionNode.GetActivePlaceNodeID()
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"SAM-Med3D region {number}")
+        selectionNode.SetReferenceActivePlaceNodeClassName(placeClassName)
+        selectionNode.SetReferenceActivePlaceNodeID(placeNodeID)
         roi.SetAttribute(REGION_BOX_ATTRIBUTE, "1")
         roi.SetSaveWithScene(False)
         roi.CreateDefaultDisplayNodes()
@@ -2430,7 +2437,13 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         logic.applyResult(result2, segmentationNode, segmentId, volumeNode, promptsBefore=first, promptsAfter=moved)
         np.testing.assert_array_equal(self._segmentArray(segmentationNode, segmentId, volumeNode), result2.mask)
 
+        promptNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "prompts")  # now placed into
         logic.showRegionBoxes(volumeNode, result2.regions, visible=True)
+        self.assertEqual(
+            slicer.app.applicationLogic().GetSelectionNode().GetActivePlaceNodeID(),
+            promptNode.GetID(),
+            "a new region box does not take the clicks meant for prompt points",
+        )
         boxes = logic.regionBoxNodes()
         self.assertEqual(len(boxes), len(result2.regions))
         centerWorld = [0.0, 0.0, 0.0]
