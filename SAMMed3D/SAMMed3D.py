@@ -9,6 +9,7 @@ module loads before PyTorch is installed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import importlib.util
 import logging
@@ -48,6 +49,10 @@ NEGATIVE_COLOR = (0.90, 0.20, 0.20)
 REGION_BOX_COLOR = (1.0, 0.85, 0.2)
 PREVIEW_DELAY_MS = 150
 POLL_INTERVAL_MS = 30
+# Slicer's main thread holds Python's GIL while it sits in the Qt event loop (PythonQt is built without thread
+# support), so the worker thread runs only while the main thread runs Python: each poll waits this long for the
+# pending job, giving the worker the GIL (without it a click's inference took tens of times longer).
+WORKER_TURN_S = 0.02
 WAIT_CURSOR_AFTER_S = 0.3
 
 
@@ -1047,6 +1052,7 @@ class SAMMed3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._restoreCursor()
             return
         head = self._jobs[0]
+        concurrent.futures.wait([head.future], timeout=WORKER_TURN_S)
         if time.monotonic() - head.started > WAIT_CURSOR_AFTER_S:
             self._setStatus(head.label)
             if head.blocking and not self._waitCursorShown:
