@@ -1444,12 +1444,14 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
             segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} SAM-Med3D")
             )
-            segmentationNode.CreateDefaultDisplayNodes()
             segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         elif segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
             segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        # Also for a node made by the panel's selector ("Create new Segmentation"), which gets no display node:
+        # its segments would be written but never shown. Nothing happens where one exists.
+        segmentationNode.CreateDefaultDisplayNodes()
         self._volumeIjkToSegmentation(volumeNode, segmentationNode)  # fails early for incompatible transforms
         labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
         if segmentationNode.GetSegmentation().GetSourceRepresentationName() != labelmapName:
@@ -2410,7 +2412,11 @@ class SAMMed3DTest(ScriptedLoadableModuleTest):
         self.delayDisplay("One call from the console API")
         volumeNode, sphere, centerWorld = self._createScene()
         trained = self._useTestModel()
-        segmentationNode, segmentId = self.logic.segment(volumeNode, [centerWorld], checkpoint=None, device="cpu")
+        fromSelector = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")  # as the selector adds one
+        segmentationNode, segmentId = self.logic.segment(
+            volumeNode, [centerWorld], segmentationNode=fromSelector, checkpoint=None, device="cpu"
+        )
+        self.assertIsNotNone(segmentationNode.GetDisplayNode(), "a segmentation made by the selector is shown")
         result = self.logic.lastResult
         written = self._segmentArray(segmentationNode, segmentId, volumeNode)
         np.testing.assert_array_equal(written, result.mask)
