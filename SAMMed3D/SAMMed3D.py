@@ -1579,6 +1579,11 @@ class SAMMed3DLogic(ScriptedLoadableModuleLogic):
         adds = bool(np.any((patch > 0) & (current == 0)))
         if not removes and not adds:
             return
+        labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+        if labelmap is not None and self._labelmapShift(labelmap, segmentationNode, volumeNode) is None:
+            # On another grid Slicer resamples the whole layer the segment shares onto the patch's grid: the other
+            # segments of that layer would move with it, outside this module's undo. Alone, only this one does.
+            segmentationNode.GetSegmentation().SeparateSegmentLabelmap(segmentId)
         modifier = self._orientedPatch(patch, box, self._volumeIjkToSegmentation(volumeNode, segmentationNode))
         extent = list(box_to_vtk_extent(box))
         segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic
