@@ -104,6 +104,18 @@ def resolve_checkpoint(
     )
 
 
+def checkpoint_file(name_or_path: Union[str, os.PathLike, None]) -> Path:
+    """Where `resolve_checkpoint` finds or puts the file of `name_or_path`, without reading or downloading it: the
+    demo model, an existing file, else a published name's place in the cache (else the path as given)."""
+    if name_or_path is None:
+        return DEMO_CHECKPOINT
+    path = user_path(name_or_path)
+    entry = PUBLISHED_CHECKPOINTS.get(os.fspath(name_or_path))
+    if entry is not None and not path.is_file():
+        return cache_dir() / entry.filename
+    return path
+
+
 def needs_download(name: str) -> bool:
     """Whether `resolve_checkpoint(name)` would download the published checkpoint `name`: its cached copy is
     absent, or fails the check resolving makes before every use. Ask it just before resolving, to decide whether

@@ -1068,11 +1068,14 @@ def test_interrupts_are_not_held_off_the_main_thread():
     assert outcome == [signal.default_int_handler]
 
 
-def test_the_progress_line_on_a_terminal_leaves_nothing_of_a_longer_line_before_it():
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as the progress line draws differently there."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_line_on_a_terminal_leaves_nothing_of_a_longer_line_before_it():
     stream = Terminal()
     progress = ProgressLine(100, stream=stream)
     progress.started = time.monotonic() - 10.5
@@ -1183,10 +1186,6 @@ def test_a_case_folder_in_another_format_is_refused_not_left_out(cases_dir, tmp_
 
 
 def test_the_progress_line_on_a_terminal_adds_no_blank_line_when_nothing_was_trained():
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     stream = Terminal()
     progress = ProgressLine(3, stream=stream)
     progress.finish()  # a resumed run that had done all its steps

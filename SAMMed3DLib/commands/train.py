@@ -17,7 +17,6 @@ from ..checkpoint import model_from_checkpoint
 from ..config import ModelConfig
 from ..device import DEVICE_CHOICES, resolve_device
 from ..errors import InputError, SAMMed3DError
-from ..paths import user_path
 from ..published import CACHE_DIR_VARIABLE, PUBLISHED_CHECKPOINTS, cache_dir, resolve_checkpoint
 from ..training import (
     LOSSES,
@@ -208,9 +207,8 @@ def check_outputs(args: argparse.Namespace, cases: list[CaseFiles]) -> None:
     labels) nor the checkpoint fine-tuning starts from; an existing file needs --overwrite, except the --resume
     file itself, since resuming in place is the normal use. The --cache folder must be one it can write."""
     inputs = [args.data, *(case.image for case in cases), *(case.label for case in cases)]
-    starting = starting_checkpoint_file(args)
-    if starting is not None:
-        inputs.append(starting)
+    if args.command == "finetune":  # found without downloading it
+        inputs.append(published.checkpoint_file(args.checkpoint))
     resuming_in_place = args.resume is not None and args.out.resolve() == args.resume.resolve()
     check_output_path(args.out, inputs=inputs, overwrite=args.overwrite or resuming_in_place)
     check_output_folder(args.cache)
@@ -231,21 +229,6 @@ def refuse_a_new_model_with_resume(args: argparse.Namespace) -> None:
             f"--checkpoint {args.checkpoint} with --resume: the resumed checkpoint holds the weights to go on from; "
             "drop --checkpoint, or drop --resume to fine-tune from it as a new run."
         )
-
-
-def starting_checkpoint_file(args: argparse.Namespace) -> Path | None:
-    """Where the checkpoint fine-tuning starts from is, found without downloading it: the given file, the
-    published checkpoint's place in the download cache, or the built-in demo model (--out must not replace any of
-    them, even with --overwrite)."""
-    if args.command != "finetune":
-        return None
-    if args.checkpoint is None:
-        return published.DEMO_CHECKPOINT
-    path = user_path(args.checkpoint)
-    entry = PUBLISHED_CHECKPOINTS.get(str(args.checkpoint))
-    if entry is not None and not path.is_file():  # as resolve_checkpoint picks
-        return cache_dir() / entry.filename
-    return path
 
 
 def starting_checkpoint(args: argparse.Namespace) -> Path | None:
